@@ -1,0 +1,73 @@
+"""Configuration: packaged defaults <- a YAML file <- `key=value` overrides, with unknown keys refused.
+
+Every default lives in `reward_forcing/defaults/*.yaml` (one file per concern). A key may be
+defined in only one of those files, so the merged defaults are the complete list of valid keys.
+"""
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from reward_forcing.errors import ConfigError
+
+DEFAULTS_DIR = Path(__file__).with_name("defaults")
+
+
+def load_defaults() -> DictConfig:
+    merged = OmegaConf.create({})
+    owner = {}
+    for path in sorted(DEFAULTS_DIR.glob("*.yaml")):
+        part = OmegaConf.load(path)
+        for key in part:
+            if key in owner:
+                raise RuntimeError(f"default key '{key}' is defined in both {owner[key]} and {path.name}")
+            owner[key] = path.name
+        merged = OmegaConf.merge(merged, part)
+    return merged
+
+
+def _merge_strict(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    OmegaConf.set_struct(base, True)
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        reason = str(err).splitlines()[0]
+        if isinstance(err, ConfigKeyError):
+            raise ConfigError(f"unknown config key '{key}' in {source}") from None
+        raise ConfigError(f"invalid value for '{key}' in {source}: {reason}") from None
+
+
+def parse_overrides(overrides) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
+
+
+def load_config(config_path=None, overrides=()) -> DictConfig:
+    """Defaults, then the YAML at `config_path` (if given), then `key=value` overrides."""
+    config = load_defaults()
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            user = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors come in many exception types
+            raise ConfigError(f"cannot read config {path}: {str(err).splitlines()[0]}") from None
+        if not isinstance(user, DictConfig):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+        config = _merge_strict(config, user, str(path))
+    if overrides:
+        config = _merge_strict(config, parse_overrides(overrides), "command-line overrides")
+    OmegaConf.set_struct(config, True)
+    return config
+
+
+def save_config(config: DictConfig, path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, path)

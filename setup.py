@@ -1,0 +1,23 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+requirements = [
+    line.split("#")[0].strip()
+    for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    if line.split("#")[0].strip()
+]
+
+setup(
+    name="reward-forcing",
+    version="0.1.0",
+    description="Reward Forcing: streaming causal text-to-video generation with EMA-Sink and Re-DMD",
+    packages=find_packages(include=["reward_forcing", "reward_forcing.*"]),
+    package_data={"reward_forcing": ["defaults/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=requirements,
+    extras_require={
+        "flash": ["flash-attn>=2.6"],
+        "test": ["pytest>=7"],
+    },
+)
