@@ -139,8 +139,9 @@ class LayerKVCache:
 
     # -- the call -------------------------------------------------------------------------------------------
     def _check_call(self, k, v, start_frame, frame_tokens):
-        if k.dim() != 4 or k.shape != v.shape:
-            raise ValueError(f"k and v must both be [B, n, H, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype:
+            raise ValueError(f"k and v must both be [B, n, H, D] of one dtype, got {tuple(k.shape)} {k.dtype} "
+                             f"and {tuple(v.shape)} {v.dtype}")
         if isinstance(frame_tokens, bool) or not isinstance(frame_tokens, int) or frame_tokens < 1:
             raise ValueError(f"frame_tokens must be a positive int, got {frame_tokens!r}")
         if k.shape[1] == 0 or k.shape[1] % frame_tokens:

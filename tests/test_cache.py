@@ -240,6 +240,10 @@ def test_out_of_order_writes_are_rejected():
         layer.update(frame_ids(9, 3), frame_ids(9, 3), 9, L)  # skips frames 6..8
     with pytest.raises(ValueError, match="whole number"):
         layer.update(torch.zeros(1, 5, H, D), torch.zeros(1, 5, H, D), 6, L)
+    with pytest.raises(ValueError, match="does not match the cache's first call"):
+        layer.update(frame_ids(6, 3, dtype=torch.float64), frame_ids(6, 3, dtype=torch.float64), 6, L)
+    with pytest.raises(ValueError, match="does not match the cache's first call"):
+        layer.update(frame_ids(6, 3).expand(2, -1, -1, -1), frame_ids(6, 3).expand(2, -1, -1, -1), 6, L)
 
 
 def test_kvcache_layers_reset_and_cross():
