@@ -85,7 +85,7 @@ class CausalWanModel(WanModel):
         if cache is not None and clean_x is not None:
             raise ValueError("teacher forcing (clean_x) and a KV cache cannot be combined")
         batch, frames = x.shape[0], x.shape[2]
-        t = frame_timesteps(t, batch, frames)
+        t = frame_timesteps(t, batch, frames).to(x.device)
         tokens, grid = self.embed_video(x)
         frame_tokens = grid[1] * grid[2]
         ctx = self.embed_text(context)

@@ -223,7 +223,7 @@ class WanModel(nn.Module):
         Samples of one batch share their shape, so no token padding is needed (the original pads to seq_len
         and masks the padded keys, which is the same computation)."""
         tokens, grid = self.embed_video(x)
-        e, e0 = self.embed_time(t.reshape(-1, 1).expand(x.shape[0], 1))
+        e, e0 = self.embed_time(torch.as_tensor(t, device=x.device).reshape(-1, 1).expand(x.shape[0], 1))
         ctx = self.embed_text(context)
 
         def self_attend(q, k, v):
