@@ -45,6 +45,15 @@ def make_tiny_assets(root):
     return root
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convolutions lose more to thread hand-offs than they gain, badly so on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return make_tiny_assets(tmp_path_factory.mktemp("tiny"))
@@ -112,13 +121,12 @@ def test_corrupt_checkpoint_is_one_line_and_writes_nothing(assets, tmp_path, cap
     assert not out.exists()
 
 
+@pytest.mark.filterwarnings("ignore:prompt 2 repeats")
 def test_torchrun_two_processes_match_one(assets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     args = ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path", str(assets / "model.pt"),
             "--data_path", str(assets / "prompts.txt"), "--num_output_frames", "6"]
-    single = subprocess.run([sys.executable, str(REPO / "inference.py"), *args, "--output_folder",
-                             str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
+    assert run_cli(main, [*args, "--output_folder", str(tmp_path / "one")]) == 0  # one process, one thread
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(REPO / "inference.py"), *args, "--output_folder", str(tmp_path / "two")],
                             env=env, capture_output=True, text=True, timeout=300)
