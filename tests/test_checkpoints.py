@@ -22,7 +22,7 @@ from reward_forcing.checkpoints import (
 from reward_forcing.config import load_config
 from reward_forcing.errors import CheckpointError
 from reward_forcing.models.causal_wan import CausalWanModel
-from reward_forcing.models.wan import WanModel
+from reward_forcing.models.wan import WanModel, wan_to_diffusers_state_dict
 from reward_forcing.tiny_assets import TINY_WAN_CONFIG, randomise_
 from reward_forcing.tiny_assets import write_wan_folder as write_tiny_wan_folder
 
@@ -122,6 +122,14 @@ def test_comfyui_prefix_and_safetensors_file(tmp_path, source):
     path = tmp_path / "comfy.safetensors"
     save_file(prefixed(model.state_dict(), "model.diffusion_model."), str(path))
     assert_loads_identically(path, model, x)
+
+
+def test_diffusers_layout_is_renamed(tmp_path, source):
+    model, x = source
+    diffusers_sd = wan_to_diffusers_state_dict(dict(model.state_dict()))
+    assert "condition_embedder.time_proj.weight" in diffusers_sd  # the layout really differs
+    path = write_file(tmp_path, "diffusers.pt", {"generator_ema": prefixed(diffusers_sd, "_orig_mod.")})
+    assert_loads_identically(path, model, x, use_ema=True)
 
 
 def test_strip_prefixes_table():
@@ -243,6 +251,12 @@ def test_asset_path_resolves_under_checkpoint_dir(tmp_path):
     (tmp_path / "Videoreward").mkdir()
     assert asset_path(cfg, "VideoReward") == tmp_path / "Videoreward"
     assert_one_line_error("empty asset path", asset_path, cfg, None)
+
+
+def test_checkpoint_dir_default_and_command_line_override():
+    assert asset_path(load_config(), "ode_init.pt") == Path("checkpoints/ode_init.pt")
+    cfg = load_config(overrides=["checkpoint_dir=/data/weights"])
+    assert asset_path(cfg, cfg.model_name) == Path("/data/weights/Wan2.1-T2V-1.3B")
 
 
 # ---- scripts/make_tiny_checkpoints.py: a complete fake checkpoint_dir that the project loaders read ----
