@@ -178,6 +178,9 @@ def load_generator_state_dict(path, use_ema: bool = False) -> dict:
     """
     path = Path(path)
     if path.is_dir():
+        if not (path / WAN_CONFIG).is_file():
+            raise CheckpointError(f"{path} is a folder without {WAN_CONFIG}: give a Wan model folder or a "
+                                  "generator file (.pt, .pth, .safetensors)")
         return load_wan_folder(path)[1]
     if path.suffix == ".safetensors":
         return original_keys(strip_prefixes(_load_safetensors(path)))

@@ -231,6 +231,8 @@ def test_missing_file_and_folder(tmp_path):
     assert_one_line_error("Wan config not found", load_wan_folder, tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text("{}")
     assert_one_line_error("neither diffusion_pytorch_model.safetensors nor", load_wan_folder, tmp_path / "empty")
+    (tmp_path / "dcp").mkdir()
+    assert_one_line_error("folder without config.json", load_generator_state_dict, tmp_path / "dcp")
 
 
 def test_pickled_objects_are_refused(tmp_path):
