@@ -7,7 +7,8 @@ Formats (SPEC §8):
   `{"generator": ..., "generator_ema": ..., "critic": ...}` (`ode_init.pt`, training checkpoints);
   `.safetensors` files are flat.
 Wrapper prefixes (`model.`, ComfyUI's `model.diffusion_model.`) and wrapper segments (FSDP,
-activation checkpointing, torch.compile) are removed. Nothing but tensors is unpickled.
+activation checkpointing, torch.compile) are removed; diffusers-layout keys are renamed.
+Nothing but tensors is unpickled.
 """
 import json
 import logging
