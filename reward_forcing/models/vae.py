@@ -152,23 +152,22 @@ class WanVAE(torch.nn.Module):
 
 class StreamingVAEDecoder:
     """Decodes one video chunk by chunk with the VAE's causal conv cache: 1 frame for the first latent, then 4
-    per latent, bit-identical to `WanVAE.decode` of the whole latent video. One instance per video."""
+    per latent, bit-identical to `WanVAE.decode` of the whole latent video. One instance per video; the cache
+    list is the stream's own, so other decodes on the same VAE in between do not disturb it."""
 
     def __init__(self, wan_vae: WanVAE):
         self.wan_vae = wan_vae
         _check_private_cache_api(wan_vae.vae)
+        self.feat_map = list(wan_vae.vae._feat_map)  # one empty slot per causal conv, sized by clear_cache()
         self.frames_seen = 0
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.wan_vae.vae
-        if self.frames_seen == 0:
-            vae.clear_cache()
         x = vae.post_quant_conv(self.wan_vae.denormalise(latents.to(vae.dtype)))
         outs = []
         for i in range(x.shape[2]):
-            vae._conv_idx = [0]
-            outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+            outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=self.feat_map, feat_idx=[0],
                                     first_chunk=self.frames_seen == 0))
             self.frames_seen += 1
         return torch.cat(outs, dim=2).clamp(-1.0, 1.0)
