@@ -144,7 +144,9 @@ class WanVAE(torch.nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(self.denormalise(latents.to(self.vae.dtype))).sample
+        """The whole video through the streaming path, so a chunked decode reproduces it bit for bit (diffusers'
+        `decode` runs post_quant_conv on all frames at once, which can differ by ~5e-6 at some sizes)."""
+        return self.stream_decoder().decode_chunk(latents)
 
     def stream_decoder(self) -> "StreamingVAEDecoder":
         return StreamingVAEDecoder(self)
@@ -164,10 +166,11 @@ class StreamingVAEDecoder:
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.wan_vae.vae
-        x = vae.post_quant_conv(self.wan_vae.denormalise(latents.to(vae.dtype)))
+        z = self.wan_vae.denormalise(latents.to(vae.dtype))
         outs = []
-        for i in range(x.shape[2]):
-            outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=self.feat_map, feat_idx=[0],
-                                    first_chunk=self.frames_seen == 0))
+        for i in range(z.shape[2]):
+            # post_quant_conv frame by frame: its result must not depend on how the video was chunked
+            x = vae.post_quant_conv(z[:, :, i:i + 1])
+            outs.append(vae.decoder(x, feat_cache=self.feat_map, feat_idx=[0], first_chunk=self.frames_seen == 0))
             self.frames_seen += 1
         return torch.cat(outs, dim=2).clamp(-1.0, 1.0)
