@@ -112,3 +112,8 @@ def test_errors(vae4, tmp_path, monkeypatch):
     monkeypatch.setattr(ours.vae.decoder, "forward", lambda x: x)
     with pytest.raises(DiffusersVersionError, match="feat_cache"):
         ours.stream_decoder()
+    monkeypatch.undo()
+    monkeypatch.delattr(type(ours.vae), "clear_cache")
+    monkeypatch.delattr(ours.vae, "_feat_map")
+    with pytest.raises(DiffusersVersionError, match="_feat_map"):
+        ours.stream_decoder()

@@ -87,12 +87,13 @@ def build_autoencoder(vae_cfg) -> AutoencoderKLWan:
 
 def _check_private_cache_api(vae: AutoencoderKLWan):
     params = inspect.signature(vae.decoder.forward).parameters
-    vae.clear_cache()
+    if hasattr(vae, "clear_cache"):
+        vae.clear_cache()
     if not all(name in params for name in ("feat_cache", "feat_idx", "first_chunk")) or \
-            not all(hasattr(vae, name) for name in ("_feat_map", "_conv_idx")):
+            not isinstance(getattr(vae, "_feat_map", None), list):
         import diffusers
         raise DiffusersVersionError(
-            f"diffusers {diffusers.__version__}: AutoencoderKLWan lacks clear_cache/_feat_map/_conv_idx or the "
+            f"diffusers {diffusers.__version__}: AutoencoderKLWan lacks clear_cache()/_feat_map or the "
             "decoder's feat_cache/feat_idx/first_chunk arguments needed for streaming decode; install diffusers 0.42")
 
 
