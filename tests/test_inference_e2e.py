@@ -9,12 +9,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from reward_forcing.errors import run_cli
 from reward_forcing.inference.cli import main
-from reward_forcing.models.causal_wan import CausalWanModel
-from reward_forcing.tiny_assets import randomise_, write_t5, write_tokenizer, write_vae
+from reward_forcing.tiny_assets import random_wan_state_dict, write_t5, write_tokenizer, write_vae, write_wan_folder
 
 REPO = Path(__file__).resolve().parents[1]
 DIT = dict(_class_name="WanModel", dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=32,
@@ -28,12 +26,8 @@ PROMPTS = "a cat walks on the grass\n\nrock/paper scissors\na cat walks on the g
 
 def make_tiny_assets(root):
     """A Wan folder (DiT config + weights, T5, tokenizer, VAE), a sectioned student checkpoint and a config."""
-    folder = root / "checkpoints" / "Wan2.1-T2V-1.3B"
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(DIT))
-    torch.manual_seed(0)
-    base = randomise_(CausalWanModel.from_config(DIT)).state_dict()
-    save_file({k: v.contiguous() for k, v in base.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    base = random_wan_state_dict(DIT)
+    folder = write_wan_folder(root / "checkpoints" / "Wan2.1-T2V-1.3B", DIT, base)
     write_tokenizer(folder, TE["vocab_size"])
     write_t5(folder / "models_t5_umt5-xxl-enc-bf16.pth", TE)
     write_vae(folder / "Wan2.1_VAE.pth", VAE)
