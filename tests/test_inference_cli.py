@@ -68,6 +68,7 @@ BAD_INPUTS = [
     (["--data_path", "{d}/nope.txt"], "prompt file not found"),
     ([], "--data_path is required"),
     (["--data_path", "{d}/prompts.txt", "--seed", "x"], "invalid int value"),
+    (["--data_path", "{d}/prompts.txt", "inference.num_output_frames=abc"], "must be a whole number"),
 ]
 
 

@@ -105,13 +105,21 @@ def test_names_manifest_and_resume(assets, tmp_path, capsys):
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 6  # compacted, not appended twice
 
 
-def test_corrupt_checkpoint_is_one_line_and_writes_nothing(assets, tmp_path, capsys):
+@pytest.mark.filterwarnings("ignore:prompt 2 repeats")
+@pytest.mark.parametrize("checkpoint, extra, message", [
+    ("bad.pt", [], "cannot read"),
+    ("model.pt", ["height=24"], "must be positive multiples of 16x16 pixels"),
+    ("other.pt", [], "does not fit CausalWanModel"),
+])
+def test_bad_weights_or_size_are_one_line_and_write_nothing(assets, tmp_path, capsys, checkpoint, extra, message):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    torch.save({"generator": {"blocks.0.self_attn.q.weight": torch.zeros(2, 2)}}, tmp_path / "other.pt")
+    (tmp_path / "model.pt").symlink_to(assets / "model.pt")
     out = tmp_path / "out"
-    assert run_cli(main, ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path", str(tmp_path / "bad.pt"),
-                          "--data_path", str(assets / "prompts.txt"), "--output_folder", str(out)]) == 2
+    assert run_cli(main, ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path", str(tmp_path / checkpoint),
+                          "--data_path", str(assets / "prompts.txt"), "--output_folder", str(out), *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert not out.exists()
 
 

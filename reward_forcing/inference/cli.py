@@ -19,6 +19,7 @@ from reward_forcing.config import load_config, save_config
 from reward_forcing.errors import CheckpointError, ConfigError, UserError
 from reward_forcing.inference.generator import check_num_frames, pixel_frames
 from reward_forcing.inference.jobs import shard, video_seed
+from reward_forcing.inference.pipeline import VideoPipeline, resolve_device
 from reward_forcing.video import (Mp4Writer, Prompt, append_manifest, compact_manifest, read_prompts, unique_by_stem,
                                   video_name, video_stem)
 
@@ -76,14 +77,22 @@ def load_run_config(argv=None):
     return cfg
 
 
+def _whole(cfg, key: str) -> int:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    return value
+
+
 def validate(cfg) -> None:
     run = cfg.inference
     for key in ("data_path", "output_folder"):
         if not run[key]:
             raise ConfigError(f"--{key} is required (or inference.{key} in the config)")
-    if int(run.num_samples) < 1:
+    if _whole(cfg, "inference.num_samples") < 1:
         raise ConfigError(f"num_samples must be at least 1, got {run.num_samples}")
-    check_num_frames(int(run.num_output_frames), int(cfg.num_frame_per_block))
+    _whole(cfg, "seed")
+    check_num_frames(_whole(cfg, "inference.num_output_frames"), _whole(cfg, "num_frame_per_block"))
     if run.checkpoint_path is not None and not Path(run.checkpoint_path).exists():
         raise CheckpointError(f"checkpoint not found: {run.checkpoint_path}")
     if Path(run.output_folder).exists() and not Path(run.output_folder).is_dir():
@@ -110,8 +119,6 @@ def plan_jobs(cfg) -> tuple[list[Job], int]:
 
 def init_distributed(device_name: str):
     """(rank, world_size, device). torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA."""
-    from reward_forcing.inference.pipeline import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
@@ -173,8 +180,6 @@ def main(argv=None) -> int:
     jobs, blank = plan_jobs(cfg)
     rank, world, device = init_distributed(str(cfg.inference.device))
     try:
-        from reward_forcing.inference.pipeline import VideoPipeline
-
         pipeline = VideoPipeline.from_config(cfg, cfg.inference.checkpoint_path, bool(cfg.inference.use_ema), device)
         out = Path(cfg.inference.output_folder)
         if rank == 0:
