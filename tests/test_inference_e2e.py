@@ -144,3 +144,21 @@ def test_torchrun_two_processes_match_one(assets, tmp_path):
     strip = [[{k: v for k, v in json.loads(line).items() if k != "generation_seconds"} for line in m.splitlines()]
              for m in manifest]
     assert strip[0] == strip[1]
+
+
+def test_extended_prompts_generate_while_short_prompts_name(assets, tmp_path):
+    (tmp_path / "short.txt").write_text("a cat\n\na dog\n")
+    (tmp_path / "ext.txt").write_text("a fluffy cat sleeping on a sofa\n\na dog running on a beach\n")
+    common = ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path", str(assets / "model.pt"),
+              "--num_output_frames", "3"]
+    assert run_cli(main, [*common, "--data_path", str(tmp_path / "short.txt"), "--extended_prompt_path",
+                          str(tmp_path / "ext.txt"), "--output_folder", str(tmp_path / "ext")]) == 0
+    assert videos(tmp_path / "ext") == ["a cat-0.mp4", "a dog-0.mp4"]
+    records = [json.loads(line) for line in (tmp_path / "ext" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["extended_prompt"]) for r in records] == [
+        ("a cat", "a fluffy cat sleeping on a sofa"), ("a dog", "a dog running on a beach")]
+    # Same seeds, different text: the extended run differs from a run on the short prompts themselves.
+    assert run_cli(main, [*common, "--data_path", str(tmp_path / "short.txt"), "--output_folder",
+                          str(tmp_path / "short")]) == 0
+    a, b = read_video(tmp_path / "ext" / "a cat-0.mp4")[0], read_video(tmp_path / "short" / "a cat-0.mp4")[0]
+    assert np.abs(a.astype(int) - b).max() > 0
