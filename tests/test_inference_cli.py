@@ -69,6 +69,7 @@ BAD_INPUTS = [
     ([], "--data_path is required"),
     (["--data_path", "{d}/prompts.txt", "--seed", "x"], "invalid int value"),
     (["--data_path", "{d}/prompts.txt", "inference.num_output_frames=abc"], "must be a whole number"),
+    (["--data_path", "{d}/prompts.txt", "inference.device=gpu"], "is not a device"),
 ]
 
 

@@ -15,9 +15,15 @@ WAN_VAE_FILE = "Wan2.1_VAE.pth"  # the file name inside a Wan2.1 model folder
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` is this rank's GPU when CUDA is available, else the CPU; a bare `cuda` also means this rank's GPU."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"inference.device={name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"inference.device={name} but CUDA is not available")
     return device
