@@ -96,12 +96,16 @@ class StreamingGenerator:
     def _timestep(self, x: torch.Tensor, t: float) -> torch.Tensor:
         return torch.full((x.shape[0], x.shape[2]), t, device=x.device, dtype=torch.float32)
 
+    def predict_x0(self, cache, context, x: torch.Tensor, t: float, start_frame: int) -> torch.Tensor:
+        """One DiT call on chunk x at timestep t (all frames), converted from flow to the clean-latent estimate."""
+        t_frames = self._timestep(x, t)
+        flow = self.model(x, t_frames, context, cache=cache, start_frame=start_frame)
+        return self.schedule.flow_to_x0(flow, x, t_frames)
+
     def denoise_chunk(self, cache, context, x: torch.Tensor, start_frame: int, generator=None) -> torch.Tensor:
         """Pure noise x [B, C, f, h, w] for frames [start_frame, start_frame + f) -> predicted clean chunk."""
         for i, t in enumerate(self.timesteps):
-            t_frames = self._timestep(x, t)
-            flow = self.model(x, t_frames, context, cache=cache, start_frame=start_frame)
-            x0 = self.schedule.flow_to_x0(flow, x, t_frames)
+            x0 = self.predict_x0(cache, context, x, t, start_frame)
             if i + 1 < len(self.timesteps):
                 noise = self._noise(x0.shape, x0.device, x0.dtype, generator)
                 x = self.schedule.add_noise(x0, noise, self._timestep(x0, self.timesteps[i + 1]))
