@@ -162,3 +162,20 @@ def test_extended_prompts_generate_while_short_prompts_name(assets, tmp_path):
                           str(tmp_path / "short")]) == 0
     a, b = read_video(tmp_path / "ext" / "a cat-0.mp4")[0], read_video(tmp_path / "short" / "a cat-0.mp4")[0]
     assert np.abs(a.astype(int) - b).max() > 0
+
+
+def test_readme_tiny_demo(tmp_path):
+    """The README's CPU demo: configs/tiny.yaml with scripts/make_tiny_checkpoints.py's released-layout files."""
+    from reward_forcing.config import load_config
+    from reward_forcing.tiny_assets import write_tiny_checkpoint_dir
+
+    config = REPO / "configs" / "tiny.yaml"
+    checkpoints = tmp_path / "checkpoints" / "tiny"
+    cfg = load_config(config)
+    paths = write_tiny_checkpoint_dir(checkpoints, cfg)
+    (tmp_path / "prompts.txt").write_text("a cat walks on the grass\n")
+    assert run_cli(main, ["--config_path", str(config), "--checkpoint_path", str(paths["release"]), "--use_ema",
+                          "--data_path", str(tmp_path / "prompts.txt"), "--output_folder", str(tmp_path / "videos"),
+                          "--num_output_frames", "6", f"checkpoint_dir={checkpoints}"]) == 0
+    frames, fps = read_video(tmp_path / "videos" / "a cat walks on the grass-0.mp4")
+    assert frames.shape == (1 + 4 * 5, cfg.height, cfg.width, 3) and fps == 16
