@@ -73,6 +73,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:prompt 2 repeats")
 @pytest.mark.parametrize("args, message", BAD_INPUTS)
 def test_bad_input_is_one_line_and_writes_nothing(files, capsys, args, message):
     (files / "empty.txt").write_text("\n\n")
