@@ -179,3 +179,18 @@ def test_readme_tiny_demo(tmp_path):
                           "--num_output_frames", "6", f"checkpoint_dir={checkpoints}"]) == 0
     frames, fps = read_video(tmp_path / "videos" / "a cat walks on the grass-0.mp4")
     assert frames.shape == (1 + 4 * 5, cfg.height, cfg.width, 3) and fps == 16
+
+
+def test_frames_are_yielded_chunk_by_chunk(assets):
+    """Streaming, not decode-at-the-end: 1 + 4 + 4 frames for the first 3-latent chunk, then 12 per chunk."""
+    from reward_forcing.config import load_config
+    from reward_forcing.inference.pipeline import VideoPipeline
+
+    cfg = load_config(assets / "tiny.yaml")
+    pipeline = VideoPipeline.from_config(cfg, assets / "model.pt")
+    context = pipeline.encode("a cat")
+    sizes = []
+    for frames in pipeline.frames(context, 12, seed=0):
+        assert frames.dtype == np.uint8 and frames.shape[1:] == (16, 32, 3)
+        sizes.append(len(frames))
+    assert sizes == [9, 12, 12, 12]
