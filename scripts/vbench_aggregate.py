@@ -3,7 +3,8 @@
     python scripts/vbench_aggregate.py RESULTS [RESULTS ...] [--json OUT]
 
 RESULTS are files written by VBench's evaluate (`{name}_eval_results.json`), or folders holding them.
-Missing dimensions count as 0 and are listed in a warning on stderr.
+Missing dimensions count as 0 and are listed in a warning on stderr. The table's `raw` column is VBench's score
+as a fraction (aesthetic/imaging quality given in percent are divided by 100, see reward_forcing/vbench.py).
 """
 import argparse
 import json
