@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from reward_forcing.checkpoints import state_dict_mismatch
-from reward_forcing.errors import CheckpointError, UserError, run_cli
+from reward_forcing.errors import CheckpointError, run_cli
 from reward_forcing.rewards import qwen_video
 from reward_forcing.rewards import videoalign_checkpoint as ckpt
 from reward_forcing.rewards.qwen_video import VideoInputError, VisionSpec
@@ -256,26 +256,31 @@ def read_video(path) -> tuple:
         frames = np.stack([frame for frame in reader])
         reader.close()
     except Exception as err:  # imageio/ffmpeg report unreadable files in several ways
-        raise VideoInputError(f"cannot read video {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise VideoInputError(f"cannot read video {path}: {reason}") from None
     if frames.ndim != 4 or frames.shape[-1] != 3 or fps <= 0:
         raise VideoInputError(f"{path} is not an RGB video with a frame rate")
     return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float(), fps
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reward_forcing.rewards.videoalign", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reward_forcing.rewards.videoalign",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint_dir", default="checkpoints/VideoReward", help="VideoReward folder")
     parser.add_argument("--qwen_dir", default="checkpoints/Qwen2-VL-2B-Instruct", help="local Qwen2-VL-2B-Instruct")
     parser.add_argument("--step", type=int, default=None, help="checkpoint-<step> to load (default: highest)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--all_frames", action="store_true", help="score every frame instead of sampling at 2 fps")
+    parser.add_argument("--unverified_template", action="store_true",
+                        help="accept a prompt_template.py that is not VideoAlign's (custom rubrics, tiny checkpoints)")
     parser.add_argument("video", help="an mp4 file")
     parser.add_argument("prompt", help="the text prompt of the video")
     args = parser.parse_args(argv)
     if not Path(args.video).is_file():
         raise VideoInputError(f"video not found: {args.video}")
     video, fps = read_video(args.video)
-    model = VideoReward.from_checkpoint(args.checkpoint_dir, args.qwen_dir, step=args.step, device=args.device)
+    model = VideoReward.from_checkpoint(args.checkpoint_dir, args.qwen_dir, step=args.step, device=args.device,
+                                       verify_template=not args.unverified_template)
     scores = model.score(video, [args.prompt], input_range="[0,255]", fps=fps,
                          sample="all" if args.all_frames else "fps")
     for name in (*DIMENSIONS, "Overall"):
