@@ -1,6 +1,7 @@
 """Worker for tests/test_training_parallel.py: `[torchrun --nproc_per_node=N] _training_dist_worker.py MODE OUT`.
 
 grads:  one FSDP2 forward/backward of a toy on a global batch of 2 split over the ranks; saves the full grads.
+hsdp:   the same on a 2-D (replicate 2, shard 1) mesh.
 resume: 4 AdamW steps with an EMA, checkpoint after step 1, then a fresh model/optimiser/EMA resumed from it
         replays steps 2-3; saves both final states and exports the generator.
 """
@@ -45,8 +46,9 @@ def local_loss(model, info, step):
     return (model(x) ** 2).mean()
 
 
-def grads(out):
-    info = init_distributed()
+def grads(out, replicate=1):
+    info = init_distributed(replicate)
+    assert info.mesh.ndim == (2 if replicate > 1 else 1), info.mesh
     model = build(info)
     local_loss(model, info, 0).backward()
     full = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
@@ -90,5 +92,5 @@ def resume(out):
 
 if __name__ == "__main__":
     mode, folder = sys.argv[1], Path(sys.argv[2])
-    {"grads": grads, "resume": resume}[mode](folder)
+    {"grads": grads, "hsdp": lambda out: grads(out, replicate=2), "resume": resume}[mode](folder)
     assert not dist.is_initialized()

@@ -35,9 +35,9 @@ def _oracle_grads():
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_first_step_gradients_match_plain_autograd(tmp_path, nproc):
-    _run(nproc, "grads", tmp_path)
+@pytest.mark.parametrize("nproc, mode", [(1, "grads"), (2, "grads"), (2, "hsdp")])
+def test_first_step_gradients_match_plain_autograd(tmp_path, nproc, mode):
+    _run(nproc, mode, tmp_path)
     got = torch.load(tmp_path / "grads.pt", weights_only=True)
     for name, grad in _oracle_grads().items():
         assert torch.allclose(got[name], grad, atol=1e-6), name

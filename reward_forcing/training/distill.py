@@ -278,7 +278,7 @@ class _RewardScorer:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, prompts: list[str]) -> dict:
-        videos = self.vae.decode(latents).clamp(-1, 1).float()
+        videos = self.vae.decode(latents).clamp(-1, 1)
         if not self.central:
             scores = self._score(videos, prompts)
         else:
@@ -289,8 +289,7 @@ class _RewardScorer:
             dist.gather_object(prompts, all_prompts, dst=0)
             scores = torch.empty(len(prompts), len(self.KEYS), device=videos.device)
             chunks = None
-            if main:
-                flat = self._score(torch.cat(gathered), [p for part in all_prompts for p in part]).to(videos.device)
-                chunks = list(flat.chunk(world))
+            if main:  # one rank's batch at a time, so rank 0's activations do not grow with the world size
+                chunks = [self._score(v, p).to(videos.device) for v, p in zip(gathered, all_prompts)]
             dist.scatter(scores, chunks, src=0)
         return {key: scores[:, i] for i, key in enumerate(self.KEYS)}

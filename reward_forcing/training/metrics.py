@@ -1,6 +1,7 @@
 """Per-optimiser-step metrics: `<logdir>/metrics.jsonl` and wandb (online / offline / disabled), rank 0 only."""
 import json
 import math
+import secrets
 from pathlib import Path
 
 _WANDB_MODES = ("online", "offline", "disabled")
@@ -61,7 +62,7 @@ def _init_wandb(logdir: Path, mode: str, config, project: str, run_name):
     from omegaconf import OmegaConf
 
     id_file = logdir / "wandb_id.txt"  # the same run id on resume, so curves continue
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     config_dict = OmegaConf.to_container(config, resolve=True) if config is not None else None
     return wandb.init(project=project, name=run_name, id=run_id, resume="allow", mode=mode,
