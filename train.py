@@ -24,6 +24,8 @@ def parse_args(argv):
                         help="no wandb logging (metrics.jsonl is still written)")
     parser.add_argument("--no_save", "--no-save", dest="no_save", action="store_true",
                         help="write no checkpoints or exported weights")
+    parser.add_argument("--no_visualize", "--no-visualize", dest="no_visualize", action="store_true",
+                        help="accepted for upstream command compatibility; this trainer logs no videos")
     parser.add_argument("--resume", default=None,
                         help="resume from this checkpoint folder (default: the latest complete one in --logdir)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
