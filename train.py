@@ -29,7 +29,7 @@ def parse_args(argv):
     parser.add_argument("--resume", default=None,
                         help="resume from this checkpoint folder (default: the latest complete one in --logdir)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may follow key=value overrides
 
 
 def main(argv=None):

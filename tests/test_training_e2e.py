@@ -114,3 +114,17 @@ def test_exported_generator_generates_with_inference_py(assets, uninterrupted, t
     pt = load_generator_state_dict(uninterrupted / "generator.pt")
     st = load_file(uninterrupted / "generator.safetensors")
     assert pt.keys() == st.keys() and all(torch.equal(pt[k], st[k]) for k in pt)
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(assets, uninterrupted, tmp_path):
+    # DCP reshards by parameter name: the same global batch on 1 rank continues the 2-rank run
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copytree(uninterrupted / "checkpoints" / "step_00000002", tmp_path / "checkpoints" / "step_00000002")
+    rows = (uninterrupted / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    _train(assets, tmp_path, "batch_size=2", "--no_save", nproc=1)
+    resumed, straight = _without_timing(_rows(tmp_path)), _without_timing(_rows(uninterrupted))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for one, two in zip(resumed[2:], straight[2:]):
+        assert one.keys() == two.keys()
+        assert all(one[k] == pytest.approx(two[k], rel=1e-5) for k in one), (one, two)
