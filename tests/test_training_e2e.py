@@ -127,4 +127,6 @@ def test_two_rank_checkpoint_resumes_on_one_rank(assets, uninterrupted, tmp_path
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for one, two in zip(resumed[2:], straight[2:]):
         assert one.keys() == two.keys()
-        assert all(one[k] == pytest.approx(two[k], rel=1e-5) for k in one), (one, two)
+        # reduction order differs between 1 and 2 ranks; w = exp(beta * MQ_norm) amplifies the fp noise that the
+        # first, sign-like AdamW steps leave in the weights to ~2e-5 relative
+        assert {k: (one[k], two[k]) for k in one if one[k] != pytest.approx(two[k], rel=1e-4)} == {}
