@@ -98,6 +98,7 @@ class Distiller:
 
         # CausalWanModel's streaming forward reads each block's cross-attention K/V projections from the root
         # forward (outside the block's own forward), so the student is gathered whole rather than per block.
+        # Its cached path has no per-block checkpointing; the rollout checkpoints each exit forward instead.
         self.generator = load_sharded(build_student, (lambda: load_generator_state_dict(init)) if init else
                                       _wan_loader(student), info, self.dtype, str(init or student), per_block=False)
         critic_dir, teacher_dir = asset_path(cfg, cfg.fake_name), asset_path(cfg, cfg.real_name)
@@ -160,7 +161,8 @@ class Distiller:
         exits = exit_steps(cfg, len(self.sampler.timesteps), frames // self.sampler.chunk_frames,
                            self.seed, purpose, step, micro)
         return rollout(self.sampler, context, frames, self.latent_hw, exits, self.seed, (purpose, step), ids,
-                       self.dtype, float(cfg.context_noise), with_grad=with_grad)
+                       self.dtype, float(cfg.context_noise), with_grad=with_grad,
+                       checkpoint=bool(cfg.gradient_checkpointing))
 
     def _encode(self, prompts):
         return self.text_encoder.encode(prompts).to(self.dtype)

@@ -10,6 +10,7 @@ first chunk: sink_mode static), `window` uses the configured sink policy (EMA-Si
 eviction, as at inference).
 """
 import torch
+import torch.utils.checkpoint
 
 from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, check_num_frames
@@ -42,10 +43,45 @@ def sample_noise(shape, seed, *key, sample_ids, dtype, device) -> torch.Tensor:
     return torch.stack([keyed_randn(shape, seed, *key, i, dtype=dtype, device=device) for i in sample_ids])
 
 
+class _ReplayLayer:
+    """One layer's cache as the exit step saw it: the first update writes the real cache and keeps the detached
+    context K/V it returned; a recomputation (activation checkpointing, during backward, when the cache has
+    moved on) gets that same context with its own live K/V appended and writes nothing."""
+
+    def __init__(self, layer):
+        self.layer, self.saved = layer, None
+
+    def update(self, k, v, start_frame: int, frame_tokens: int):
+        n = k.shape[1]
+        if self.saved is None:
+            keys, values, query_start = self.layer.update(k, v, start_frame, frame_tokens)
+            self.saved = (keys[:, :keys.shape[1] - n].detach(), values[:, :values.shape[1] - n].detach(), query_start)
+            return keys, values, query_start
+        old_keys, old_values, query_start = self.saved
+        return torch.cat([old_keys, k], dim=1), torch.cat([old_values, v], dim=1), query_start
+
+
+class _ReplayCache:
+    """A KV cache view for one checkpointed forward (SPEC §2.6: snapshot the K/V that the gradient step saw).
+    The snapshot is the context K/V the attention backward keeps alive anyway, so it costs no extra memory."""
+
+    def __init__(self, cache):
+        self.layers = [_ReplayLayer(layer) for layer in cache.layers]
+        self.cross = cache.cross
+
+
+def _exit_forward(sampler, cache, context, x, t, start, checkpoint: bool):
+    if not (checkpoint and torch.is_grad_enabled()):
+        return _predict_x0(sampler, cache, context, x, t, start)
+    replay = _ReplayCache(cache)
+    return torch.utils.checkpoint.checkpoint(_predict_x0, sampler, replay, context, x, t, start, use_reentrant=False)
+
+
 def rollout(sampler: StreamingGenerator, context: torch.Tensor, num_frames: int, latent_hw, exits: list[int],
             seed: int, key: tuple, sample_ids: list[int], dtype, context_noise: float = 0.0,
-            with_grad: bool = True) -> torch.Tensor:
-    """Generate [B, C, num_frames, h, w]; with_grad keeps each chunk's exit-step graph."""
+            with_grad: bool = True, checkpoint: bool = False) -> torch.Tensor:
+    """Generate [B, C, num_frames, h, w]; with_grad keeps each chunk's exit-step graph. checkpoint: keep only
+    the exit step's inputs and recompute its activations during backward (one chunk at a time)."""
     chunk = sampler.chunk_frames
     check_num_frames(num_frames, chunk)
     model, schedule, timesteps = sampler.model, sampler.schedule, sampler.timesteps
@@ -64,7 +100,7 @@ def rollout(sampler: StreamingGenerator, context: torch.Tensor, num_frames: int,
                 x0 = _predict_x0(sampler, cache, context, x, timesteps[step], start)
                 x = schedule.add_noise(x0, noise(step), _frame_t(x0, timesteps[step + 1]))
         with torch.set_grad_enabled(with_grad):
-            x0 = _predict_x0(sampler, cache, context, x, timesteps[exits[index]], start)
+            x0 = _exit_forward(sampler, cache, context, x, timesteps[exits[index]], start, checkpoint)
         with torch.no_grad():
             clean = x0.detach()
             if context_noise > 0:
