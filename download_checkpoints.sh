@@ -11,8 +11,9 @@ set -euo pipefail
 : "${QWEN2_VL_REVISION:=895c3a49bc3fa70a340399125c650a463535e71c}"
 : "${SELF_FORCING_COMMIT:=33593df3e81fa3ec10239271dd2c100facac6de1}"  # GitHub guandeh17/Self-Forcing
 : "${TAEHV_COMMIT:=main}"                                              # GitHub madebyollin/taehv
+: "${VIDEOALIGN_COMMIT:=219ab9db64c045e5181a2202d11f686439351292}"    # GitHub KwaiVGI/VideoAlign
 
-DEFAULT_PARTS=(wan-1.3b videoreward qwen2-vl ode-init reward-forcing train-prompts bench-prompts)
+DEFAULT_PARTS=(wan-1.3b videoreward videoalign-template qwen2-vl ode-init reward-forcing train-prompts bench-prompts)
 OPTIONAL_PARTS=(wan-14b taehv)
 
 usage() {
@@ -22,6 +23,8 @@ Usage: bash download_checkpoints.sh [options]
 Downloads into CHECKPOINT_DIR (default: checkpoints) and PROMPT_DIR (default: prompts):
   wan-1.3b        Wan-AI/Wan2.1-T2V-1.3B           -> CHECKPOINT_DIR/Wan2.1-T2V-1.3B/ (DiT, T5, VAE, tokenizer)
   videoreward     KlingTeam/VideoReward            -> CHECKPOINT_DIR/VideoReward/
+  videoalign-template GitHub KwaiVGI/VideoAlign    -> CHECKPOINT_DIR/VideoReward/prompt_template.py (rubric text;
+                                                      the reward loader checks its sha256)
   qwen2-vl        Qwen/Qwen2-VL-2B-Instruct        -> CHECKPOINT_DIR/Qwen2-VL-2B-Instruct/ (config, tokenizer,
                                                       processor files only; VideoReward holds the weights)
   ode-init        gdhe17/Self-Forcing              -> CHECKPOINT_DIR/ode_init.pt
@@ -43,7 +46,8 @@ Options:
   --list                print the part names and exit
   -h, --help            show this help and exit
 
-Environment: WAN_1_3B_REVISION, VIDEOREWARD_REVISION, QWEN2_VL_REVISION, SELF_FORCING_COMMIT, TAEHV_COMMIT
+Environment: WAN_1_3B_REVISION, VIDEOREWARD_REVISION, QWEN2_VL_REVISION, SELF_FORCING_COMMIT, TAEHV_COMMIT,
+VIDEOALIGN_COMMIT
 override the pinned revisions; HF_TOKEN is passed on to hf.
 EOF
 }
@@ -251,10 +255,12 @@ part_taehv() {
   url_get "https://github.com/madebyollin/taehv/raw/$TAEHV_COMMIT/taew2_1.pth" "$CHECKPOINT_DIR/taew2_1.pth" ""
 }
 
-# ---------------------------------------------------------------------------------------------
-# VideoAlign prompt template -> $CHECKPOINT_DIR/VideoReward/ (from helper "reward").
-# INTEGRATOR: insert its part function here and add its name to DEFAULT_PARTS above.
-# ---------------------------------------------------------------------------------------------
+# VideoAlign's rubric text is another project's, so it is fetched, not committed. The file as a whole has
+# no published checksum; the reward loader verifies the sha256 of the template constant it reads from it.
+part_videoalign-template() {
+  url_get "https://raw.githubusercontent.com/KwaiVGI/VideoAlign/$VIDEOALIGN_COMMIT/prompt_template.py" \
+    "$CHECKPOINT_DIR/VideoReward/prompt_template.py" ""
+}
 
 # --- run ---
 say "checkpoint dir: $CHECKPOINT_DIR, prompt dir: $PROMPT_DIR, parts: ${PARTS[*]}"

@@ -18,6 +18,6 @@ setup(
     install_requires=requirements,
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "peft>=0.13"],
     },
 )

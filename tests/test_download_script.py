@@ -169,9 +169,13 @@ def test_default_run_builds_the_upstream_layout(tmp_path, env):
     assert arg(hf["Qwen/Qwen2-VL-2B-Instruct"], "--revision") == "895c3a49bc3fa70a340399125c650a463535e71c"
     assert arg(hf["KlingTeam/VideoReward"], "--local-dir") == "checkpoints/VideoReward"
     curls = [call[-1] for call in calls if call[0] == "curl"]
-    assert all(url.startswith("https://raw.githubusercontent.com/guandeh17/Self-Forcing/"
-                              "33593df3e81fa3ec10239271dd2c100facac6de1/prompts/") for url in curls)
-    assert len(curls) == 4
+    prompt_base = "https://raw.githubusercontent.com/guandeh17/Self-Forcing/33593df3e81fa3ec10239271dd2c100facac6de1/prompts/"
+    template = ("https://raw.githubusercontent.com/KwaiVGI/VideoAlign/"
+                "219ab9db64c045e5181a2202d11f686439351292/prompt_template.py")
+    assert sorted(curls) == sorted([template] + [prompt_base + name for name in (
+        "MovieGenVideoBench.txt", "MovieGenVideoBench_extended.txt",
+        "vbench/all_dimension.txt", "vbench/all_dimension_extended.txt")])
+    assert (ckpt / "VideoReward/prompt_template.py").is_file()
 
 
 def test_second_run_downloads_nothing(tmp_path, env):
@@ -179,7 +183,7 @@ def test_second_run_downloads_nothing(tmp_path, env):
     assert first.returncode == 0, first.stderr
     second, calls = run(tmp_path, env, "--no-verify")
     assert second.returncode == 0 and calls == []
-    assert second.stdout.count("present:") == 10  # 6 parts + 4 prompt files
+    assert second.stdout.count("present:") == 11  # 6 parts + the rubric template + 4 prompt files
 
 
 def test_teacher_and_only(tmp_path, env):
