@@ -126,8 +126,10 @@ class Distiller:
         from reward_forcing.models.text_encoder import TextEncoder
         from reward_forcing.training.parallel import shard_model
 
+        # Frozen, so no fp32 master copy: in bf16 the file's (mmapped, bf16) tensors are adopted without a copy,
+        # and ranks on one node share those pages until sharding moves each rank's part to its device.
         encoder = TextEncoder.from_wan_folder(asset_path(self.cfg, self.cfg.model_name), self.cfg.text_encoder,
-                                              device="cpu", dtype=torch.float32)
+                                              device="cpu", dtype=self.dtype)
         shard_model(encoder.model, self.info, self.dtype)  # the umT5 stack; the wrapper only tokenises
         return encoder
 
