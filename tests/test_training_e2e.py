@@ -130,3 +130,11 @@ def test_two_rank_checkpoint_resumes_on_one_rank(assets, uninterrupted, tmp_path
         # reduction order differs between 1 and 2 ranks; w = exp(beta * MQ_norm) amplifies the fp noise that the
         # first, sign-like AdamW steps leave in the weights to ~2e-5 relative
         assert {k: (one[k], two[k]) for k in one if one[k] != pytest.approx(two[k], rel=1e-4)} == {}
+
+
+def test_a_checkpoint_error_read_on_rank_0_stops_every_rank(assets, tmp_path):
+    # only rank 0 reads weights; the others must learn of the error instead of waiting for the broadcast
+    result = _train(assets, tmp_path, "generator_ckpt=missing.pt", check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: checkpoint not found: {assets / 'missing.pt'}"] * 2

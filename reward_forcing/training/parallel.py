@@ -113,17 +113,21 @@ def load_sharded(build, load_state_dict, info: DistInfo, param_dtype: torch.dtyp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from reward_forcing.checkpoints import state_dict_mismatch
-    from reward_forcing.errors import CheckpointError
+    from reward_forcing.errors import CheckpointError, UserError
 
     with torch.device("meta"):
         model = build()
     state_dict, problem = {}, None
     if info.is_main:
-        state_dict = load_state_dict()
-        problem = state_dict_mismatch(model, state_dict)
+        try:
+            state_dict = load_state_dict()
+            mismatch = state_dict_mismatch(model, state_dict)
+            problem = f"{source} does not fit {type(model).__name__}: {mismatch}" if mismatch else None
+        except UserError as err:
+            problem = str(err)
     problem = broadcast_object(problem)  # every rank raises, rather than waiting on a broadcast forever
     if problem:
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {problem}")
+        raise CheckpointError(problem)
     shard_model(model, info, param_dtype, move=False, per_block=per_block)
     model.to_empty(device=info.device)
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
