@@ -30,7 +30,14 @@ from reward_forcing.training.losses import (
     score_timesteps,
 )
 from reward_forcing.training.metrics import MetricsLogger, reduce_across_ranks
-from reward_forcing.training.parallel import compute_dtype, init_distributed, load_sharded, resolve_seed, shutdown
+from reward_forcing.training.parallel import (
+    compute_dtype,
+    init_distributed,
+    load_sharded,
+    on_main,
+    resolve_seed,
+    shutdown,
+)
 from reward_forcing.training.rng import keyed_randint
 from reward_forcing.training.rollout import exit_steps, rollout, sample_noise, training_sampler
 from reward_forcing.training.schedule import Updater, optimiser_step
@@ -270,11 +277,13 @@ class _RewardScorer:
         self.central = cfg.reward_placement == "rank0" and info.world_size > 1
         self.vae = WanVAE.from_file(asset_path(cfg, Path(cfg.model_name) / "Wan2.1_VAE.pth"), cfg.vae,
                                     device=info.device, dtype=dtype)
-        self.model = None
-        if info.is_main or not self.central:
-            self.model = VideoReward.from_checkpoint(asset_path(cfg, cfg.reward_dir), asset_path(cfg, cfg.reward_base_dir),
-                                                     device=info.device, dtype=dtype,
-                                                     verify_template=bool(cfg.reward_check_template))
+
+        def load():
+            return VideoReward.from_checkpoint(asset_path(cfg, cfg.reward_dir), asset_path(cfg, cfg.reward_base_dir),
+                                               device=info.device, dtype=dtype,
+                                               verify_template=bool(cfg.reward_check_template))
+
+        self.model = on_main(load, info) if self.central else load()
 
     def _score(self, videos, prompts) -> torch.Tensor:
         out = self.model.score(videos, prompts, input_range="[-1,1]", fps=float(self.cfg.fps))

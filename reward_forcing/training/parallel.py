@@ -113,25 +113,40 @@ def load_sharded(build, load_state_dict, info: DistInfo, param_dtype: torch.dtyp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from reward_forcing.checkpoints import state_dict_mismatch
-    from reward_forcing.errors import CheckpointError, UserError
+    from reward_forcing.errors import CheckpointError
 
     with torch.device("meta"):
         model = build()
-    state_dict, problem = {}, None
-    if info.is_main:
-        try:
-            state_dict = load_state_dict()
-            mismatch = state_dict_mismatch(model, state_dict)
-            problem = f"{source} does not fit {type(model).__name__}: {mismatch}" if mismatch else None
-        except UserError as err:
-            problem = str(err)
-    problem = broadcast_object(problem)  # every rank raises, rather than waiting on a broadcast forever
-    if problem:
-        raise CheckpointError(problem)
+
+    def load_and_check():
+        state_dict = load_state_dict()
+        mismatch = state_dict_mismatch(model, state_dict)
+        if mismatch:
+            raise CheckpointError(f"{source} does not fit {type(model).__name__}: {mismatch}")
+        return state_dict
+
+    state_dict = on_main(load_and_check, info, default={})
     shard_model(model, info, param_dtype, move=False, per_block=per_block)
     model.to_empty(device=info.device)
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
+
+
+def on_main(fn, info: DistInfo, default=None):
+    """fn() on rank 0 only (default elsewhere). A UserError there is raised on every rank, with the same
+    one-line message, instead of leaving the other ranks waiting in their next collective."""
+    from reward_forcing.errors import UserError
+
+    result, problem = default, None
+    if info.is_main:
+        try:
+            result = fn()
+        except UserError as err:
+            problem = (type(err), str(err))
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise problem[0](problem[1])
+    return result
 
 
 def broadcast_object(obj, src: int = 0):
