@@ -65,3 +65,29 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     (tmp_path / "checkpoints" / "step_00000003" / "meta.json").write_text("{}")
     (tmp_path / "checkpoints" / "step_00000004").mkdir()  # no meta.json: not complete
     assert latest_checkpoint(tmp_path).name == "step_00000003"
+
+
+def test_bf16_sharding_keeps_float32_timesteps():
+    """FSDP must not cast forward inputs: a bf16-cast t (937.5 -> 936) changes the Wan output by ~0.1."""
+    import copy
+
+    from reward_forcing.models.causal_wan import CausalWanModel
+    from reward_forcing.models.wan import WanModel
+    from reward_forcing.training.parallel import init_distributed, shard_model, shutdown
+
+    info = init_distributed()  # a world of one inside the test process
+    try:
+        for cls in (WanModel, CausalWanModel):
+            torch.manual_seed(0)
+            model = cls(dim=32, ffn_dim=48, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=8, text_len=4,
+                        freq_dim=16)
+            reference = copy.deepcopy(model).to(torch.bfloat16)
+            sharded = shard_model(model, info, torch.bfloat16, per_block=cls is WanModel)
+            x, context, t = torch.randn(1, 4, 3, 4, 4), torch.randn(1, 4, 8), torch.tensor([937.5])
+            with torch.no_grad():
+                out = sharded(x, t, context)
+                assert out.dtype == torch.bfloat16
+                assert torch.equal(out, reference(x, t, context))
+                assert not torch.allclose(out.float(), reference(x, t.bfloat16(), context).float(), atol=1e-2)
+    finally:
+        shutdown()

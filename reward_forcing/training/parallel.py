@@ -96,7 +96,9 @@ def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype
 
     if move:
         model.to(info.device)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # cast_forward_inputs=False (as upstream): FSDP would otherwise cast the float32 timesteps to bf16
+    # (937.5 -> 936) before the model's fp64 sinusoid; the models cast their own inputs where needed.
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in transformer_blocks(model) if per_block else []:
         fully_shard(block, mesh=info.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=info.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
