@@ -1,0 +1,41 @@
+"""Training configs and train.py's front door: paper values, overridable loop keys, one-line errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reward_forcing.config import load_config
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_reward_forcing_config_has_the_paper_settings():
+    cfg = load_config(ROOT / "configs" / "reward_forcing.yaml", ["max_steps=7", "save_every=3"])
+    assert (cfg.max_steps, cfg.save_every) == (7, 3)
+    assert (cfg.distill_loss, cfg.reward_beta, cfg.guidance_scale) == ("re_dmd", 2.0, 3.0)
+    assert (cfg.lr_generator, cfg.lr_critic, list(cfg.adam_betas), cfg.weight_decay) == (2e-6, 4e-7, [0.0, 0.999], 0.01)
+    assert (cfg.grad_accum, cfg.dfake_gen_update_ratio, cfg.grad_clip) == (8, 5, 10.0)
+    assert (cfg.ema_decay, cfg.ema_start, cfg.min_score_timestep, cfg.max_score_timestep) == (0.99, 200, 20, 980)
+    assert (cfg.local_attn_size, cfg.sink_size, cfg.sink_mode, cfg.rollout_cache) == (9, 3, "ema", "full")
+    assert cfg.real_name == "Wan2.1-T2V-14B" and cfg.num_training_frames == 21
+
+
+def test_self_forcing_differs_only_in_loss_and_attention():
+    rf = load_config(ROOT / "configs" / "reward_forcing.yaml")
+    sf = load_config(ROOT / "configs" / "self_forcing.yaml")
+    differ = {k for k in rf if rf[k] != sf[k]}
+    assert differ == {"distill_loss", "local_attn_size", "sink_size", "sink_mode"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["trainer=gan"], "error: trainer must be one of distill, ode; got 'gan'"),
+    (["max_stepz=3"], "error: unknown config key 'max_stepz' in command-line overrides"),
+    (["--resume", "/nonexistent/ckpt"], "error: --resume folder not found: /nonexistent/ckpt"),
+])
+def test_train_py_bad_input_is_one_line(tmp_path, args, message):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config_path", str(ROOT / "configs" / "tiny_train.yaml"),
+           "--logdir", str(tmp_path), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
