@@ -1,0 +1,45 @@
+"""3-axis rotary position embedding of Wan2.1 (SPEC §1.5): tables in fp64, interleaved pairs.
+
+The head dimension is split t:h:w = d - 4*(d//6) : 2*(d//6) : 2*(d//6) real dims; each axis has its own
+frequencies theta^(-2j/dim_axis). Positions start at 0 on every axis and the spatial ones restart in each
+frame, so a temporal offset is all that window-relative (cache) positions need.
+"""
+import torch
+
+
+def axis_dims(head_dim: int) -> tuple[int, int, int]:
+    spatial = 2 * (head_dim // 6)
+    return head_dim - 2 * spatial, spatial, spatial
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float = 10000.0) -> list[torch.Tensor]:
+    """One complex128 table [max_positions, dim_axis // 2] per axis (t, h, w)."""
+    tables = []
+    for dim in axis_dims(head_dim):
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), omega)
+        tables.append(torch.polar(torch.ones_like(angles), angles))
+    return tables
+
+
+def rope_grid(tables: list[torch.Tensor], frames: int, height: int, width: int, frame_offset: int = 0):
+    """Rotations for tokens in (f, h, w) row-major order: complex128 [frames*height*width, head_dim // 2]."""
+    t_tab, h_tab, w_tab = tables
+    if frame_offset < 0 or frame_offset + frames > t_tab.shape[0] or max(height, width) > h_tab.shape[0]:
+        raise ValueError(f"RoPE positions out of range: frames {frame_offset}..{frame_offset + frames - 1}, "
+                         f"grid {height}x{width}, table length {t_tab.shape[0]}")
+    shape = (frames, height, width, -1)
+    grid = torch.cat([
+        t_tab[frame_offset:frame_offset + frames].view(frames, 1, 1, -1).expand(shape),
+        h_tab[:height].view(1, height, 1, -1).expand(shape),
+        w_tab[:width].view(1, 1, width, -1).expand(shape),
+    ], dim=-1)
+    return grid.reshape(frames * height * width, -1)
+
+
+def apply_rope(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, N, H, D] by grid [N, D/2] (pairs (x[2i], x[2i+1])); computed in fp64 like the original."""
+    b, n, h, d = x.shape
+    pairs = torch.view_as_complex(x.to(torch.float64).reshape(b, n, h, d // 2, 2))
+    rotated = torch.view_as_real(pairs * grid.to(x.device).view(1, n, 1, d // 2))
+    return rotated.flatten(3).type_as(x)
