@@ -1,0 +1,201 @@
+"""inference.py: a prompt file in, one mp4 per (prompt, sample) out, sharded over torchrun ranks.
+
+Flags keep upstream's names; each sets the `inference.*` config key of the same name (`--seed` sets
+`seed`), so defaults come from the config and trailing `key=value` overrides work for every key.
+Everything the user can get wrong is checked before any file is written.
+"""
+import argparse
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from reward_forcing.config import load_config, save_config
+from reward_forcing.errors import CheckpointError, ConfigError, UserError
+from reward_forcing.inference.generator import check_num_frames, pixel_frames
+from reward_forcing.inference.jobs import shard, video_seed
+from reward_forcing.video import (Mp4Writer, Prompt, append_manifest, compact_manifest, read_prompts, unique_by_stem,
+                                  video_name, video_stem)
+
+MANIFEST = "manifest.jsonl"
+SAVED_CONFIG = "config.yaml"
+
+# flag -> config key it sets
+FLAG_KEYS = {
+    "checkpoint_path": "inference.checkpoint_path",
+    "data_path": "inference.data_path",
+    "extended_prompt_path": "inference.extended_prompt_path",
+    "output_folder": "inference.output_folder",
+    "num_output_frames": "inference.num_output_frames",
+    "use_ema": "inference.use_ema",
+    "seed": "seed",
+    "num_samples": "inference.num_samples",
+    "save_with_index": "inference.save_with_index",
+    "overwrite": "inference.overwrite",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through run_cli instead of usage + exit
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Stream text-to-video with the Reward Forcing student.")
+    p.add_argument("--config_path", help="YAML merged over the packaged defaults")
+    p.add_argument("--checkpoint_path", help="student weights: flat, or with generator / generator_ema sections")
+    p.add_argument("--data_path", help="prompt file, one prompt per line")
+    p.add_argument("--extended_prompt_path", help="line-aligned extended prompts (used for generation)")
+    p.add_argument("--output_folder", help="where videos, manifest.jsonl and config.yaml are written")
+    p.add_argument("--num_output_frames", type=int, help="latent frames per video (multiple of the chunk)")
+    p.add_argument("--i2v", action="store_true", help="not supported (text-to-video model)")
+    p.add_argument("--use_ema", action="store_true", default=None, help="load the generator_ema section")
+    p.add_argument("--seed", type=int, help="base seed; each video's seed derives from (seed, prompt, sample)")
+    p.add_argument("--num_samples", type=int, help="videos per prompt")
+    p.add_argument("--save_with_index", action="store_true", default=None, help="name files by prompt index")
+    p.add_argument("--overwrite", action="store_true", default=None, help="regenerate existing videos")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. height=256 width=384")
+    return p
+
+
+def load_run_config(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.i2v:
+        raise ConfigError("--i2v is not supported: the Reward Forcing student is text-to-video only")
+    cfg = load_config(args.config_path, args.overrides)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            OmegaConf.update(cfg, key, value, merge=False)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg) -> None:
+    run = cfg.inference
+    for key in ("data_path", "output_folder"):
+        if not run[key]:
+            raise ConfigError(f"--{key} is required (or inference.{key} in the config)")
+    if int(run.num_samples) < 1:
+        raise ConfigError(f"num_samples must be at least 1, got {run.num_samples}")
+    check_num_frames(int(run.num_output_frames), int(cfg.num_frame_per_block))
+    if run.checkpoint_path is not None and not Path(run.checkpoint_path).exists():
+        raise CheckpointError(f"checkpoint not found: {run.checkpoint_path}")
+    if Path(run.output_folder).exists() and not Path(run.output_folder).is_dir():
+        raise ConfigError(f"output folder {run.output_folder} exists and is not a directory")
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt: Prompt
+    stem: str
+
+
+def plan_jobs(cfg) -> tuple[list[Job], int]:
+    """Unique prompts with their file stems, and the number of blank lines skipped."""
+    run = cfg.inference
+    prompts, blank = read_prompts(run.data_path, run.extended_prompt_path)
+    last_sample = int(run.num_samples) - 1
+
+    def stem_of(prompt):
+        return str(prompt.index) if run.save_with_index else video_stem(prompt.text, last_sample)
+
+    return [Job(p, stem_of(p)) for p in unique_by_stem(prompts, stem_of)], blank
+
+
+def init_distributed(device_name: str):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE; gloo on CPU, nccl on CUDA."""
+    from reward_forcing.inference.pipeline import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def _sum_over_ranks(values: list[float], device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def generate(cfg, pipeline, jobs: list[Job], rank: int) -> list[float]:
+    """Write this rank's videos; returns [written, skipped, frames, seconds spent generating]."""
+    run = cfg.inference
+    out = Path(run.output_folder)
+    num_frames = int(run.num_output_frames)
+    expected = pixel_frames(cfg, num_frames)
+    written = skipped = frames_total = busy = 0
+    bar = tqdm(jobs, desc=f"prompts (rank {rank})", unit="prompt", disable=rank != 0, dynamic_ncols=True)
+    for job in bar:
+        context = None
+        for sample in range(int(run.num_samples)):
+            name = video_name(job.stem, sample)
+            if (out / name).exists() and not run.overwrite:
+                skipped += 1
+                continue
+            if context is None:
+                context = pipeline.encode(job.prompt.generation_text)
+            seed = video_seed(int(cfg.seed), job.prompt.index, sample)
+            start = time.perf_counter()
+            with Mp4Writer(out / name, fps=int(cfg.fps)) as writer:
+                for frames in pipeline.frames(context, num_frames, seed):
+                    writer.append(frames)
+            elapsed = time.perf_counter() - start
+            if writer.frames != expected:
+                raise RuntimeError(f"{name}: decoded {writer.frames} frames, expected {expected}")
+            append_manifest(out / MANIFEST, {
+                "prompt_index": job.prompt.index, "sample": sample, "prompt": job.prompt.text,
+                "extended_prompt": job.prompt.extended, "seed": seed, "file": name, "frames": writer.frames,
+                "seconds": writer.frames / int(cfg.fps), "generation_seconds": round(elapsed, 3),
+            })
+            written += 1
+            frames_total += writer.frames
+            busy += elapsed
+            bar.set_postfix(fps=f"{writer.frames / elapsed:.2f}")
+    return [written, skipped, frames_total, busy]
+
+
+def main(argv=None) -> int:
+    cfg = load_run_config(argv)
+    jobs, blank = plan_jobs(cfg)
+    rank, world, device = init_distributed(str(cfg.inference.device))
+    try:
+        from reward_forcing.inference.pipeline import VideoPipeline
+
+        pipeline = VideoPipeline.from_config(cfg, cfg.inference.checkpoint_path, bool(cfg.inference.use_ema), device)
+        out = Path(cfg.inference.output_folder)
+        if rank == 0:
+            if blank:
+                print(f"skipped {blank} blank line(s) in {cfg.inference.data_path}")
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / SAVED_CONFIG)
+        if world > 1:
+            dist.barrier()
+        start = time.perf_counter()
+        counts = generate(cfg, pipeline, shard(jobs, rank, world), rank)
+        written, skipped, frames, busy = _sum_over_ranks(counts, device)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            compact_manifest(out / MANIFEST)
+            wall = time.perf_counter() - start
+            fps = frames / busy if busy else 0.0
+            print(f"done: {int(written)} video(s) written, {int(skipped)} skipped as existing, {len(jobs)} prompt(s) "
+                  f"on {world} process(es), {int(frames)} frames at {fps:.2f} fps per process, {wall:.1f} s -> {out}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

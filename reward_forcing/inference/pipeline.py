@@ -1,0 +1,86 @@
+"""Text to video frames: text encoder -> StreamingGenerator -> streaming decoder, one chunk at a time."""
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_into, load_wan_folder, read_wan_config
+from reward_forcing.errors import CheckpointError, ConfigError
+from reward_forcing.inference.generator import StreamingGenerator, latent_size
+from reward_forcing.models.causal_wan import CausalWanModel
+from reward_forcing.video import to_uint8_frames
+
+WAN_VAE_FILE = "Wan2.1_VAE.pth"  # the file name inside a Wan2.1 model folder
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"inference.device={name} but CUDA is not available")
+    return device
+
+
+def compute_dtype(cfg, device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision else torch.float32
+
+
+def load_student(cfg, checkpoint_path=None, use_ema=False) -> CausalWanModel:
+    """The causal student: architecture from the base folder's config.json, weights from `checkpoint_path`
+    (flat, `generator` or `generator_ema`), or the base folder's own weights when none is given."""
+    folder = asset_path(cfg, cfg.model_name)
+    model = CausalWanModel.from_config(read_wan_config(folder), num_frame_per_block=int(cfg.num_frame_per_block),
+                                       local_attn_size=int(cfg.local_attn_size))
+    if checkpoint_path is None:
+        state_dict, source = load_wan_folder(folder)[1], str(folder)
+    else:
+        state_dict, source = load_generator_state_dict(checkpoint_path, use_ema=use_ema), str(checkpoint_path)
+    return load_into(model, state_dict, source).eval().requires_grad_(False)
+
+
+def load_decoder(cfg, device, dtype):
+    if cfg.decoder == "vae":
+        from reward_forcing.models.vae import WanVAE
+        return WanVAE.from_file(asset_path(cfg, Path(cfg.model_name) / WAN_VAE_FILE), cfg.vae, device=device, dtype=dtype)
+    if cfg.decoder == "taehv":
+        from reward_forcing.models.taehv import TAEHV
+        return TAEHV.from_file(asset_path(cfg, cfg.taehv_path), device=device, dtype=dtype)
+    raise ConfigError(f"decoder must be 'vae' or 'taehv', got '{cfg.decoder}'")
+
+
+def load_text_encoder(cfg, device, dtype):
+    from reward_forcing.models.text_encoder import TextEncoder
+    return TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder, device=device, dtype=dtype)
+
+
+class VideoPipeline:
+    def __init__(self, text_encoder, generator: StreamingGenerator, decoder, latent_hw, device, dtype):
+        self.text_encoder = text_encoder
+        self.generator = generator
+        self.decoder = decoder
+        self.latent_hw = tuple(latent_hw)
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @classmethod
+    def from_config(cls, cfg, checkpoint_path=None, use_ema=False, device="cpu") -> "VideoPipeline":
+        device = torch.device(device)
+        dtype = compute_dtype(cfg, device)
+        if checkpoint_path is not None and not Path(checkpoint_path).exists():
+            raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
+        model = load_student(cfg, checkpoint_path, use_ema).to(device=device, dtype=dtype)
+        latent_hw = latent_size(cfg, model.patch_size)
+        return cls(load_text_encoder(cfg, device, dtype), StreamingGenerator.from_config(model, cfg),
+                   load_decoder(cfg, device, dtype), latent_hw, device, dtype)
+
+    def encode(self, text: str) -> torch.Tensor:
+        return self.text_encoder.encode([text]).to(device=self.device, dtype=self.dtype)
+
+    def frames(self, context: torch.Tensor, num_frames: int, seed: int) -> Iterator[np.ndarray]:
+        """uint8 frames [n, H, W, 3] of one video, yielded as each latent chunk is generated and decoded."""
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        decoder = self.decoder.stream_decoder()
+        for chunk in self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype):
+            yield to_uint8_frames(decoder.decode_chunk(chunk)[0])

@@ -1,0 +1,200 @@
+"""Videos on disk: prompt files, file names VBench can find, the manifest, and an mp4 writer.
+
+VBench locates a prompt's videos by the exact name `{prompt}-{i}.mp4`, so names are the prompt
+itself whenever the file system allows it; only impossible names get an escaped, hashed variant.
+"""
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio
+import numpy as np
+import torch
+
+from reward_forcing.errors import UserError
+
+NAME_MAX_BYTES = 255  # POSIX NAME_MAX on ext4/xfs/btrfs/tmpfs
+HASH_CHARS = 10
+
+
+class PromptFileError(UserError):
+    """A prompt file that is missing, empty, undecodable, or does not line up with its extended file."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int  # position among the non-blank prompts of the file
+    text: str  # the short prompt: names the video
+    extended: str | None = None  # the text actually generated when an extended file is given
+
+    @property
+    def generation_text(self) -> str:
+        return self.text if self.extended is None else self.extended
+
+
+def _read_lines(path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PromptFileError(f"cannot read prompt file {path}: {err}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def read_prompts(data_path, extended_path=None) -> tuple[list[Prompt], int]:
+    """Prompts of `data_path` (blank lines skipped), paired line by line with `extended_path`.
+
+    Returns the prompts and the number of blank lines skipped.
+    """
+    short = _read_lines(data_path)
+    extended = _read_lines(extended_path) if extended_path is not None else None
+    if extended is not None:
+        if len(extended) != len(short):
+            raise PromptFileError(
+                f"extended prompt file {extended_path} has {len(extended)} lines but {data_path} has {len(short)}"
+            )
+        for number, (a, b) in enumerate(zip(short, extended), start=1):
+            if bool(a) != bool(b):
+                raise PromptFileError(
+                    f"extended prompt file {extended_path} does not line up with {data_path}: "
+                    f"line {number} is blank in only one of them"
+                )
+    prompts = []
+    for number, line in enumerate(short):
+        if line:
+            prompts.append(Prompt(len(prompts), line, extended[number] if extended is not None else None))
+    if not prompts:
+        raise PromptFileError(f"prompt file {data_path} contains no prompts")
+    return prompts, len(short) - len(prompts)
+
+
+def _fits(stem: str, suffix: str) -> bool:
+    return len((stem + suffix).encode("utf-8")) <= NAME_MAX_BYTES
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%25").replace("/", "%2F").replace("\0", "%00")
+
+
+def _cap_utf8(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def video_stem(prompt: str, max_sample_index: int = 0) -> str:
+    """The file-name stem for `prompt`: the prompt itself when `{prompt}-{i}.mp4` is a valid name.
+
+    Otherwise `/`, NUL and `%` are percent-escaped, the result is cut to fit 255 bytes, and `~` plus a
+    hash of the full prompt is appended, so two long prompts sharing a prefix never share a name.
+    """
+    suffix = f"-{max_sample_index}.mp4"
+    if "/" not in prompt and "\0" not in prompt and _fits(prompt, suffix):
+        return prompt
+    digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:HASH_CHARS]
+    tail = f"~{digest}"
+    room = NAME_MAX_BYTES - len((tail + suffix).encode("utf-8"))
+    return _cap_utf8(_escape(prompt), room) + tail
+
+
+def video_name(stem: str, sample_index: int) -> str:
+    return f"{stem}-{sample_index}.mp4"
+
+
+def unique_by_stem(prompts: list[Prompt], stem_of) -> list[Prompt]:
+    """Drop prompts whose video stem repeats an earlier one (VBench's list has two), with a warning."""
+    seen = {}
+    kept = []
+    for prompt in prompts:
+        stem = stem_of(prompt)
+        if stem in seen:
+            warnings.warn(
+                f"prompt {prompt.index} repeats prompt {seen[stem]} ({prompt.text[:60]!r}); generated once",
+                stacklevel=2,
+            )
+            continue
+        seen[stem] = prompt.index
+        kept.append(prompt)
+    return kept
+
+
+def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
+    """[3, n, H, W] pixels in [-1, 1] -> [n, H, W, 3] uint8 (rounded, not truncated)."""
+    frames = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+class Mp4Writer:
+    """H.264 mp4 written frame by frame to a hidden temporary name, renamed into place on success.
+
+    Used as a context manager: an exception inside the block deletes the temporary file, so an
+    interrupted video never leaves a partial file under its final name.
+    """
+
+    def __init__(self, path, fps: int):
+        self.path = Path(path)
+        digest = hashlib.sha256(self.path.name.encode("utf-8")).hexdigest()[:16]
+        self.tmp_path = self.path.with_name(f".partial-{digest}-{os.getpid()}.mp4")
+        self.fps = fps
+        self.frames = 0
+        self._writer = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # macro_block_size=1: without it imageio silently resizes frames not divisible by 16.
+        self._writer = imageio.get_writer(
+            self.tmp_path, fps=self.fps, codec="libx264", macro_block_size=1, ffmpeg_log_level="error"
+        )
+        return self
+
+    def append(self, frames: np.ndarray) -> None:
+        """frames: [n, H, W, 3] uint8."""
+        for frame in frames:
+            self._writer.append_data(frame)
+        self.frames += len(frames)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._writer.close()
+        finally:
+            if exc_type is None and self.frames > 0:
+                os.replace(self.tmp_path, self.path)
+            else:
+                self.tmp_path.unlink(missing_ok=True)
+        return False
+
+
+def append_manifest(path, record: dict) -> None:
+    """One JSON line, written with a single O_APPEND write so concurrent ranks do not interleave."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def compact_manifest(path, order_key=lambda record: (record["prompt_index"], record["sample"])) -> None:
+    """Keep the last record per file (re-runs with --overwrite append again), sorted, rewritten atomically."""
+    latest = {record["file"]: record for record in read_manifest(path)}
+    if not latest:
+        return
+    tmp = Path(path).with_suffix(".jsonl.tmp")
+    tmp.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sorted(latest.values(), key=order_key)),
+        encoding="utf-8",
+    )
+    os.replace(tmp, path)

@@ -1,0 +1,93 @@
+"""inference.py argument handling: flags set config keys, and each bad input is one line, exit 2, no files."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reward_forcing.errors import run_cli
+from reward_forcing.inference.cli import load_run_config, main, plan_jobs
+from reward_forcing.inference.jobs import shard, video_seed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\na dog\na cat\n")
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    return tmp_path
+
+
+def test_flags_set_config_keys_and_defaults_come_from_the_config(files):
+    (files / "c.yaml").write_text("inference:\n  num_samples: 3\nseed: 7\n")
+    cfg = load_run_config(["--config_path", str(files / "c.yaml"), "--data_path", str(files / "prompts.txt"),
+                           "--output_folder", str(files / "out"), "--num_output_frames", "120", "--use_ema",
+                           "height=256", "width=384"])
+    run = cfg.inference
+    assert (run.num_output_frames, run.num_samples, run.use_ema, run.overwrite, cfg.seed) == (120, 3, True, False, 7)
+    assert (cfg.height, cfg.width) == (256, 384)
+    cfg = load_run_config(["--data_path", "p", "--output_folder", "o", "--seed", "5", "seed=9", "--overwrite"])
+    assert (cfg.seed, cfg.inference.overwrite, cfg.inference.num_output_frames) == (5, True, 21)  # flag wins
+
+
+def test_repeated_prompts_are_planned_once(files):
+    cfg = load_run_config(["--data_path", str(files / "prompts.txt"), "--output_folder", str(files / "out")])
+    with pytest.warns(UserWarning, match="repeats"):
+        jobs, blank = plan_jobs(cfg)
+    assert [(j.prompt.index, j.stem) for j in jobs] == [(0, "a cat"), (1, "a dog")] and blank == 1
+    cfg = load_run_config(["--data_path", str(files / "prompts.txt"), "--output_folder", "o", "--save_with_index"])
+    assert [j.stem for j in plan_jobs(cfg)[0]] == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
+def test_sharding_covers_every_prompt_once(world):
+    items = list(range(7))
+    parts = [shard(items, rank, world) for rank in range(world)]
+    assert sorted(i for part in parts for i in part) == items
+
+
+def test_seeds_depend_only_on_base_prompt_and_sample():
+    seeds = {video_seed(0, p, s) for p in range(50) for s in range(5)}
+    assert len(seeds) == 250 and all(0 <= s < 2**63 for s in seeds)
+    assert video_seed(0, 3, 1) == video_seed(0, 3, 1) != video_seed(1, 3, 1)
+    # base + index schemes collide ((0, 1) vs (1, 0)); this one must not
+    assert video_seed(0, 1, 0) != video_seed(1, 0, 0) != video_seed(0, 0, 1)
+
+
+BAD_INPUTS = [
+    (["--data_path", "{d}/empty.txt"], "contains no prompts"),
+    (["--data_path", "{d}/prompts.txt", "--extended_prompt_path", "{d}/short_ext.txt"], "has 1 lines but"),
+    (["--data_path", "{d}/prompts.txt", "--checkpoint_path", "{d}/missing.pt"], "checkpoint not found"),
+    (["--data_path", "{d}/prompts.txt", "--config_path", "{d}/broken.yaml"], "cannot read config"),
+    (["--data_path", "{d}/prompts.txt", "--config_path", "{d}/nowhere.yaml"], "config file not found"),
+    (["--data_path", "{d}/prompts.txt", "not_a_key=1"], "unknown config key 'not_a_key'"),
+    (["--data_path", "{d}/prompts.txt", "--num_output_frames", "20"], "multiple of the chunk size"),
+    (["--data_path", "{d}/prompts.txt", "--num_samples", "0"], "num_samples must be at least 1"),
+    (["--data_path", "{d}/prompts.txt", "--i2v"], "--i2v is not supported"),
+    (["--data_path", "{d}/nope.txt"], "prompt file not found"),
+    ([], "--data_path is required"),
+    (["--data_path", "{d}/prompts.txt", "--seed", "x"], "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS)
+def test_bad_input_is_one_line_and_writes_nothing(files, capsys, args, message):
+    (files / "empty.txt").write_text("\n\n")
+    (files / "short_ext.txt").write_text("an extended cat\n")
+    (files / "broken.yaml").write_text("height: [1, 2\n")
+    out = files / "out"
+    argv = [a.format(d=files) for a in args] + ["--output_folder", str(out)]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_the_script_exits_2_with_one_line(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    result = subprocess.run([sys.executable, str(REPO / "inference.py"), "--data_path", str(tmp_path / "empty.txt"),
+                             "--output_folder", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "contains no prompts" in result.stderr
+    assert not (tmp_path / "out").exists()
