@@ -6,6 +6,8 @@ matching entry of `ode_timesteps` (a K-entry list ending in 0), runs its block-c
 forward, and regresses its x0 prediction onto the clean (last) state on the frames whose label is
 not 0.
 """
+from pathlib import Path
+
 import torch
 
 from reward_forcing.errors import ConfigError
@@ -59,3 +61,125 @@ def ode_loss(model, schedule, ode_latent: torch.Tensor, context: torch.Tensor, t
     flow = model(noisy, timesteps, context)
     pred_x0 = schedule.flow_to_x0(flow, noisy, timesteps)
     return ode_regression_loss(pred_x0, ode_latent[:, -1], timesteps)
+
+
+# --- the training loop (`train.py` with `trainer: ode`) -----------------------------------------
+
+def build_student(cfg):
+    """Causal student from the base Wan folder, then `generator_ckpt` on top when given (strict)."""
+    from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_into, load_wan_folder
+    from reward_forcing.models.causal_wan import CausalWanModel
+
+    folder = asset_path(cfg, cfg.model_name)
+    config, state_dict = load_wan_folder(folder)
+    model = CausalWanModel.from_config(config, num_frame_per_block=cfg.num_frame_per_block,
+                                       local_attn_size=cfg.local_attn_size)
+    load_into(model, state_dict, str(folder))
+    if cfg.generator_ckpt:
+        path = asset_path(cfg, cfg.generator_ckpt)
+        load_into(model, load_generator_state_dict(path), str(path))
+    return model
+
+
+def check_pairs(dataset, model, timestep_list, frames_per_block: int) -> None:
+    """Refuse pairs that cannot train this student, before any step runs."""
+    states, channels, frames = dataset[0]["ode_latent"].shape[:3]
+    if channels != model.in_dim:
+        raise ConfigError(f"ODE pairs have {channels} latent channels but the student takes {model.in_dim}")
+    if len(timestep_list) != states:
+        raise ConfigError(f"ode_timesteps has {len(timestep_list)} entries but the ODE pairs hold {states} states")
+    if list(timestep_list)[-1] != 0:
+        raise ConfigError(f"ode_timesteps must end with 0 (the clean state), got {list(timestep_list)}")
+    if frames % frames_per_block:
+        raise ConfigError(f"ODE pairs have {frames} latent frames, not a multiple of "
+                          f"num_frame_per_block={frames_per_block}")
+
+
+class PairBatches:
+    """Batch `micro` of optimiser step `step` on this rank: a keyed reshuffle of the pairs every epoch,
+    so a resumed or re-sharded run reads exactly what an uninterrupted one would."""
+
+    def __init__(self, dataset, seed: int, batch_size: int, grad_accum: int, rank: int, world_size: int):
+        from reward_forcing.training.data import PromptStream
+
+        self.dataset = dataset
+        self.order = PromptStream(list(range(len(dataset))), seed, "ode_pairs")
+        self.batch_size, self.grad_accum, self.rank, self.world_size = batch_size, grad_accum, rank, world_size
+
+    def __call__(self, step: int, micro: int) -> tuple[list[str], torch.Tensor]:
+        first = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
+        items = [self.dataset[self.order[first + b]] for b in range(self.batch_size)]
+        return [item["prompts"] for item in items], torch.stack([item["ode_latent"] for item in items])
+
+
+def run(cfg, logdir, args) -> None:
+    """ODE-regression training; checkpoints resume, and `<logdir>/ode_init.pt` holds {"generator": ...}."""
+    import torch.distributed as dist
+
+    from reward_forcing.checkpoints import asset_path
+    from reward_forcing.models.text_encoder import TextEncoder
+    from reward_forcing.sampling import FlowMatchSchedule
+    from reward_forcing.training.metrics import MetricsLogger
+    from reward_forcing.training.ode_data import OdePairDataset
+    from reward_forcing.training.parallel import (
+        compute_dtype, init_distributed, resolve_seed, shard_model, shutdown)
+    from reward_forcing.training.rng import keyed_generator
+    from reward_forcing.training.schedule import Updater
+    from reward_forcing.training.state import (
+        ModelState, OptimizerState, export_weights, full_state_dict, load_checkpoint, read_meta, resume_folder,
+        save_checkpoint)
+
+    if cfg.data_path is None:
+        raise ConfigError("trainer 'ode' needs data_path=<ODE pairs> (see scripts/generate_ode_pairs.py)")
+    dataset = OdePairDataset(cfg.data_path)
+    info = init_distributed(cfg.fsdp_replicate)
+    try:
+        resumed = resume_folder(logdir, args.resume)
+        # a resumed run keeps its seed, so it reads the same pairs and draws the same state indices
+        seed = resolve_seed(cfg.seed) if resumed is None else int(read_meta(resumed)["seed"])
+        dtype = compute_dtype(cfg.mixed_precision, info.device)
+        model = build_student(cfg)
+        check_pairs(dataset, model, cfg.ode_timesteps, cfg.num_frame_per_block)
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        model = shard_model(model.train(), info, param_dtype=dtype)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.adam_betas),
+                                      weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        updater = Updater("generator", model, optimizer, cfg.grad_clip)
+        parts = {"generator": ModelState(model), "generator_optimizer": OptimizerState(model, optimizer)}
+        text_encoder = TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder,
+                                                   device=info.device, dtype=dtype)
+        schedule = FlowMatchSchedule(cfg.timestep_shift, sigma_lookup=cfg.sigma_lookup)
+        batches = PairBatches(dataset, seed, cfg.batch_size, cfg.grad_accum, info.rank, info.world_size)
+
+        start = 0 if resumed is None else load_checkpoint(resumed, parts)["step"]
+        logger = MetricsLogger(logdir, info.is_main, "disabled" if args.disable_wandb else cfg.wandb_mode, cfg,
+                               cfg.wandb_project, cfg.wandb_run_name, resume_step=start if resumed else None)
+
+        def micro_step(step, micro):
+            prompts, ode_latent = batches(step, micro)
+            context = text_encoder.encode(prompts).to(dtype)
+            generator = keyed_generator(seed, "ode_state_index", step, micro, info.rank)
+            loss = ode_loss(model, schedule, ode_latent.to(info.device), context, cfg.ode_timesteps,
+                            cfg.num_frame_per_block, generator)
+            (loss / cfg.grad_accum).backward()
+            return {"loss": loss.detach() / cfg.grad_accum}
+
+        def save(done):
+            save_checkpoint(logdir, done, parts, {"seed": seed}, keep=cfg.keep_checkpoints)
+            weights = full_state_dict(model)
+            if info.is_main:
+                export_weights(Path(logdir) / "ode_init", {"generator": weights})
+
+        for step in range(start, cfg.max_steps):
+            out = updater.accumulate(cfg.grad_accum, lambda micro: micro_step(step, micro))
+            loss = torch.tensor(out["loss"], dtype=torch.float64, device=info.device)
+            dist.all_reduce(loss)
+            grad_norm = updater.step(out["loss"])
+            logger.log(step + 1, {"loss": loss.item() / info.world_size, "grad_norm": grad_norm})
+            done = step + 1
+            if not args.no_save and (done % cfg.save_every == 0 or done == cfg.max_steps):
+                save(done)
+        logger.close()
+    finally:
+        shutdown()
+
