@@ -93,3 +93,97 @@ def write_taehv(path, latent_channels: int, encoder_width: int, decoder_widths, 
     else:
         torch.save(sd, path)
     return sd
+
+
+# ---- DiT folders and a whole checkpoint_dir (scripts/make_tiny_checkpoints.py) ----
+
+# The tiny preset's DiT config.json files (configs/tiny.yaml holds the T5, VAE, video and cache sizes).
+# Written like the released file: the 1.3B config.json plus `text_dim`, which the real file leaves at 4096.
+TINY_WAN_CONFIG = {
+    "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 64, "eps": 1e-06, "ffn_dim": 128,
+    "freq_dim": 32, "in_dim": 16, "model_type": "t2v", "num_heads": 4, "num_layers": 2, "out_dim": 16,
+    "text_dim": 32, "text_len": 32,
+}
+# The teacher differs in width and depth, as the 14B does, so that its architecture must come from its own file.
+TINY_TEACHER_CONFIG = {**TINY_WAN_CONFIG, "dim": 96, "ffn_dim": 192, "num_heads": 6, "num_layers": 3}
+TINY_TAEHV_WIDTHS = {"encoder_width": 8, "decoder_widths": (16, 8, 8, 8)}
+
+RELEASE_FOLDER = "Reward-Forcing-T2V-1.3B"
+RELEASE_FILE = "rewardforcing.pt"
+ODE_INIT_FILE = "ode_init.pt"
+QWEN_FOLDER = "Qwen2-VL-2B-Instruct"  # where download_checkpoints.sh puts the VideoReward base files
+
+
+def random_wan_state_dict(config: dict, seed: int = 0) -> dict:
+    """A WanModel built from `config` with every parameter perturbed (the head and gates included), so that
+    outputs are neither zero nor identical across keys; scales stay O(1) so rollouts and decodes stay finite."""
+    from reward_forcing.models.wan import WanModel
+
+    torch.manual_seed(seed)
+    model = randomise_(WanModel.from_config(config), seed)
+    return {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
+
+
+def write_wan_folder(folder, config: dict, state_dict: dict, num_shards: int = 1) -> Path:
+    """A Wan folder: `config.json` and one `diffusion_pytorch_model.safetensors`, or `num_shards` shards listed
+    in `diffusion_pytorch_model.safetensors.index.json` (the 14B layout)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from reward_forcing.checkpoints import WAN_CONFIG, WAN_INDEX, WAN_WEIGHTS
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / WAN_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if num_shards == 1:
+        save_file(state_dict, str(folder / WAN_WEIGHTS))
+        return folder
+    keys = list(state_dict)
+    per_shard = -(-len(keys) // num_shards)
+    stem = WAN_WEIGHTS.removesuffix(".safetensors")
+    weight_map = {}
+    for i in range(num_shards):
+        name = f"{stem}-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {key: state_dict[key] for key in keys[i * per_shard:(i + 1) * per_shard]}
+        save_file(part, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(value.numel() * value.element_size() for value in state_dict.values())
+    (folder / WAN_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return folder
+
+
+def write_tiny_checkpoint_dir(output_dir, cfg, seed: int = 0) -> dict:
+    """A complete fake `checkpoint_dir` in the released layout, sized by `cfg` (configs/tiny.yaml) and the
+    TINY_*_CONFIG dicts: base Wan folder (DiT, T5, tokenizer, VAE), sharded teacher folder, released student,
+    ODE init, VideoReward + its Qwen2-VL base files, TAEHV. Returns the main paths."""
+    import shutil
+
+    from reward_forcing.tiny_reward import write_tiny_videoreward
+
+    out = Path(output_dir)
+    base = write_wan_folder(out / cfg.model_name, TINY_WAN_CONFIG, random_wan_state_dict(TINY_WAN_CONFIG, seed))
+    write_tokenizer(base, cfg.text_encoder.vocab_size)
+    write_t5(base / "models_t5_umt5-xxl-enc-bf16.pth", cfg.text_encoder, seed)
+    write_vae(base / "Wan2.1_VAE.pth", cfg.vae, seed)
+    teacher = write_wan_folder(out / cfg.real_name, TINY_TEACHER_CONFIG,
+                               random_wan_state_dict(TINY_TEACHER_CONFIG, seed + 1), num_shards=3)
+
+    release = out / RELEASE_FOLDER / RELEASE_FILE
+    release.parent.mkdir(parents=True, exist_ok=True)
+    student = random_wan_state_dict(TINY_WAN_CONFIG, seed + 2)
+    torch.save({f"model.{key}": value for key, value in student.items()}, release)
+    ode_init = out / ODE_INIT_FILE
+    ode = random_wan_state_dict(TINY_WAN_CONFIG, seed + 3)
+    torch.save({"generator": {f"model.{key}": value for key, value in ode.items()}}, ode_init)
+
+    reward = write_tiny_videoreward(out, seed=seed)
+    qwen_dir = out / QWEN_FOLDER
+    if qwen_dir.exists():
+        shutil.rmtree(qwen_dir)
+    reward["qwen_dir"].rename(qwen_dir)
+
+    taehv = out / cfg.taehv_path
+    write_taehv(taehv, TINY_WAN_CONFIG["in_dim"], seed=seed, **TINY_TAEHV_WIDTHS)
+    return {"base": base, "teacher": teacher, "release": release, "ode_init": ode_init,
+            "videoreward": reward["root"], "qwen_dir": qwen_dir, "taehv": taehv}

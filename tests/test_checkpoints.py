@@ -1,5 +1,10 @@
-"""Every checkpoint layout loads into the student with identical weights; every broken one is one CheckpointError."""
+"""Every checkpoint layout loads into the student with identical weights; every broken one is one CheckpointError;
+the tiny fake checkpoint_dir loads end to end."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,41 +16,35 @@ from reward_forcing.checkpoints import (
     load_generator_state_dict,
     load_into,
     load_wan_folder,
+    read_wan_config,
     strip_prefixes,
 )
+from reward_forcing.config import load_config
 from reward_forcing.errors import CheckpointError
-
-
-class WanLike(torch.nn.Module):
-    """Original Wan key names and shapes in miniature (patch embedding, one block, head)."""
-
-    def __init__(self, dim=8):
-        super().__init__()
-        self.patch_embedding = torch.nn.Conv3d(4, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-        block = torch.nn.Module()
-        block.self_attn = torch.nn.Module()
-        block.self_attn.q = torch.nn.Linear(dim, dim)
-        block.modulation = torch.nn.Parameter(torch.randn(1, 6, dim))
-        self.blocks = torch.nn.ModuleList([block])
-        self.head = torch.nn.Module()
-        self.head.head = torch.nn.Linear(dim, 16)
-
-    def forward(self, x):
-        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)
-        block = self.blocks[0]
-        tokens = tokens + block.self_attn.q(tokens) * block.modulation[:, 0]
-        return self.head.head(tokens)
+from reward_forcing.models.causal_wan import CausalWanModel
+from reward_forcing.models.wan import WanModel
+from reward_forcing.tiny_assets import TINY_WAN_CONFIG, randomise_
+from reward_forcing.tiny_assets import write_wan_folder as write_tiny_wan_folder
 
 
 def new_model(seed):
+    """The causal student at the tiny sizes, every parameter perturbed by `seed`."""
     torch.manual_seed(seed)
-    return WanLike().eval()
+    model = CausalWanModel.from_config(TINY_WAN_CONFIG, num_frame_per_block=3)
+    return randomise_(model, seed).eval()
+
+
+def forward(model, inputs):
+    with torch.no_grad():
+        return model(*inputs)
 
 
 @pytest.fixture
 def source():
     """A model with its own random weights, and an input on which to compare outputs."""
-    return new_model(1), torch.randn(1, 4, 2, 4, 4)
+    x = torch.randn(1, TINY_WAN_CONFIG["in_dim"], 3, 4, 4)
+    context = torch.randn(1, 5, TINY_WAN_CONFIG["text_dim"])
+    return new_model(1), (x, torch.tensor([700.0]), context)
 
 
 def prefixed(state_dict, prefix):
@@ -75,8 +74,7 @@ def assert_loads_identically(path, source_model, x, use_ema=False):
     load_into(student, load_generator_state_dict(path, use_ema=use_ema), str(path))
     for key, value in source_model.state_dict().items():
         assert torch.equal(student.state_dict()[key], value), key
-    with torch.no_grad():
-        assert torch.equal(student(x), source_model(x))
+    assert torch.equal(forward(student, x), forward(source_model, x))
 
 
 def test_flat_file_with_and_without_use_ema(tmp_path, source):
@@ -139,23 +137,9 @@ def test_strip_prefixes_table():
 
 
 def write_wan_folder(folder, model, shards):
-    folder.mkdir()
-    config = {"_class_name": "WanModel", "dim": 8, "num_layers": 1}
-    (folder / "config.json").write_text(json.dumps(config))
     state_dict = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
-    if shards == 1:
-        save_file(state_dict, str(folder / "diffusion_pytorch_model.safetensors"))
-        return config
-    keys = sorted(state_dict)
-    weight_map = {}
-    for i in range(shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {key: state_dict[key] for key in keys[i::shards]}
-        save_file(part, str(folder / name))
-        weight_map.update({key: name for key in part})
-    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    return config
+    write_tiny_wan_folder(folder, TINY_WAN_CONFIG, state_dict, num_shards=shards)
+    return TINY_WAN_CONFIG
 
 
 @pytest.mark.parametrize("shards", [1, 3])
@@ -190,9 +174,9 @@ def test_missing_key_is_named(tmp_path, source):
 def test_wrong_shape_is_named_with_both_shapes(source):
     model, _ = source
     state_dict = dict(model.state_dict())
-    state_dict["head.head.weight"] = torch.zeros(16, 9)
+    state_dict["head.head.weight"] = torch.zeros(64, 9)
     message = assert_one_line_error("1 wrong shape", load_into, new_model(2), state_dict, "ckpt.pt")
-    assert "head.head.weight [16, 9] vs model [16, 8]" in message
+    assert "head.head.weight [64, 9] vs model [64, 64]" in message
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -259,3 +243,120 @@ def test_asset_path_resolves_under_checkpoint_dir(tmp_path):
     (tmp_path / "Videoreward").mkdir()
     assert asset_path(cfg, "VideoReward") == tmp_path / "Videoreward"
     assert_one_line_error("empty asset path", asset_path, cfg, None)
+
+
+# ---- scripts/make_tiny_checkpoints.py: a complete fake checkpoint_dir that the project loaders read ----
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_FILES = [
+    "Wan2.1-T2V-1.3B/config.json",
+    "Wan2.1-T2V-1.3B/diffusion_pytorch_model.safetensors",
+    "Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth",
+    "Wan2.1-T2V-1.3B/Wan2.1_VAE.pth",
+    "Wan2.1-T2V-1.3B/google/umt5-xxl/tokenizer_config.json",
+    "Wan2.1-T2V-14B/config.json",
+    "Wan2.1-T2V-14B/diffusion_pytorch_model.safetensors.index.json",
+    "Wan2.1-T2V-14B/diffusion_pytorch_model-00001-of-00003.safetensors",
+    "Reward-Forcing-T2V-1.3B/rewardforcing.pt",
+    "ode_init.pt",
+    "VideoReward/model_config.json",
+    "Qwen2-VL-2B-Instruct/config.json",
+    "taew2_1.pth",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "checkpoints"
+    result = subprocess.run([sys.executable, str(REPO / "scripts/make_tiny_checkpoints.py"), "--output_dir", str(out),
+                             "--seed", "3"], capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    return load_config(REPO / "configs/tiny.yaml", [f"checkpoint_dir={out}"])
+
+
+def test_tiny_yaml_has_the_tiny_sizes():
+    cfg = load_config(REPO / "configs/tiny.yaml")
+    te, vae = cfg.text_encoder, cfg.vae
+    assert (te.vocab_size, te.d_model, te.d_kv, te.num_heads, te.d_ff, te.num_layers) == (256, 32, 8, 4, 64, 2)
+    assert (te.relative_attention_num_buckets, te.relative_attention_max_distance, te.text_len) == (32, 128, 32)
+    assert (vae.base_dim, vae.z_dim, list(vae.dim_mult), vae.num_res_blocks) == (8, 16, [1, 2, 4, 4], 2)
+    assert list(vae.temperal_downsample) == [False, True, True]
+    assert (cfg.height, cfg.width, cfg.num_frame_per_block, cfg.local_attn_size, cfg.sink_size) == (64, 96, 3, 9, 3)
+    assert cfg.compression_alpha == 0.999 and cfg.checkpoint_dir == "checkpoints/tiny"
+
+
+def test_tiny_dir_is_complete_with_the_tiny_dit_config(tiny):
+    root = Path(tiny.checkpoint_dir)
+    assert [name for name in TINY_FILES if not (root / name).is_file()] == []
+    config = json.loads((root / "Wan2.1-T2V-1.3B/config.json").read_text())
+    sizes = {"dim": 64, "ffn_dim": 128, "num_heads": 4, "num_layers": 2, "freq_dim": 32, "text_dim": 32,
+             "text_len": 32, "in_dim": 16, "out_dim": 16}
+    assert {key: config[key] for key in sizes} == sizes
+    student = CausalWanModel.from_config(read_wan_config(root / "Wan2.1-T2V-1.3B"), num_frame_per_block=3)
+    assert student.patch_size == (1, 2, 2)
+
+
+def assert_non_degenerate(state_dict):
+    constant = [key for key, value in state_dict.items() if value.numel() > 1 and value.float().std() == 0]
+    assert constant == [] and all(torch.isfinite(v.float()).all() for v in state_dict.values())
+
+
+def test_tiny_dits_load_and_run(tiny):
+    base = asset_path(tiny, tiny.model_name)
+    config = read_wan_config(base)
+    x = torch.randn(1, config["in_dim"], 3, tiny.height // 8, tiny.width // 8)
+    context = torch.randn(1, config["text_len"], config["text_dim"])
+    t = torch.tensor([500.0])
+    outputs = []
+    # The release README passes --use_ema with the flat rewardforcing.pt.
+    sources = [(base, False), (asset_path(tiny, "Reward-Forcing-T2V-1.3B/rewardforcing.pt"), True),
+               (asset_path(tiny, "ode_init.pt"), False)]
+    for source, use_ema in sources:
+        state_dict = load_generator_state_dict(source, use_ema=use_ema)
+        assert_non_degenerate(state_dict)
+        model = load_into(CausalWanModel.from_config(config, num_frame_per_block=3), state_dict, str(source))
+        flow = forward(model.eval(), (x, t, context))
+        assert torch.isfinite(flow).all() and 0.1 < flow.std() < 10
+        outputs.append(flow)
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+
+    teacher_dir = asset_path(tiny, tiny.real_name)
+    teacher_config, teacher_sd = load_wan_folder(teacher_dir)
+    assert teacher_config["dim"] != config["dim"] and teacher_config["num_layers"] != config["num_layers"]
+    teacher = load_into(WanModel.from_config(teacher_config), teacher_sd, str(teacher_dir))
+    assert_non_degenerate(teacher_sd)
+    assert torch.isfinite(forward(teacher.eval(), (x, t, context))).all()
+
+
+def test_tiny_text_encoder_vae_taehv_and_reward_load(tiny):
+    from reward_forcing.models.taehv import TAEHV
+    from reward_forcing.models.text_encoder import TextEncoder
+    from reward_forcing.models.vae import WanVAE
+    from reward_forcing.rewards.videoalign import VideoReward
+
+    base = asset_path(tiny, tiny.model_name)
+    context = TextEncoder.from_wan_folder(base, tiny.text_encoder).encode(["a cat walks across the grass"])
+    assert context.shape == (1, tiny.text_encoder.text_len, tiny.text_encoder.d_model)
+    assert torch.isfinite(context).all() and context[0, 0].abs().sum() > 0
+
+    latents = torch.randn(1, tiny.vae.z_dim, 2, tiny.height // 8, tiny.width // 8)
+    with torch.no_grad():
+        pixels = WanVAE.from_file(base / "Wan2.1_VAE.pth", tiny.vae).decode(latents)
+        preview = TAEHV.from_file(asset_path(tiny, tiny.taehv_path)).decode(latents)
+    assert pixels.shape == preview.shape == (1, 3, 5, tiny.height, tiny.width)
+    assert torch.isfinite(pixels).all() and pixels.std() > 0.01
+
+    reward = VideoReward.from_checkpoint(asset_path(tiny, "VideoReward"), asset_path(tiny, "Qwen2-VL-2B-Instruct"),
+                                         verify_template=False)
+    with torch.no_grad():
+        scores = reward.score(pixels, ["a cat walks across the grass"])
+    assert all(torch.isfinite(scores[key]).all() for key in ("VQ", "MQ", "TA", "Overall"))
+
+
+def test_make_tiny_checkpoints_refuses_a_file_as_output_dir(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("")
+    result = subprocess.run([sys.executable, str(REPO / "scripts/make_tiny_checkpoints.py"), "--output_dir",
+                             str(target)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --output_dir {target} exists and is not a folder"

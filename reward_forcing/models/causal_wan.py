@@ -36,11 +36,13 @@ def attention_plan(frames: int, frame_tokens: int, block: int, window: int, teac
     a union of contiguous key ranges: attending range by range is exact, needs no N x N mask, and keeps the
     fused (flash) kernels usable. Teacher forcing: tokens [0, N) are the clean copy, [N, 2N) the noisy one; a
     noisy chunk sees the clean frames before it (inside the window) and itself."""
+    def span(first_frame, end_frame, base=0):
+        return base + first_frame * frame_tokens, base + end_frame * frame_tokens
+
     plan = []
     for first in range(0, frames, block):
         end = min(first + block, frames)
         start = 0 if window < 0 else max(0, first + block - window)
-        span = lambda a, b, base=0: (base + a * frame_tokens, base + b * frame_tokens)  # noqa: E731
         plan.append((span(first, end), (span(start, end),)))
         if teacher:
             noisy = frames * frame_tokens
@@ -104,7 +106,7 @@ class CausalWanModel(WanModel):
             attend = partial(self._masked_attend, grid=grid, plan=plan)
             for i in range(len(self.blocks)):
                 tokens = self.run_block(i, tokens, e0, ctx, attend)
-        else:
+        else:  # no activation checkpointing here: recomputation would re-run the cache's side effects
             for i, block in enumerate(self.blocks):
                 attend = partial(self._cached_attend, layer=cache.layers[i], grid=grid, start_frame=start_frame)
                 tokens = block(tokens, e0, ctx, attend, self._cross_kv(cache, i, ctx))
