@@ -269,13 +269,16 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint-<step> to load (default: highest)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--all_frames", action="store_true", help="score every frame instead of sampling at 2 fps")
+    parser.add_argument("--unverified_template", action="store_true",
+                        help="accept a prompt_template.py that is not VideoAlign's (custom rubrics, tiny checkpoints)")
     parser.add_argument("video", help="an mp4 file")
     parser.add_argument("prompt", help="the text prompt of the video")
     args = parser.parse_args(argv)
     if not Path(args.video).is_file():
         raise VideoInputError(f"video not found: {args.video}")
     video, fps = read_video(args.video)
-    model = VideoReward.from_checkpoint(args.checkpoint_dir, args.qwen_dir, step=args.step, device=args.device)
+    model = VideoReward.from_checkpoint(args.checkpoint_dir, args.qwen_dir, step=args.step, device=args.device,
+                                       verify_template=not args.unverified_template)
     scores = model.score(video, [args.prompt], input_range="[0,255]", fps=fps,
                          sample="all" if args.all_frames else "fps")
     for name in (*DIMENSIONS, "Overall"):

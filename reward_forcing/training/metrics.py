@@ -1,0 +1,68 @@
+"""Per-optimiser-step metrics: `<logdir>/metrics.jsonl` and wandb (online / offline / disabled), rank 0 only."""
+import json
+import math
+from pathlib import Path
+
+_WANDB_MODES = ("online", "offline", "disabled")
+
+
+class MetricsLogger:
+    def __init__(self, logdir, is_main: bool, wandb_mode: str = "disabled", config=None,
+                 project: str = "reward-forcing", run_name=None, resume_step=None):
+        """resume_step: the step of the checkpoint the run resumes from; rows after it (written by the
+        interrupted run past its last checkpoint) are dropped so the file reads as one uninterrupted run."""
+        from reward_forcing.errors import ConfigError
+
+        if wandb_mode not in _WANDB_MODES:
+            raise ConfigError(f"wandb_mode must be one of {', '.join(_WANDB_MODES)}; got '{wandb_mode}'")
+        self.is_main = is_main
+        self.path = Path(logdir) / "metrics.jsonl"
+        self.wandb = None
+        if not is_main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate(resume_step)
+        if wandb_mode != "disabled":
+            self.wandb = _init_wandb(Path(logdir), wandb_mode, config, project, run_name)
+
+    def _truncate(self, resume_step) -> None:
+        if not self.path.exists():
+            return
+        keep = []
+        if resume_step is not None:
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if row.get("step", math.inf) <= resume_step:
+                    keep.append(line)
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, step: int, row: dict) -> None:
+        if not self.is_main:
+            return
+        clean = {"step": int(step)}
+        for key, value in row.items():
+            clean[key] = float(value) if not isinstance(value, (str, bool, int)) else value
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(clean, step=int(step))
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _init_wandb(logdir: Path, mode: str, config, project: str, run_name):
+    import wandb
+    from omegaconf import OmegaConf
+
+    id_file = logdir / "wandb_id.txt"  # the same run id on resume, so curves continue
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    config_dict = OmegaConf.to_container(config, resolve=True) if config is not None else None
+    return wandb.init(project=project, name=run_name, id=run_id, resume="allow", mode=mode,
+                      dir=str(logdir), config=config_dict)

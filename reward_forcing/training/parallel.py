@@ -1,0 +1,113 @@
+"""Process group, device mesh and FSDP2 sharding, applied to plain models from outside.
+
+Works under `torchrun` (one node or several) and as one plain process (a world of one, so the code
+path is the same). gloo on CPU, nccl on CUDA. Nothing here touches CUDA at import.
+"""
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from reward_forcing.errors import ConfigError
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh, 1-D (FSDP) or 2-D ("replicate", "shard") for HSDP
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(fsdp_replicate: int = 1) -> DistInfo:
+    """Initialise torch.distributed (from torchrun's environment, or a world of one) and the device mesh."""
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if not dist.is_initialized():
+        if launched:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mesh = build_mesh(device.type, world_size, fsdp_replicate, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    return DistInfo(rank, world_size, local_rank, device, mesh)
+
+
+def build_mesh(device_type: str, world_size: int, replicate: int, local_world_size: int):
+    """1-D mesh for FSDP, or a 2-D (replicate, shard) mesh for HSDP; replicate 0 = one replica per node."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if replicate == 0:
+        replicate = max(1, world_size // max(1, local_world_size))
+    if replicate < 1 or world_size % replicate:
+        raise ConfigError(f"fsdp_replicate={replicate} must be >= 1 and divide the world size {world_size}")
+    if replicate == 1:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def shutdown() -> None:
+    # Every rank must reach the barrier before the group is destroyed, or gloo ranks abort at teardown.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def compute_dtype(mixed_precision: bool, device: torch.device) -> torch.dtype:
+    """bf16 compute on CUDA when asked; CPU always runs fp32."""
+    return torch.bfloat16 if mixed_precision and device.type == "cuda" else torch.float32
+
+
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's list of repeated blocks: the ModuleList holding the most parameters."""
+    best, best_count = None, -1
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            count = sum(p.numel() for p in module.parameters())
+            if count > best_count:
+                best, best_count = module, count
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of blocks to shard")
+    return best
+
+
+def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype = torch.float32,
+                reshard_after_forward: bool = True) -> torch.nn.Module:
+    """fully_shard each transformer block, then the root; fp32 master weights, `param_dtype` compute,
+    fp32 gradient reduction. The model is moved to the rank's device first."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model.to(info.device)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=info.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=info.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def broadcast_object(obj, src: int = 0):
+    """The value of `obj` on rank `src`, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def resolve_seed(seed: int) -> int:
+    """seed 0 means: rank 0 draws one in [0, 1e7) and everyone uses it (SPEC §9.1)."""
+    if seed == 0:
+        seed = random.SystemRandom().randrange(1, 10_000_000)
+    return int(broadcast_object(seed))

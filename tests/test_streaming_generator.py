@@ -1,0 +1,110 @@
+"""StreamingGenerator against an independent oracle: the model's cache-free teacher-forcing forward."""
+import pytest
+import torch
+
+from reward_forcing.config import load_config
+from reward_forcing.errors import ConfigError
+from reward_forcing.inference.generator import StreamingGenerator, latent_size, pixel_frames
+from reward_forcing.models.causal_wan import CausalWanModel
+from reward_forcing.sampling import FlowMatchSchedule
+from reward_forcing.tiny_assets import randomise_
+
+TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=16, text_len=8, freq_dim=16)
+CHUNK, HW = 3, (4, 6)
+# sigma = 5u / (1 + 4u) for u = 1, 0.75, 0.5, 0.25 (SPEC §3), as timesteps
+SIGMAS = [1.0, 0.9375, 5 / 6, 0.625]
+
+
+def tiny_model(local_attn_size=-1):
+    torch.manual_seed(0)
+    model = randomise_(CausalWanModel(**TINY, num_frame_per_block=CHUNK, local_attn_size=local_attn_size))
+    return model.eval().requires_grad_(False)
+
+
+def tiny_generator(model, **cache):
+    return StreamingGenerator(model, FlowMatchSchedule(5.0), [1000 * s for s in SIGMAS], CHUNK, **cache)
+
+
+def count_forwards(model):
+    calls = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("start_frame")), with_kwargs=True)
+    return calls
+
+
+def reference_video(model, context, frames, seed):
+    """The sampler written out with teacher forcing: noisy chunk c attends to itself and the clean chunks < c."""
+    rng = torch.Generator().manual_seed(seed)
+    shape = (1, TINY["in_dim"], CHUNK, *HW)
+    clean = torch.zeros(1, TINY["in_dim"], frames, *HW)
+    for c in range(frames // CHUNK):
+        x = torch.randn(shape, generator=rng)
+        for i, sigma in enumerate(SIGMAS):
+            noisy = torch.zeros_like(clean)
+            noisy[:, :, CHUNK * c:CHUNK * (c + 1)] = x
+            t = torch.full((1, frames), 1000 * sigma)
+            flow = model(noisy, t, context, clean_x=clean)[:, :, CHUNK * c:CHUNK * (c + 1)]
+            x0 = x - sigma * flow
+            if i + 1 < len(SIGMAS):
+                x = (1 - SIGMAS[i + 1]) * x0 + SIGMAS[i + 1] * torch.randn(shape, generator=rng)
+        clean[:, :, CHUNK * c:CHUNK * (c + 1)] = x0
+    return clean
+
+
+def test_stream_equals_teacher_forcing_reference():
+    model = tiny_model()
+    context = torch.randn(1, 5, TINY["text_dim"])
+    generator = tiny_generator(model)
+    chunks = list(generator.stream(context, 9, HW, generator=torch.Generator().manual_seed(3)))
+    assert [tuple(c.shape) for c in chunks] == [(1, 4, 3, 4, 6)] * 3
+    expected = reference_video(model, context, 9, seed=3)
+    torch.testing.assert_close(torch.cat(chunks, dim=2), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_five_forwards_per_chunk_with_the_warped_timesteps():
+    model = tiny_model(local_attn_size=9)
+    seen_t = []
+    model.register_forward_pre_hook(lambda m, args: seen_t.append(args[1][0, 0].item()))
+    starts = count_forwards(model)
+    generator = tiny_generator(model, window_frames=9, sink_frames=3, sink_mode="ema")
+    assert generator.forwards_per_chunk == 5
+    n = sum(1 for _ in generator.stream(torch.randn(1, 5, 16), 15, HW))
+    assert n == 5 and len(starts) == 25
+    assert starts == [3 * c for c in range(5) for _ in range(5)]
+    assert seen_t[:5] == pytest.approx([1000, 937.5, 833.333333, 625, 0])
+
+
+def test_given_noise_is_used_chunk_by_chunk():
+    model = tiny_model()
+    context = torch.randn(1, 5, 16)
+    noise = torch.randn(1, 4, 6, *HW)
+    gen = tiny_generator(model)
+    a = torch.cat(list(gen.stream(context, 6, HW, generator=torch.Generator().manual_seed(1), noise=noise)), 2)
+    b = torch.cat(list(gen.stream(context, 6, HW, generator=torch.Generator().manual_seed(1), noise=noise)), 2)
+    c = torch.cat(list(gen.stream(context, 6, HW, generator=torch.Generator().manual_seed(1),
+                                  noise=noise.flip(2))), 2)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_length_must_be_a_multiple_of_the_chunk():
+    model = tiny_model()
+    calls = count_forwards(model)
+    with pytest.raises(ConfigError, match="num_output_frames=10 .* multiple of the chunk size num_frame_per_block=3"):
+        next(tiny_generator(model).stream(torch.randn(1, 5, 16), 10, HW))
+    assert calls == []
+
+
+def test_sizes_follow_the_config():
+    cfg = load_config()
+    assert latent_size(cfg, (1, 2, 2)) == (60, 104)  # 480x832 / 8
+    assert [pixel_frames(cfg, t) for t in (1, 21, 120)] == [1, 81, 477]
+    with pytest.raises(ConfigError, match="multiples of 16x16"):
+        latent_size(load_config(overrides=["height=250"]), (1, 2, 2))
+    assert latent_size(load_config(overrides=["height=256", "width=384"]), (1, 2, 2)) == (32, 48)
+
+
+def test_from_config_reads_the_streaming_keys():
+    cfg = load_config(overrides=["sink_mode=static", "local_attn_size=-1", "sink_size=0", "sink_mode=none"])
+    gen = StreamingGenerator.from_config(tiny_model(), cfg)
+    assert (gen.window_frames, gen.sink_frames, gen.sink_mode, gen.chunk_frames) == (None, 0, "none", 3)
+    assert gen.timesteps == pytest.approx([1000 * s for s in SIGMAS])

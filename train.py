@@ -1,0 +1,46 @@
+"""Train the streaming student: `[torchrun ...] train.py --config_path CFG --logdir DIR [key=value ...]`.
+
+The config key `trainer` picks the loop: `distill` (DMD / Re-DMD, reward_forcing.training.distill) or
+`ode` (ODE-regression initialisation, reward_forcing.training.ode). Both are called as
+`run(config, logdir, args)` with args.disable_wandb, args.no_save and args.resume (None or a folder).
+Re-running with the same --logdir resumes from its latest complete checkpoint.
+"""
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from reward_forcing.config import load_config
+from reward_forcing.errors import ConfigError, run_cli
+
+TRAINERS = {"distill": "reward_forcing.training.distill", "ode": "reward_forcing.training.ode"}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config_path", required=True, help="YAML config (e.g. configs/reward_forcing.yaml)")
+    parser.add_argument("--logdir", required=True, help="run folder: checkpoints, metrics.jsonl, exported weights")
+    parser.add_argument("--disable-wandb", "--disable_wandb", dest="disable_wandb", action="store_true",
+                        help="no wandb logging (metrics.jsonl is still written)")
+    parser.add_argument("--no_save", "--no-save", dest="no_save", action="store_true",
+                        help="write no checkpoints or exported weights")
+    parser.add_argument("--resume", default=None,
+                        help="resume from this checkpoint folder (default: the latest complete one in --logdir)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = load_config(args.config_path, args.overrides)
+    if config.trainer not in TRAINERS:
+        raise ConfigError(f"trainer must be one of {', '.join(TRAINERS)}; got '{config.trainer}'")
+    if args.resume is not None and not Path(args.resume).is_dir():
+        raise ConfigError(f"--resume folder not found: {args.resume}")
+    trainer = importlib.import_module(TRAINERS[config.trainer])  # lazily: only the chosen trainer is imported
+    trainer.run(config, Path(args.logdir), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
