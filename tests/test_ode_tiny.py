@@ -16,7 +16,7 @@ from reward_forcing.training.ode_data import OdePairDataset, write_lmdb
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_ode.yaml"
 PROMPTS = ["a cat walks slowly across the green grass", "a red sports car drives at night in the rain",
-           "waves crash on a rocky beach at sunset", "a golden retriever puppy plays in the snow"]
+           "waves crash on a rocky beach at sunset"]
 
 
 def _load_script(name, path):
@@ -54,24 +54,24 @@ def pairs(tiny):
 def test_generated_pairs_have_the_documented_layout(pairs):
     cfg = load_config(CONFIG)
     manifest = json.loads((pairs / "manifest.json").read_text())
-    assert manifest["num_prompts"] == 4 and manifest["shard_size"] == 2
+    assert manifest["num_prompts"] == 3 and manifest["shard_size"] == 2  # shards of 2 and 1: none dropped
     assert manifest["keep_indices"] == [0, 12, 24, 36, 48]
     assert manifest["sigmas"] == pytest.approx([1.0, 0.96, 8 / 9, 8 / 11, 0.0])
     assert sorted(p.name for p in pairs.glob("shard_*")) == ["shard_000000.safetensors", "shard_000001.safetensors"]
     data = OdePairDataset(pairs)
-    assert [data[i]["prompts"] for i in range(4)] == PROMPTS
+    assert len(data) == 3 and [data[i]["prompts"] for i in range(3)] == PROMPTS
     # [K, C, F, H, W]: 5 states, in_dim 16, ode_num_frames, pixels / 8
     expected = (5, 16, cfg.ode_num_frames, cfg.height // 8, cfg.width // 8)
-    for i in range(4):
+    for i in range(3):
         latent = data[i]["ode_latent"]
         assert latent.shape == expected and latent.dtype == torch.float32 and torch.isfinite(latent).all()
-    noise = torch.stack([data[i]["ode_latent"][0] for i in range(4)])
+    noise = torch.stack([data[i]["ode_latent"][0] for i in range(3)])
     assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
     assert not torch.equal(data[0]["ode_latent"][0], data[1]["ode_latent"][0])  # each pair its own noise
     # the published LMDB layout of these pairs reads back equal (they are stored in float16 already)
-    write_lmdb(pairs.parent / "lmdb", PROMPTS, torch.stack([data[i]["ode_latent"] for i in range(4)]))
+    write_lmdb(pairs.parent / "lmdb", PROMPTS, torch.stack([data[i]["ode_latent"] for i in range(3)]))
     again = OdePairDataset(pairs.parent / "lmdb")
-    for i in range(4):
+    for i in range(3):
         assert again[i]["prompts"] == PROMPTS[i] and torch.equal(again[i]["ode_latent"], data[i]["ode_latent"])
 
 
