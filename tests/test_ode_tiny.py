@@ -128,3 +128,26 @@ def test_bad_data_path_is_one_line_error(tiny, capsys):
     status = run_cli(train.main, ["--config_path", str(CONFIG), "--logdir", str(tiny / "bad"),
                                   f"data_path={tiny / 'nowhere'}", f"checkpoint_dir={tiny / 'ckpt'}"])
     assert status == 2 and "is not ODE pairs" in capsys.readouterr().err
+
+
+def test_rerun_resumes_from_the_checkpoint(tiny, trained):
+    cfg = load_config(CONFIG)
+    before = _metrics(trained)
+    train.main(["--config_path", str(CONFIG), "--logdir", str(trained), "--disable-wandb", f"data_path={tiny / 'pairs'}",
+                f"checkpoint_dir={tiny / 'ckpt'}", f"max_steps={cfg.max_steps + 2}", "save_every=100"])
+    rows = _metrics(trained)
+    assert rows[:cfg.max_steps] == before  # earlier steps untouched; two more appended
+    assert [row["step"] for row in rows[cfg.max_steps:]] == [cfg.max_steps + 1, cfg.max_steps + 2]
+
+
+def test_exported_generator_drives_inference(tiny, trained, tmp_path):
+    inference = _load_script("inference_cli", ROOT / "inference.py")
+    (tmp_path / "one.txt").write_text(PROMPTS[0] + "\n")
+    from reward_forcing.errors import run_cli
+
+    status = run_cli(inference.main, [
+        "--config_path", str(CONFIG), "--checkpoint_path", str(trained / "ode_init.pt"),
+        "--data_path", str(tmp_path / "one.txt"), "--output_folder", str(tmp_path / "videos"),
+        "--num_output_frames", "3", f"checkpoint_dir={tiny / 'ckpt'}"])
+    assert status == 0
+    assert (tmp_path / "videos" / f"{PROMPTS[0]}-0.mp4").stat().st_size > 0
