@@ -141,3 +141,13 @@ def test_bad_paths_and_truncated_entries(tmp_path):
     (tmp_path / "ours" / "manifest.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(CheckpointError, match="manifest"):
         OdePairDataset(tmp_path / "ours")
+
+
+def test_incomplete_generation_reads_what_is_there_with_a_warning(tmp_path, caplog):
+    prompts, latent = _pairs(5)
+    prepare_output_dir(tmp_path, {"num_prompts": 5, "shard_size": 3})
+    write_shard(tmp_path, 1, prompts[3:], [3, 4], latent[3:].half())
+    with caplog.at_level("WARNING"):
+        data = OdePairDataset(tmp_path)
+    assert len(data) == 2 and data[0]["prompts"] == prompts[3]
+    assert "incomplete: 2 of 5 pairs" in caplog.text

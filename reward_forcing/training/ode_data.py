@@ -18,6 +18,7 @@ The published layout (CausVid / Self Forcing ODE datasets), read and written for
 Every reader yields {"prompts": str, "ode_latent": float32 [K, C, F, H, W]} (our latent layout).
 """
 import json
+import logging
 import math
 import os
 import re
@@ -30,6 +31,8 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from reward_forcing.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "reward_forcing.ode_pairs"
 VERSION = 1
@@ -233,8 +236,12 @@ def _natural_key(path: Path):
 
 def _sources(path: Path) -> list:
     if (path / MANIFEST).is_file():
-        read_manifest(path)
-        return [_ShardSource(p) for p in sorted(path.glob("shard_*.safetensors"))]
+        expected = read_manifest(path).get("num_prompts")
+        sources = [_ShardSource(p) for p in sorted(path.glob("shard_*.safetensors"))]
+        found = sum(len(s) for s in sources)
+        if found != expected:  # generation still running or interrupted: train on what is there
+            log.warning("ODE pairs in %s are incomplete: %d of %d pairs", path, found, expected)
+        return sources
     if (path / "data.mdb").is_file():
         return [_LmdbSource(path)]
     if path.is_dir():
