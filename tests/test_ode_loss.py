@@ -93,3 +93,21 @@ def test_ode_loss_wires_schedule_and_clean_target():
     sigma = schedule.sigma(t).float().view(2, 1, 6, 1, 1)
     expected = ode_regression_loss((1 - sigma) * x, ode_latent[:, -1], t)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_pairs_that_cannot_train_the_student_are_refused():
+    from types import SimpleNamespace
+
+    from reward_forcing.training.ode import check_pairs
+
+    data = [{"ode_latent": torch.zeros(5, 16, 6, 2, 2)}]
+    student = SimpleNamespace(in_dim=16)
+    check_pairs(data, student, [1000, 750, 500, 250, 0], 3)
+    with pytest.raises(ConfigError, match="4 latent channels"):
+        check_pairs([{"ode_latent": torch.zeros(5, 4, 6, 2, 2)}], student, [1000, 750, 500, 250, 0], 3)
+    with pytest.raises(ConfigError, match="must end with 0"):
+        check_pairs(data, student, [1000, 750, 500, 250, 100], 3)
+    with pytest.raises(ConfigError, match="holds 5 states|hold 5 states"):
+        check_pairs(data, student, [1000, 500, 0], 3)
+    with pytest.raises(ConfigError, match="multiple of num_frame_per_block=4"):
+        check_pairs(data, student, [1000, 750, 500, 250, 0], 4)

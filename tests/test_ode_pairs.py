@@ -82,3 +82,18 @@ def test_generation_covers_all_prompts_independent_of_ranks_and_resumes(tmp_path
     (tmp_path / "two" / shard_name(1)).unlink()
     assert _generate(tmp_path / "two", 2, prompts) == 2
     assert torch.equal(OdePairDataset(tmp_path / "two")[3]["ode_latent"], before)
+
+
+def test_ode_init_config_carries_the_published_recipe():
+    from pathlib import Path
+
+    from reward_forcing.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "ode_init.yaml")
+    assert cfg.trainer == "ode" and cfg.ode_teacher_name == "Wan2.1-T2V-1.3B"
+    assert (cfg.ode_num_steps, cfg.ode_shift, cfg.ode_guidance_scale) == (48, 8.0, 6.0)
+    assert list(cfg.ode_keep_indices) == [0, 12, 24, 36, 48] and cfg.ode_num_frames == 21
+    assert list(cfg.ode_timesteps) == [1000, 750, 500, 250, 0]
+    # Wan2.1's sample_neg_prompt (wan/configs/shared_config.py): 28 phrases joined by full-width commas
+    phrases = cfg.negative_prompt.split("，")
+    assert len(phrases) == 28 and phrases[0] == "色调艳丽" and phrases[13] == "JPEG压缩残留" and phrases[-1] == "倒着走"
