@@ -54,7 +54,7 @@ def test_resume_replays_exactly_and_export_loads(tmp_path):
     exported = torch.load(tmp_path / "generator.pt", weights_only=True)
     assert set(exported) == {"generator", "generator_ema"}
     assert torch.equal(exported["generator"]["head.weight"], result["resumed"][0]["head.weight"])
-    assert torch.equal(load_file(tmp_path / "generator_generator_ema.safetensors")["head.weight"],
+    assert torch.equal(load_file(tmp_path / "generator_ema.safetensors")["head.weight"],
                        result["resumed"][1]["head.weight"])
     assert set(load_file(tmp_path / "generator.safetensors")) == set(exported["generator"])
 

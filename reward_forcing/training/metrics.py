@@ -66,3 +66,24 @@ def _init_wandb(logdir: Path, mode: str, config, project: str, run_name):
     config_dict = OmegaConf.to_container(config, resolve=True) if config is not None else None
     return wandb.init(project=project, name=run_name, id=run_id, resume="allow", mode=mode,
                       dir=str(logdir), config=config_dict)
+
+
+def reduce_across_ranks(row: dict, device) -> dict:
+    """Global values of a metrics row: `*_min` / `*_max` keys by min / max, the others averaged over ranks.
+    Every rank must pass the same keys (one collective per reduction kind)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(row)
+    out = {}
+    for suffix, op in (("_min", dist.ReduceOp.MIN), ("_max", dist.ReduceOp.MAX), (None, dist.ReduceOp.SUM)):
+        keys = sorted(k for k in row if (k.endswith(suffix) if suffix else not k.endswith(("_min", "_max"))))
+        if not keys:
+            continue
+        values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(values, op=op)
+        if suffix is None:
+            values /= dist.get_world_size()
+        out.update(zip(keys, values.tolist()))
+    return out

@@ -86,16 +86,47 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype = torch.float32,
-                reshard_after_forward: bool = True) -> torch.nn.Module:
-    """fully_shard each transformer block, then the root; fp32 master weights, `param_dtype` compute,
-    fp32 gradient reduction. The model is moved to the rank's device first."""
+                reshard_after_forward: bool = True, move: bool = True, per_block: bool = True) -> torch.nn.Module:
+    """fully_shard each transformer block (per_block), then the root; fp32 master weights, `param_dtype`
+    compute, fp32 gradient reduction. The model is moved to the rank's device first (unless move=False).
+
+    per_block=False shards the parameters but gathers the whole model at once, for models whose forward
+    uses a block's weights outside that block's own forward (FSDP2 only gathers a block inside it)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model.to(info.device)
+    if move:
+        model.to(info.device)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in transformer_blocks(model):
+    for block in transformer_blocks(model) if per_block else []:
         fully_shard(block, mesh=info.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=info.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def load_sharded(build, load_state_dict, info: DistInfo, param_dtype: torch.dtype = torch.float32,
+                 source: str = "weights", per_block: bool = True) -> torch.nn.Module:
+    """Build a model on the meta device, shard it, and fill it from a full state dict read on rank 0 only
+    (broadcast shard by shard), so no rank but one ever holds a full copy (a 14B teacher fits).
+
+    build(): the model (called under the meta device); load_state_dict(): its full state dict (rank 0 only).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from reward_forcing.checkpoints import state_dict_mismatch
+    from reward_forcing.errors import CheckpointError
+
+    with torch.device("meta"):
+        model = build()
+    state_dict, problem = {}, None
+    if info.is_main:
+        state_dict = load_state_dict()
+        problem = state_dict_mismatch(model, state_dict)
+    problem = broadcast_object(problem)  # every rank raises, rather than waiting on a broadcast forever
+    if problem:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {problem}")
+    shard_model(model, info, param_dtype, move=False, per_block=per_block)
+    model.to_empty(device=info.device)
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 

@@ -25,6 +25,19 @@ def _set_gradient_sync(model, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
+def _finite_everywhere(loss: float, model) -> bool:
+    """Whether the loss is finite on every rank (all ranks must agree to stop, or the others would hang)."""
+    import torch.distributed as dist
+
+    bad = not math.isfinite(loss)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        device = next(model.parameters()).device
+        flag = torch.tensor([float(bad)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    return not bad
+
+
 class Updater:
     """One network's optimiser with clipping: accumulate -> clip -> step -> zero_grad."""
 
@@ -33,21 +46,27 @@ class Updater:
 
     def accumulate(self, grad_accum: int, micro_step) -> dict:
         """Run `micro_step(i)` for i < grad_accum; each returns a dict with a scalar tensor 'loss' (already
-        backpropagated and divided by grad_accum) plus metrics. Returns summed loss and averaged metrics."""
+        backpropagated and divided by grad_accum) plus metrics. Returns the summed loss, the min / max of
+        metrics named `*_min` / `*_max`, and the mean of the others."""
         totals = {}
         for index in range(grad_accum):
             _set_gradient_sync(self.model, index == grad_accum - 1)
             out = micro_step(index)
             for key, value in out.items():
                 value = float(value.detach()) if torch.is_tensor(value) else float(value)
-                scale = 1.0 if key == "loss" else 1.0 / grad_accum  # the loss is already divided by grad_accum
-                totals[key] = totals.get(key, 0.0) + scale * value
+                if key.endswith("_min") or key.endswith("_max"):
+                    pick = min if key.endswith("_min") else max
+                    totals[key] = pick(totals.get(key, value), value)
+                else:
+                    scale = 1.0 if key == "loss" else 1.0 / grad_accum  # the loss is already divided by grad_accum
+                    totals[key] = totals.get(key, 0.0) + scale * value
         return totals
 
     def step(self, loss: float) -> float:
         """Clip, step and zero the gradients; refuses to step on a non-finite loss or gradient."""
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"{self.name} loss is {loss}; stopping (the last saved checkpoint is intact)")
+        if not _finite_everywhere(loss, self.model):
+            raise TrainingDiverged(f"{self.name} loss is {loss} (on this or another rank); stopping "
+                                   "(the last saved checkpoint is intact)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

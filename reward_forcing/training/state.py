@@ -138,18 +138,21 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_tensors(state: dict) -> dict:
-    """Collective: gather a dict of (possibly sharded DTensor) tensors to full CPU tensors on every rank."""
+def full_tensors(state: dict, keep: bool = True) -> dict:
+    """Collective: gather a dict of (possibly sharded DTensor) tensors to full fp32 CPU tensors, one at a time;
+    ranks with keep=False take part in the gathers but return {} (e.g. keep=info.is_main)."""
     out = {}
     for name, value in state.items():
         value = value.full_tensor() if hasattr(value, "full_tensor") else value
-        out[name] = value.detach().to("cpu", torch.float32).contiguous()
+        if keep:
+            out[name] = value.detach().to("cpu", torch.float32).contiguous()
     return out
 
 
 def export_weights(stem, sections: dict) -> None:
-    """Rank 0 only: write `<stem>.pt` ({section: state_dict}) and `<stem>[_<section>].safetensors`
-    (the first section unsuffixed), each through a temporary file and an atomic rename."""
+    """Rank 0 only: write `<stem>.pt` ({section: state_dict}, what inference.py and checkpoints.py load) and
+    safetensors copies, `<stem>.safetensors` for the first section and `<section>.safetensors` beside it for
+    the others (generator.pt -> generator.safetensors, generator_ema.safetensors); atomic renames."""
     from safetensors.torch import save_file
 
     stem = Path(stem)
@@ -158,7 +161,7 @@ def export_weights(stem, sections: dict) -> None:
     torch.save(sections, tmp)
     os.replace(tmp, stem.with_name(stem.name + ".pt"))
     for index, (name, state) in enumerate(sections.items()):
-        path = stem.with_name(stem.name + ("" if index == 0 else f"_{name}") + ".safetensors")
+        path = stem.with_name((stem.name if index == 0 else name) + ".safetensors")
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         os.replace(tmp, path)
