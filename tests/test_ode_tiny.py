@@ -151,3 +151,13 @@ def test_exported_generator_drives_inference(tiny, trained, tmp_path):
         "--num_output_frames", "3", f"checkpoint_dir={tiny / 'ckpt'}"])
     assert status == 0
     assert (tmp_path / "videos" / f"{PROMPTS[0]}-0.mp4").stat().st_size > 0
+
+
+def test_exported_generator_initialises_distillation(tiny, trained, tmp_path):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    logdir = tmp_path / "distill"
+    train.main(["--config_path", str(ROOT / "configs" / "tiny_train.yaml"), "--logdir", str(logdir), "--disable-wandb",
+                f"checkpoint_dir={tiny / 'ckpt'}", f"prompt_path={tmp_path / 'prompts.txt'}",
+                "reward_base_dir=Qwen2-VL-2B-Instruct", f"generator_ckpt={trained / 'ode_init.pt'}", "max_steps=1"])
+    rows = _metrics(logdir)
+    assert [row["step"] for row in rows] == [1] and "generator_loss" in rows[0]
