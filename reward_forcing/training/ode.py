@@ -65,20 +65,32 @@ def ode_loss(model, schedule, ode_latent: torch.Tensor, context: torch.Tensor, t
 
 # --- the training loop (`train.py` with `trainer: ode`) -----------------------------------------
 
-def build_student(cfg):
-    """Causal student from the base Wan folder, then `generator_ckpt` on top when given (strict)."""
-    from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_into, load_wan_folder
-    from reward_forcing.models.causal_wan import CausalWanModel
+def load_student(cfg, info, dtype):
+    """The causal student, sharded: architecture from the base Wan folder, weights from `generator_ckpt`
+    when given (strict), else the base folder's. Only rank 0 reads the full weights."""
+    from functools import partial
 
-    folder = asset_path(cfg, cfg.model_name)
-    config, state_dict = load_wan_folder(folder)
-    model = CausalWanModel.from_config(config, num_frame_per_block=cfg.num_frame_per_block,
-                                       local_attn_size=cfg.local_attn_size)
-    load_into(model, state_dict, str(folder))
-    if cfg.generator_ckpt:
-        path = asset_path(cfg, cfg.generator_ckpt)
-        load_into(model, load_generator_state_dict(path), str(path))
-    return model
+    from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_wan_folder, read_wan_config
+    from reward_forcing.models.causal_wan import CausalWanModel
+    from reward_forcing.training.parallel import load_sharded
+
+    base = asset_path(cfg, cfg.model_name)
+    init = asset_path(cfg, cfg.generator_ckpt) if cfg.generator_ckpt else None
+    build = partial(CausalWanModel.from_config, read_wan_config(base), num_frame_per_block=cfg.num_frame_per_block,
+                    local_attn_size=cfg.local_attn_size)
+    weights = (lambda: load_generator_state_dict(init)) if init else (lambda: load_wan_folder(base)[1])
+    return load_sharded(build, weights, info, dtype, str(init or base))
+
+
+def load_text_encoder(cfg, info, dtype):
+    from reward_forcing.checkpoints import asset_path
+    from reward_forcing.models.text_encoder import TextEncoder
+    from reward_forcing.training.parallel import shard_model
+
+    encoder = TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder, device="cpu",
+                                          dtype=torch.float32)
+    shard_model(encoder.model.requires_grad_(False), info, dtype)  # the umT5 stack; the wrapper only tokenises
+    return encoder
 
 
 def check_pairs(dataset, model, timestep_list, frames_per_block: int) -> None:
@@ -114,15 +126,10 @@ class PairBatches:
 
 def run(cfg, logdir, args) -> None:
     """ODE-regression training; checkpoints resume, and `<logdir>/ode_init.pt` holds {"generator": ...}."""
-    import torch.distributed as dist
-
-    from reward_forcing.checkpoints import asset_path
-    from reward_forcing.models.text_encoder import TextEncoder
     from reward_forcing.sampling import FlowMatchSchedule
-    from reward_forcing.training.metrics import MetricsLogger
+    from reward_forcing.training.metrics import MetricsLogger, reduce_across_ranks
     from reward_forcing.training.ode_data import OdePairDataset
-    from reward_forcing.training.parallel import (
-        compute_dtype, init_distributed, resolve_seed, shard_model, shutdown)
+    from reward_forcing.training.parallel import compute_dtype, init_distributed, resolve_seed, shutdown
     from reward_forcing.training.rng import keyed_generator
     from reward_forcing.training.schedule import Updater
     from reward_forcing.training.state import (
@@ -138,16 +145,14 @@ def run(cfg, logdir, args) -> None:
         # a resumed run keeps its seed, so it reads the same pairs and draws the same state indices
         seed = resolve_seed(cfg.seed) if resumed is None else int(read_meta(resumed)["seed"])
         dtype = compute_dtype(cfg.mixed_precision, info.device)
-        model = build_student(cfg)
+        model = load_student(cfg, info, dtype).train()
         check_pairs(dataset, model, cfg.ode_timesteps, cfg.num_frame_per_block)
         model.gradient_checkpointing = cfg.gradient_checkpointing
-        model = shard_model(model.train(), info, param_dtype=dtype)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.adam_betas),
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         updater = Updater("generator", model, optimizer, cfg.grad_clip)
         parts = {"generator": ModelState(model), "generator_optimizer": OptimizerState(model, optimizer)}
-        text_encoder = TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder,
-                                                   device=info.device, dtype=dtype)
+        text_encoder = load_text_encoder(cfg, info, dtype)
         schedule = FlowMatchSchedule(cfg.timestep_shift, sigma_lookup=cfg.sigma_lookup)
         batches = PairBatches(dataset, seed, cfg.batch_size, cfg.grad_accum, info.rank, info.world_size)
 
@@ -157,7 +162,7 @@ def run(cfg, logdir, args) -> None:
 
         def micro_step(step, micro):
             prompts, ode_latent = batches(step, micro)
-            context = text_encoder.encode(prompts).to(dtype)
+            context = text_encoder.encode(prompts)
             generator = keyed_generator(seed, "ode_state_index", step, micro, info.rank)
             loss = ode_loss(model, schedule, ode_latent.to(info.device), context, cfg.ode_timesteps,
                             cfg.num_frame_per_block, generator)
@@ -172,11 +177,9 @@ def run(cfg, logdir, args) -> None:
 
         for step in range(start, cfg.max_steps):
             out = updater.accumulate(cfg.grad_accum, lambda micro: micro_step(step, micro))
-            loss = torch.tensor(out["loss"], dtype=torch.float64, device=info.device)
-            dist.all_reduce(loss)
             grad_norm = updater.step(out["loss"])
-            logger.log(step + 1, {"loss": loss.item() / info.world_size, "grad_norm": grad_norm})
             done = step + 1
+            logger.log(done, {**reduce_across_ranks(out, info.device), "grad_norm": grad_norm})
             if not args.no_save and (done % cfg.save_every == 0 or done == cfg.max_steps):
                 save(done)
         logger.close()

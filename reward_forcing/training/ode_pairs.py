@@ -10,6 +10,7 @@ import torch
 
 from reward_forcing.errors import ConfigError
 from reward_forcing.sampling import shift_sigma
+from reward_forcing.training.losses import classifier_free_guidance
 from reward_forcing.training.ode_data import shard_done, shard_range, shards_for_rank, write_shard
 
 
@@ -34,7 +35,8 @@ def guided_flow(teacher, x: torch.Tensor, t: float, cond: torch.Tensor, uncond: 
     timestep = torch.full((2,), t, device=x.device, dtype=torch.float32)
     flow = teacher(torch.cat([x, x]), timestep, torch.cat([cond, uncond]))
     flow_cond, flow_uncond = flow.float().chunk(2)
-    return flow_uncond + guidance_scale * (flow_cond - flow_uncond)
+    # Wan's u + s (c - u) is the project's c + (s - 1) (c - u)
+    return classifier_free_guidance(flow_cond, flow_uncond, guidance_scale - 1)
 
 
 @torch.no_grad()
