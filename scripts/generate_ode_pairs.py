@@ -26,7 +26,8 @@ from reward_forcing.errors import ConfigError, run_cli  # noqa: E402
 from reward_forcing.inference.generator import latent_size  # noqa: E402
 from reward_forcing.models.text_encoder import TextEncoder  # noqa: E402
 from reward_forcing.models.wan import WanModel  # noqa: E402
-from reward_forcing.training.ode_data import num_shards, prepare_output_dir  # noqa: E402
+from reward_forcing.training.ode_data import (  # noqa: E402
+    prepare_output_dir, shard_done, shard_range, shards_for_rank)
 from reward_forcing.training.ode_pairs import check_keep_indices, euler_sigmas, generate_pairs  # noqa: E402
 from reward_forcing.video import read_prompts  # noqa: E402
 
@@ -88,8 +89,10 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    mine = sum(1 for k in range(rank, num_shards(len(prompts), cfg.ode_shard_size), world_size))
-    with tqdm(desc=f"ODE pairs (rank {rank}, {mine} shards)", disable=rank != 0) as progress:
+    todo = sum(len(shard_range(k, len(prompts), cfg.ode_shard_size))
+               for k in shards_for_rank(len(prompts), cfg.ode_shard_size, rank, world_size)
+               if not shard_done(args.output_dir, k))
+    with tqdm(total=todo, desc=f"ODE pairs (rank {rank})", unit="pair", disable=rank != 0) as progress:
         made = generate_pairs(teacher, encode, prompts, args.output_dir, cfg.negative_prompt, latent_shape,
                               euler_sigmas(cfg.ode_num_steps, cfg.ode_shift), cfg.ode_guidance_scale, keep,
                               cfg.ode_shard_size, cfg.seed, rank, world_size, SAVE_DTYPES[cfg.ode_save_dtype],
