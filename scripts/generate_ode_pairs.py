@@ -54,7 +54,8 @@ def manifest(cfg, args, num_prompts: int, latent_shape) -> dict:
     """Everything that determines the pairs: a resumed run must match it."""
     sigmas = euler_sigmas(cfg.ode_num_steps, cfg.ode_shift)
     return {
-        "num_prompts": num_prompts, "shard_size": cfg.ode_shard_size, "prompt_file": str(Path(args.data_path).resolve()),
+        "num_prompts": num_prompts, "shard_size": cfg.ode_shard_size,
+        "prompt_file": str(Path(args.data_path).resolve()),
         "latent_shape": list(latent_shape), "keep_indices": list(cfg.ode_keep_indices),
         "sigmas": [float(sigmas[i]) for i in cfg.ode_keep_indices], "num_steps": cfg.ode_num_steps,
         "shift": cfg.ode_shift, "guidance_scale": cfg.ode_guidance_scale, "negative_prompt": cfg.negative_prompt,

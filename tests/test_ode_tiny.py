@@ -134,7 +134,8 @@ def test_bad_data_path_is_one_line_error(tiny, capsys):
 def test_rerun_resumes_from_the_checkpoint(tiny, trained):
     cfg = load_config(CONFIG)
     before = _metrics(trained)
-    train.main(["--config_path", str(CONFIG), "--logdir", str(trained), "--disable-wandb", f"data_path={tiny / 'pairs'}",
+    train.main(["--config_path", str(CONFIG), "--logdir", str(trained), "--disable-wandb",
+                f"data_path={tiny / 'pairs'}",
                 f"checkpoint_dir={tiny / 'ckpt'}", f"max_steps={cfg.max_steps + 2}", "save_every=100", "seed=1"])
     rows = _metrics(trained)
     assert rows[:cfg.max_steps] == before  # earlier steps untouched; two more appended
