@@ -7,7 +7,8 @@ Formats (SPEC §8):
   `{"generator": ..., "generator_ema": ..., "critic": ...}` (`ode_init.pt`, training checkpoints);
   `.safetensors` files are flat.
 Wrapper prefixes (`model.`, ComfyUI's `model.diffusion_model.`) and wrapper segments (FSDP,
-activation checkpointing, torch.compile) are removed. Nothing but tensors is unpickled.
+activation checkpointing, torch.compile) are removed; diffusers-layout keys are renamed.
+Nothing but tensors is unpickled.
 """
 import json
 import logging
@@ -31,6 +32,7 @@ WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_or
 # Removed only at the start (longest first): they name the wrapper that holds the Wan model.
 LEADING_PREFIXES = ("model.diffusion_model.", "model.")
 SECTIONS = ("generator", "generator_ema", "critic")
+DIFFUSERS_MARKER = "condition_embedder."  # top-level module name that only diffusers' Wan transformer has
 MAX_NAMED_KEYS = 3
 
 
@@ -70,6 +72,15 @@ def strip_prefixes(state_dict: dict) -> dict:
             raise CheckpointError(f"checkpoint keys '{key}' and another key both map to '{name}' after prefix removal")
         out[name] = value
     return out
+
+
+def original_keys(state_dict: dict) -> dict:
+    """Wan key names; a diffusers WanTransformer3DModel state dict (e.g. a diffusers export) is renamed."""
+    if not any(key.startswith(DIFFUSERS_MARKER) for key in state_dict):
+        return state_dict
+    from reward_forcing.models.wan import diffusers_to_wan_state_dict
+
+    return diffusers_to_wan_state_dict(state_dict)
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -164,19 +175,23 @@ def load_generator_state_dict(path, use_ema: bool = False) -> dict:
     """Student weights from a file (flat, sectioned or .safetensors) or a Wan folder.
 
     `use_ema` picks the `generator_ema` section; a file without sections is used as it is.
+    Keys in diffusers' WanTransformer3DModel layout are renamed to the original Wan names.
     """
     path = Path(path)
     if path.is_dir():
+        if not (path / WAN_CONFIG).is_file():
+            raise CheckpointError(f"{path} is a folder without {WAN_CONFIG}: give a Wan model folder or a "
+                                  "generator file (.pt, .pth, .safetensors)")
         return load_wan_folder(path)[1]
     if path.suffix == ".safetensors":
-        return strip_prefixes(_load_safetensors(path))
+        return original_keys(strip_prefixes(_load_safetensors(path)))
     obj = _load_torch(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     state_dict = _select_section(obj, path, use_ema)
     if not _is_flat(state_dict):
         raise CheckpointError(f"the selected weights in {path} contain non-tensor entries")
-    return strip_prefixes(state_dict)
+    return original_keys(strip_prefixes(state_dict))
 
 
 def _first(names) -> str:

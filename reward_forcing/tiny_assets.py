@@ -79,12 +79,14 @@ def write_vae(path, vae_cfg, seed: int = 0) -> dict:
 
 
 def write_taehv(path, latent_channels: int, encoder_width: int, decoder_widths, seed: int = 0) -> dict:
-    """A random TAEHV saved as `taew2_1.pth` or `.safetensors` (by suffix); returns its state dict."""
+    """A random TAEHV saved as `taew2_1.pth` or `.safetensors` (by suffix); returns its state dict.
+    PyTorch's default init already randomises every TAEHV tensor (it has no norms); perturbing further would
+    blow activations up through the ~20 stacked convs."""
     from reward_forcing.models.taehv import TAEHV
 
     torch.manual_seed(seed)
     model = TAEHV(latent_channels=latent_channels, encoder_width=encoder_width, decoder_widths=tuple(decoder_widths))
-    sd = {k: v.clone() for k, v in randomise_(model, seed).state_dict().items()}
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":

@@ -22,7 +22,7 @@ from reward_forcing.checkpoints import (
 from reward_forcing.config import load_config
 from reward_forcing.errors import CheckpointError
 from reward_forcing.models.causal_wan import CausalWanModel
-from reward_forcing.models.wan import WanModel
+from reward_forcing.models.wan import WanModel, wan_to_diffusers_state_dict
 from reward_forcing.tiny_assets import TINY_WAN_CONFIG, randomise_
 from reward_forcing.tiny_assets import write_wan_folder as write_tiny_wan_folder
 
@@ -124,6 +124,14 @@ def test_comfyui_prefix_and_safetensors_file(tmp_path, source):
     assert_loads_identically(path, model, x)
 
 
+def test_diffusers_layout_is_renamed(tmp_path, source):
+    model, x = source
+    diffusers_sd = wan_to_diffusers_state_dict(dict(model.state_dict()))
+    assert "condition_embedder.time_proj.weight" in diffusers_sd  # the layout really differs
+    path = write_file(tmp_path, "diffusers.pt", {"generator_ema": prefixed(diffusers_sd, "_orig_mod.")})
+    assert_loads_identically(path, model, x, use_ema=True)
+
+
 def test_strip_prefixes_table():
     names = {
         "model.blocks.0.self_attn.q.weight": "blocks.0.self_attn.q.weight",
@@ -223,6 +231,8 @@ def test_missing_file_and_folder(tmp_path):
     assert_one_line_error("Wan config not found", load_wan_folder, tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text("{}")
     assert_one_line_error("neither diffusion_pytorch_model.safetensors nor", load_wan_folder, tmp_path / "empty")
+    (tmp_path / "dcp").mkdir()
+    assert_one_line_error("folder without config.json", load_generator_state_dict, tmp_path / "dcp")
 
 
 def test_pickled_objects_are_refused(tmp_path):
@@ -243,6 +253,12 @@ def test_asset_path_resolves_under_checkpoint_dir(tmp_path):
     (tmp_path / "Videoreward").mkdir()
     assert asset_path(cfg, "VideoReward") == tmp_path / "Videoreward"
     assert_one_line_error("empty asset path", asset_path, cfg, None)
+
+
+def test_checkpoint_dir_default_and_command_line_override():
+    assert asset_path(load_config(), "ode_init.pt") == Path("checkpoints/ode_init.pt")
+    cfg = load_config(overrides=["checkpoint_dir=/data/weights"])
+    assert asset_path(cfg, cfg.model_name) == Path("/data/weights/Wan2.1-T2V-1.3B")
 
 
 # ---- scripts/make_tiny_checkpoints.py: a complete fake checkpoint_dir that the project loaders read ----

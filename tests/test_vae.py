@@ -67,6 +67,8 @@ def test_decode_and_encode_bit_exact_vs_diffusers(vae4):
     expected = ref.decode(z).sample
     assert expected.shape == (1, 3, 13, 32, 48)
     assert (ours.decode(z) - expected).abs().max() == 0
+    z = torch.randn(1, 4, 3, 2, 3)  # at this size diffusers' all-frames post_quant_conv rounds differently
+    assert torch.allclose(ours.decode(z), ref.decode(z).sample, atol=1e-5, rtol=0)
     pixels = torch.rand(1, 3, 13, 32, 48) * 2 - 1
     assert (ours.encode(pixels) - ref.encode(pixels).latent_dist.mode()).abs().max() == 0
 
@@ -85,7 +87,7 @@ def test_normalisation_uses_wan_statistics_outside_the_model(tmp_path):
 @pytest.mark.parametrize("chunks", [[1, 3, 2], [3, 3], [1, 1, 1, 1, 1, 1]])
 def test_streaming_decode_equals_full_decode(vae4, chunks):
     ours = vae4[0]
-    z = torch.randn(1, 4, sum(chunks), 4, 6)
+    z = torch.randn(1, 4, sum(chunks), 2, 3)
     full = ours.decode(z)
     assert full.shape[2] == 1 + 4 * (sum(chunks) - 1)
     stream = ours.stream_decoder()
@@ -93,8 +95,10 @@ def test_streaming_decode_equals_full_decode(vae4, chunks):
     for n in chunks:
         parts.append(stream.decode_chunk(z[:, :, start:start + n]))
         start += n
+        if len(parts) == 1:
+            ours.decode(torch.randn_like(z[:, :, :2]))  # an unrelated decode in between must not disturb the stream
     assert [p.shape[2] for p in parts] == [4 * chunks[0] - 3] + [4 * n for n in chunks[1:]]
-    assert (torch.cat(parts, dim=2) - full).abs().max() <= 1e-6
+    assert (torch.cat(parts, dim=2) - full).abs().max() == 0
 
 
 def test_errors(vae4, tmp_path, monkeypatch):
@@ -107,4 +111,9 @@ def test_errors(vae4, tmp_path, monkeypatch):
         WanVAE.from_file(tmp_path / "missing.pth", CFG4)
     monkeypatch.setattr(ours.vae.decoder, "forward", lambda x: x)
     with pytest.raises(DiffusersVersionError, match="feat_cache"):
+        ours.stream_decoder()
+    monkeypatch.undo()
+    monkeypatch.delattr(type(ours.vae), "clear_cache")
+    monkeypatch.delattr(ours.vae, "_feat_map")
+    with pytest.raises(DiffusersVersionError, match="_feat_map"):
         ours.stream_decoder()

@@ -387,3 +387,12 @@ def test_cli_scores_an_mp4_and_reports_bad_input(tiny, tmp_path, capsys):
     assert run_cli(main, args[:-2] + [str(tmp_path / "bad.mp4"), "x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_vq_and_mq_ignore_the_prompt(reward):
+    # Causal decoder + the prompt sitting only in the TA section: VQ and MQ cannot see it (SPEC §11.1).
+    video = _videos(batch=1, seed=13).expand(2, -1, -1, -1, -1)
+    scores = reward.score(video, ["a quiet forest", "an explosion in a busy city street at night"])
+    torch.testing.assert_close(scores["VQ"][0], scores["VQ"][1], atol=2e-5, rtol=0)
+    torch.testing.assert_close(scores["MQ"][0], scores["MQ"][1], atol=2e-5, rtol=0)
+    assert (scores["TA"][0] - scores["TA"][1]).abs() > 1e-4

@@ -5,6 +5,7 @@ previous frame), TPool (stacks s frames on channels, 1x1 conv) and TGrow (1x1 co
 Layouts: the network runs on [N, T, C, H, W]; the public interface is [B, C, T, H, W] like the Wan VAE.
 Weights: user-supplied `taew2_1.pth` / `.safetensors`, keys `encoder.{i}.*` / `decoder.{i}.*` (Sequential indices).
 """
+import math
 from pathlib import Path
 
 import torch
@@ -12,10 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from reward_forcing.errors import CheckpointError
-
-# Output frames the decoder produces before the first real one (TGrow expands latent 0 into 4 frames).
-_DECODER_WARMUP_FRAMES = 3
-
 
 def _conv(c_in, c_out, stride=1, bias=True):
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
@@ -122,9 +119,9 @@ class TAEHV(nn.Module):
             dec += [nn.ReLU()] if last else [MemBlock(dw[i + 1]), MemBlock(dw[i + 1]), MemBlock(dw[i + 1])]
         dec.append(_conv(dw[-1], image_channels))
         self.decoder = nn.Sequential(*dec)
-        self.time_compression = 1
-        for stride in encoder_time_strides:
-            self.time_compression *= stride
+        self.time_compression = math.prod(encoder_time_strides)
+        # TGrow turns latent 0 into prod(strides) frames; only the last one is real (Wan's first frame).
+        self.frames_to_trim = math.prod(decoder_time_strides) - 1
 
     @classmethod
     def from_state_dict(cls, sd: dict, source="state dict"):
@@ -179,7 +176,7 @@ class TAEHV(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B,C,F,h,w] -> pixels [B,3,1+4(F-1),H,W] in [-1,1]."""
         x = _run_parallel(self.decoder, latents.transpose(1, 2)).clamp(0, 1)
-        return (x[:, _DECODER_WARMUP_FRAMES:] * 2 - 1).transpose(1, 2)
+        return (x[:, self.frames_to_trim:] * 2 - 1).transpose(1, 2)
 
     def stream_decoder(self) -> "StreamingTAEHVDecoder":
         return StreamingTAEHVDecoder(self)
@@ -197,7 +194,7 @@ class StreamingTAEHVDecoder:
 
     def __init__(self, taehv: TAEHV):
         self.stream = _FrameStream(taehv.decoder)
-        self.to_skip = _DECODER_WARMUP_FRAMES
+        self.to_skip = taehv.frames_to_trim
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
@@ -206,5 +203,5 @@ class StreamingTAEHVDecoder:
         self.to_skip -= skip
         frames = frames[skip:]
         if not frames:
-            return latents.new_zeros(latents.shape[0], 0, 0, 0, 0)
-        return (torch.stack(frames, dim=2).clamp(0, 1) * 2 - 1)
+            raise ValueError("decode_chunk needs at least one latent frame")
+        return torch.stack(frames, dim=2).clamp(0, 1) * 2 - 1

@@ -87,12 +87,13 @@ def build_autoencoder(vae_cfg) -> AutoencoderKLWan:
 
 def _check_private_cache_api(vae: AutoencoderKLWan):
     params = inspect.signature(vae.decoder.forward).parameters
-    vae.clear_cache()
+    if hasattr(vae, "clear_cache"):
+        vae.clear_cache()
     if not all(name in params for name in ("feat_cache", "feat_idx", "first_chunk")) or \
-            not all(hasattr(vae, name) for name in ("_feat_map", "_conv_idx")):
+            not isinstance(getattr(vae, "_feat_map", None), list):
         import diffusers
         raise DiffusersVersionError(
-            f"diffusers {diffusers.__version__}: AutoencoderKLWan lacks clear_cache/_feat_map/_conv_idx or the "
+            f"diffusers {diffusers.__version__}: AutoencoderKLWan lacks clear_cache()/_feat_map or the "
             "decoder's feat_cache/feat_idx/first_chunk arguments needed for streaming decode; install diffusers 0.42")
 
 
@@ -144,7 +145,9 @@ class WanVAE(torch.nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(self.denormalise(latents.to(self.vae.dtype))).sample
+        """The whole video through the streaming path, so a chunked decode reproduces it bit for bit (diffusers'
+        `decode` runs post_quant_conv on all frames at once, which can differ by ~5e-6 at some sizes)."""
+        return self.stream_decoder().decode_chunk(latents)
 
     def stream_decoder(self) -> "StreamingVAEDecoder":
         return StreamingVAEDecoder(self)
@@ -152,23 +155,23 @@ class WanVAE(torch.nn.Module):
 
 class StreamingVAEDecoder:
     """Decodes one video chunk by chunk with the VAE's causal conv cache: 1 frame for the first latent, then 4
-    per latent, bit-identical to `WanVAE.decode` of the whole latent video. One instance per video."""
+    per latent, bit-identical to `WanVAE.decode` of the whole latent video. One instance per video; the cache
+    list is the stream's own, so other decodes on the same VAE in between do not disturb it."""
 
     def __init__(self, wan_vae: WanVAE):
         self.wan_vae = wan_vae
         _check_private_cache_api(wan_vae.vae)
+        self.feat_map = list(wan_vae.vae._feat_map)  # one empty slot per causal conv, sized by clear_cache()
         self.frames_seen = 0
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.wan_vae.vae
-        if self.frames_seen == 0:
-            vae.clear_cache()
-        x = vae.post_quant_conv(self.wan_vae.denormalise(latents.to(vae.dtype)))
+        z = self.wan_vae.denormalise(latents.to(vae.dtype))
         outs = []
-        for i in range(x.shape[2]):
-            vae._conv_idx = [0]
-            outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                    first_chunk=self.frames_seen == 0))
+        for i in range(z.shape[2]):
+            # post_quant_conv frame by frame: its result must not depend on how the video was chunked
+            x = vae.post_quant_conv(z[:, :, i:i + 1])
+            outs.append(vae.decoder(x, feat_cache=self.feat_map, feat_idx=[0], first_chunk=self.frames_seen == 0))
             self.frames_seen += 1
         return torch.cat(outs, dim=2).clamp(-1.0, 1.0)

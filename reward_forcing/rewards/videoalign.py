@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from reward_forcing.checkpoints import state_dict_mismatch
-from reward_forcing.errors import CheckpointError, UserError, run_cli
+from reward_forcing.errors import CheckpointError, run_cli
 from reward_forcing.rewards import qwen_video
 from reward_forcing.rewards import videoalign_checkpoint as ckpt
 from reward_forcing.rewards.qwen_video import VideoInputError, VisionSpec
@@ -256,14 +256,16 @@ def read_video(path) -> tuple:
         frames = np.stack([frame for frame in reader])
         reader.close()
     except Exception as err:  # imageio/ffmpeg report unreadable files in several ways
-        raise VideoInputError(f"cannot read video {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise VideoInputError(f"cannot read video {path}: {reason}") from None
     if frames.ndim != 4 or frames.shape[-1] != 3 or fps <= 0:
         raise VideoInputError(f"{path} is not an RGB video with a frame rate")
     return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float(), fps
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reward_forcing.rewards.videoalign", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reward_forcing.rewards.videoalign",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint_dir", default="checkpoints/VideoReward", help="VideoReward folder")
     parser.add_argument("--qwen_dir", default="checkpoints/Qwen2-VL-2B-Instruct", help="local Qwen2-VL-2B-Instruct")
     parser.add_argument("--step", type=int, default=None, help="checkpoint-<step> to load (default: highest)")
