@@ -111,8 +111,10 @@ def run(cfg, logdir, args) -> None:
             raise ConfigError(f"the latent dataset has {channels} channels but {cfg.model_name} takes {model.in_dim}")
         model.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         model.train()
+        # foreach: one op per step for all (DTensor) parameters; PyTorch's CPU default updates them one by one,
+        # which costs more than the forward of a small model
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.adam_betas),
-                                      weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+                                      weight_decay=cfg.weight_decay, eps=cfg.adam_eps, foreach=True)
         updater = Updater("model", model, optimizer, cfg.grad_clip)
         ema = EMA(model, cfg.ema_decay) if meta.get("has_ema") else None
 
