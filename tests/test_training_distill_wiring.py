@@ -13,6 +13,7 @@ a * x_t + b, and the reward fixed per-sample scores. The expectations below foll
   critic: ((x_t - x0_pred) / sigma_gen(t) - (eps - x))^2 = ((x - x0_pred) / sigma_gen(t))^2, mean
 Sigmas come from a closed-form nearest point of the shifted training grid written here, not from the code.
 """
+import inspect
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,7 @@ from reward_forcing.training.parallel import init_distributed, shutdown  # noqa:
 ROOT = Path(__file__).parents[1]
 BATCH, GRAD_ACCUM = 2, 2
 MQ_NORM, MQ_RAW = torch.tensor([0.35, -0.6]), torch.tensor([1.9, -2.4])
+CONTEXT_NOISE = 40.0
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def distiller(tmp_path_factory):
     assets = write_tiny_training_assets(tmp_path_factory.mktemp("distill_assets"))
     cfg = load_config(ROOT / "configs" / "tiny_train.yaml", [
         f"checkpoint_dir={assets}", f"prompt_path={assets / 'prompts.txt'}", "seed=7", f"batch_size={BATCH}",
-        f"grad_accum={GRAD_ACCUM}", "distill_loss=re_dmd"])
+        f"grad_accum={GRAD_ACCUM}", "distill_loss=re_dmd", f"context_noise={CONTEXT_NOISE}"])
     args = SimpleNamespace(resume=None, disable_wandb=True, no_save=True)
     info = init_distributed()
     try:
@@ -103,9 +105,14 @@ def _stand_ins(d, monkeypatch, x_scale=(1.0, 4.0)):
     shape = _latent_shape(d)
     x = torch.randn(shape, generator=gen) * torch.tensor(x_scale).reshape(-1, 1, 1, 1, 1)
     captured = {}
+    real_rollout = distill.rollout
 
-    def fixed_rollout(sampler, context, num_frames, latent_hw, *args, with_grad=True, **kwargs):
-        assert (context.shape[0], num_frames, tuple(latent_hw)) == (BATCH, shape[2], shape[3:])
+    def fixed_rollout(*args, **kwargs):
+        bound = inspect.signature(real_rollout).bind(*args, **kwargs)
+        bound.apply_defaults()
+        context, num_frames, with_grad = (bound.arguments[k] for k in ("context", "num_frames", "with_grad"))
+        assert (context.shape[0], num_frames, tuple(bound.arguments["latent_hw"])) == (BATCH, shape[2], shape[3:])
+        assert bound.arguments["context_noise"] == CONTEXT_NOISE  # the config's context_noise reaches the rollout
         captured["context"] = context.detach().clone()
         captured["x"] = x.clone().requires_grad_(with_grad)
         return captured["x"]
@@ -135,7 +142,8 @@ def test_generator_micro_gradient_is_the_reward_weighted_dmd_gradient(distiller,
     """Bugs caught, one assertion each: teacher and critic exchanged in g (sign flips); conditional and
     unconditional exchanged in the CFG (direction changes); the normaliser taken over the batch instead of per
     sample; the reward weight not applied or taken from the raw MQ instead of MQ_norm; the score schedule built
-    with timestep_shift instead of score_timestep_shift; the teacher fed other x_t / t than the critic."""
+    with timestep_shift instead of score_timestep_shift; the teacher fed other x_t / t than the critic;
+    `context_noise` not passed to the rollout (checked by the stand-in rollout)."""
     d = distiller
     x, teacher, critic, reward, captured = _stand_ins(d, monkeypatch)
     row = d.generator_micro(4, 0)
@@ -243,3 +251,21 @@ def test_re_dmd_gradient_is_w_times_the_dmd_gradient_with_the_real_reward(distil
     per_sample_loss = 0.5 * (g_dmd * g_dmd.numel() * GRAD_ACCUM).pow(2).flatten(1).mean(dim=1)
     assert float(plain["loss"]) == pytest.approx(float(per_sample_loss.mean() / GRAD_ACCUM), rel=1e-5)
     assert float(weighted["loss"]) == pytest.approx(float((ratio * per_sample_loss).mean() / GRAD_ACCUM), rel=1e-5)
+
+
+@pytest.mark.parametrize("placement,holds_model", [("rank0", False), ("every_rank", True)])
+def test_reward_placement_decides_which_ranks_hold_the_reward_model(distiller, placement, holds_model):
+    """Bug caught: `reward_placement` ignored. Seen from rank 1 of 2, `rank0` leaves the reward model on rank 0
+    only (this rank scores through gather / scatter) while `every_rank` loads it here. (That central scoring
+    gives the local scores is checked end to end: 2 ranks with rank0 vs 1 rank, tests/test_training_e2e.py.)"""
+    from omegaconf import OmegaConf
+
+    from reward_forcing.rewards.base import IdentityDecoder
+    from reward_forcing.rewards.videoalign import VideoReward
+    from reward_forcing.rewards.videoalign_scorer import VideoAlignReward
+
+    cfg = OmegaConf.merge(distiller.cfg, {"reward_placement": placement})
+    rank1 = SimpleNamespace(rank=1, world_size=2, is_main=False, device=torch.device("cpu"))
+    reward = VideoAlignReward.from_config(cfg, rank1, torch.float32, IdentityDecoder())
+    assert isinstance(reward.model, VideoReward) == holds_model
+    assert (reward.model is None) == (not holds_model)
