@@ -74,6 +74,8 @@ class LayerKVCache:
         self.evicted_frames = ()     # absolute frames evicted by the last update
         self.num_evictions = 0       # updates that evicted at least one frame
         self.num_ema_updates = 0     # sink blends (ema mode)
+        self._rewrite_end = 0        # after rewind(): frames before this are re-encodes of stored frames
+        self._floor = 0              # after rewind(): the first non-sink frame that may be attended
 
     # -- layout ---------------------------------------------------------------------------------------------
     @property
@@ -97,8 +99,42 @@ class LayerKVCache:
     def _window_start(self, end):
         """First non-sink frame attended when the newest written frame is end - 1."""
         if self._ring_frames is None:
+            return max(self.sink_frames, self._floor)
+        return max(self.sink_frames, self._floor, end - self._ring_frames)
+
+    def _oldest_stored(self):
+        """First non-sink frame still held (every frame from it up to next_frame is stored)."""
+        if self._ring_frames is None:
             return self.sink_frames
-        return max(self.sink_frames, end - self._ring_frames)
+        return max(self.sink_frames, self.next_frame - self._ring_frames)
+
+    def first_rewritable_chunk(self, chunk_frames: int) -> int:
+        """Start of the oldest chunk (chunks begin at multiples of chunk_frames) whose non-sink frames are all
+        still held, skipping chunks that are all sink; next_frame when there is none."""
+        oldest = self._oldest_stored()
+        start = 0
+        while start < self.next_frame and (start + chunk_frames <= self.sink_frames
+                                           or max(start, self.sink_frames) < oldest):
+            start += chunk_frames
+        return min(start, self.next_frame)
+
+    def rewind(self, frame: int) -> None:
+        """Re-encode the held frames [frame, next_frame), e.g. under a new prompt (LongLive's prompt switch,
+        NVlabs/LongLive pipeline/interactive_causal_inference.py `_recache_after_switch`).
+
+        The next writes start again at `frame` and go forward chunk by chunk: each overwrites its frames' slots
+        in place and evicts nothing, the sink is left as it is, and they attend to the sink and to the re-encoded
+        frames only (the held frames before `frame` are stale). Writing past the old next_frame streams on as usual.
+        """
+        if isinstance(frame, bool) or not isinstance(frame, int):
+            raise ValueError(f"rewind frame must be a Python int, got {type(frame).__name__}")
+        if not max(frame, self.sink_frames) >= self._oldest_stored() or frame > self.next_frame or frame < 0:
+            raise ValueError(f"cannot rewind to frame {frame}: the cache holds frames [{self._oldest_stored()}, "
+                             f"{self.next_frame}) besides the sink")
+        self._rewrite_end = max(self._rewrite_end, self.next_frame)
+        self._floor = frame
+        self.next_frame = frame
+        self.last_start, self.last_frames = None, 0
 
     @property
     def sink(self):
@@ -214,14 +250,17 @@ class LayerKVCache:
         if self._sink is None:
             self._allocate(k, frame_tokens)
         end = start_frame + frames
+        rewriting_held = end <= self._rewrite_end  # re-encoding after rewind(): nothing new, nothing evicted
         with torch.no_grad():
-            if appending:
+            if appending and not rewriting_held:
                 self._evict(start_frame, end)
                 if self._ring_frames is None:
                     self._grow(end)
             else:
                 self.evicted_frames = ()
             for index in range(frames):
+                if rewriting_held and start_frame + index < self.sink_frames:
+                    continue  # rewind() keeps the sink
                 token_slice = slice(index * frame_tokens, (index + 1) * frame_tokens)
                 k_dst, v_dst = self._frame_view(start_frame + index)
                 k_dst.copy_(k.detach()[:, token_slice])
@@ -259,6 +298,11 @@ class KVCache:
     def reset_cross(self):
         """Prompt switch: drop the cross-attention K/V only."""
         self.cross = [None] * len(self.layers)
+
+    def rewind(self, frame: int) -> None:
+        """Prompt switch: re-encode the held frames from `frame` on in every layer (LayerKVCache.rewind)."""
+        for layer in self.layers:
+            layer.rewind(frame)
 
     @property
     def nbytes(self):

@@ -172,7 +172,8 @@ class WeightsSource:
         return str(self.file.resolve()) + (f" [{self.section}]" if self.section else "")
 
     def __str__(self) -> str:
-        return str(self.file) + (f" [{self.section}]" if self.section else "") + (f" ({self.note})" if self.note else "")
+        section = f" [{self.section}]" if self.section else ""
+        return f"{self.file}{section} ({self.note})" if self.note else f"{self.file}{section}"
 
 
 def _select_section(obj: dict, path: Path, use_ema: bool) -> tuple[dict, WeightsSource]:

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reward_forcing.checkpoints import WeightsSource, asset_path, load_generator_weights, load_into, load_wan_folder, read_wan_config
+from reward_forcing.checkpoints import (WeightsSource, asset_path, load_generator_weights, load_into, load_wan_folder,
+                                        read_wan_config)
 from reward_forcing.errors import CheckpointError, ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, latent_size
 from reward_forcing.models.causal_wan import CausalWanModel
@@ -87,9 +88,12 @@ class VideoPipeline:
     def encode(self, text: str) -> torch.Tensor:
         return self.text_encoder.encode([text]).to(device=self.device, dtype=self.dtype)
 
-    def frames(self, context: torch.Tensor, num_frames: int, seed: int) -> Iterator[np.ndarray]:
-        """uint8 frames [n, H, W, 3] of one video, yielded as each latent chunk is generated and decoded."""
+    def frames(self, context: torch.Tensor, num_frames: int | None, seed: int, switch=None) -> Iterator[np.ndarray]:
+        """uint8 frames [n, H, W, 3] of one video, yielded as each latent chunk is generated and decoded.
+
+        switch: see StreamingGenerator.stream (prompt switches); num_frames=None streams until the caller stops."""
         rng = torch.Generator(device=self.device).manual_seed(seed)
         decoder = self.decoder.stream_decoder()
-        for chunk in self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype):
+        for chunk in self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype,
+                                           switch=switch):
             yield to_uint8_frames(decoder.decode_chunk(chunk)[0])

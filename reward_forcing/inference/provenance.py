@@ -15,28 +15,30 @@ from reward_forcing.errors import ConfigError
 # Config keys whose values change the frames of a video (the file name and sample count do not).
 SHAPING_KEYS = (
     "inference.num_output_frames", "height", "width", "fps", "num_frame_per_block", "local_attn_size", "sink_size",
-    "sink_mode", "compression_alpha", "timestep_shift", "denoising_step_list", "warp_denoising_step",
+    "sink_mode", "compression_alpha", "switch_sink", "timestep_shift", "denoising_step_list", "warp_denoising_step",
     "sigma_lookup", "context_noise", "decoder", "taehv_path", "text_encoder.text_len",
 )
 
 
 def video_settings(cfg, weights, dtype) -> dict:
     """The run-wide settings that shape every video, as JSON-ready values (`weights`: a WeightsSource)."""
-    settings = {"weights": weights.identity, "base_model": str(asset_path(cfg, cfg.model_name).resolve()), "dtype": str(dtype)}
+    settings = {"weights": weights.identity, "base_model": str(asset_path(cfg, cfg.model_name).resolve()),
+                "dtype": str(dtype)}
     for key in SHAPING_KEYS:
         value = OmegaConf.select(cfg, key)
         settings[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     return settings
 
 
-def video_record(settings: dict, seed: int, generation_text: str) -> dict:
-    """Everything that shapes one video: the run's settings, its seed and the text it was generated from."""
-    return {"settings": settings, "seed": seed, "generation_text": generation_text}
+def video_record(settings: dict, seed: int, generated_from) -> dict:
+    """Everything that shapes one video: the run's settings, its seed and what it was generated from (the
+    text, or the manifest's segment list of a --switch_prompts video)."""
+    return {"settings": settings, "seed": seed, "generated_from": generated_from}
 
 
 def _recorded(record: dict) -> dict:
-    text = record.get("extended_prompt") or record.get("prompt")
-    return video_record(record.get("settings"), record.get("seed"), text)
+    source = record.get("segments") or record.get("extended_prompt") or record.get("prompt")
+    return video_record(record.get("settings"), record.get("seed"), source)
 
 
 def _first_difference(old, new: dict) -> str:
