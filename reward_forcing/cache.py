@@ -85,11 +85,13 @@ class LayerKVCache:
         self.evicted_frames = ()     # absolute frames evicted by the last update
         self.num_evictions = 0       # updates that evicted at least one frame
         self.num_ema_updates = 0     # sink blends (ema mode)
+        self._rewrite_end = 0        # after rewind(): frames before this are re-encodes of stored frames
+        self._floor = 0              # after rewind(): the first non-sink frame that may be attended
         self.num_appends = 0         # calls that started a new chunk (the attended prefix changes only then)
         self._attend = None          # static mode: (keys, values) [B, window_frames*L, H, D], temporal order
         self._prefix_key = None      # (start_frame, num_appends) the buffers' prefix was built for
         self._live_keys = None       # static mode: pre-RoPE keys of the newest write [B, chunk*L, H, D]
-        self._pending = None         # static mode: (start_frame, frames, values) of that write, not yet in the ring
+        self._pending = None         # static mode: (start, frames, values, keep_sink) of it, not yet stored
 
     # -- layout ---------------------------------------------------------------------------------------------
     @property
@@ -113,12 +115,48 @@ class LayerKVCache:
     def _window_start(self, end):
         """First non-sink frame attended when the newest written frame is end - 1."""
         if self._ring_frames is None:
+            return max(self.sink_frames, self._floor)
+        return max(self.sink_frames, self._floor, end - self._ring_frames)
+
+    def _oldest_stored(self):
+        """First non-sink frame still held (every frame from it up to next_frame is stored)."""
+        if self._ring_frames is None:
             return self.sink_frames
-        return max(self.sink_frames, end - self._ring_frames)
+        return max(self.sink_frames, self.next_frame - self._ring_frames)
+
+    def first_rewritable_chunk(self, chunk_frames: int) -> int:
+        """Start of the oldest chunk (chunks begin at multiples of chunk_frames) whose non-sink frames are all
+        still held, skipping chunks that are all sink; next_frame when there is none."""
+        oldest = self._oldest_stored()
+        start = 0
+        while start < self.next_frame and (start + chunk_frames <= self.sink_frames
+                                           or max(start, self.sink_frames) < oldest):
+            start += chunk_frames
+        return min(start, self.next_frame)
+
+    def rewind(self, frame: int) -> None:
+        """Re-encode the held frames [frame, next_frame), e.g. under a new prompt (LongLive's prompt switch,
+        NVlabs/LongLive pipeline/interactive_causal_inference.py `_recache_after_switch`).
+
+        The next writes start again at `frame` and go forward chunk by chunk: each overwrites its frames' slots
+        in place and evicts nothing, the sink is left as it is, and they attend to the sink and to the re-encoded
+        frames only (the held frames before `frame` are stale). Writing past the old next_frame streams on as usual.
+        """
+        if isinstance(frame, bool) or not isinstance(frame, int):
+            raise ValueError(f"rewind frame must be a Python int, got {type(frame).__name__}")
+        if not max(frame, self.sink_frames) >= self._oldest_stored() or frame > self.next_frame or frame < 0:
+            raise ValueError(f"cannot rewind to frame {frame}: the cache holds frames [{self._oldest_stored()}, "
+                             f"{self.next_frame}) besides the sink")
+        self._flush_pending()
+        self._rewrite_end = max(self._rewrite_end, self.next_frame)
+        self._floor = frame
+        self.next_frame = frame
+        self.last_start, self.last_frames = None, 0
 
     @property
     def sink(self):
         """(k, v) of the sink frames as stored (detached), or None before the first call."""
+        self._flush_pending()  # a caller may read or overwrite the sink: make it current first
         return self._sink
 
     @property
@@ -236,10 +274,13 @@ class LayerKVCache:
         if self._sink is None:
             self._allocate(k.shape[0], k.shape[2], k.shape[3], k.dtype, k.device, frame_tokens)
         end = start_frame + frames
+        rewriting_held = end <= self._rewrite_end  # re-encoding after rewind(): nothing new, nothing evicted
         with torch.no_grad():
-            self._advance(start_frame, end, appending)
+            self._advance(start_frame, end, appending, rewriting_held)
             self._pending = None  # this call's write supersedes any pending static-mode write of the chunk
             for index in range(frames):
+                if rewriting_held and start_frame + index < self.sink_frames:
+                    continue  # rewind() keeps the sink
                 token_slice = slice(index * frame_tokens, (index + 1) * frame_tokens)
                 k_dst, v_dst = self._frame_view(start_frame + index)
                 k_dst.copy_(k.detach()[:, token_slice])
@@ -248,17 +289,19 @@ class LayerKVCache:
         values = torch.cat(self._old_pieces(start_frame, end, 1) + [v], dim=1)
         return keys, values, self._record(start_frame, end, frames)
 
-    def _advance(self, start, end, appending):
+    def _advance(self, start, end, appending, rewriting_held):
         """Before a write of frames [start, end): a new chunk first stores the previous chunk's pending static
-        write in the ring, then evicts (and blends the sink)."""
+        write, then evicts (and blends the sink) unless it re-encodes held frames after rewind()."""
+        self.evicted_frames = ()
         if not appending:
-            self.evicted_frames = ()
             return
         self._flush_pending()
+        self.num_appends += 1
+        if rewriting_held:
+            return
         self._evict(start, end)
         if self._ring_frames is None:
             self._grow(end)
-        self.num_appends += 1
 
     def _record(self, start, end, frames):
         """Bookkeeping after a write; returns the query start frame."""
@@ -282,8 +325,9 @@ class LayerKVCache:
         if self._sink is None:
             self._allocate(batch, heads, head_dim, dtype, device, frame_tokens)
         end = start_frame + frames
+        rewriting_held = end <= self._rewrite_end
         with torch.no_grad():
-            self._advance(start_frame, end, appending)
+            self._advance(start_frame, end, appending, rewriting_held)
             query_start = self._record(start_frame, end, frames)
             if self._attend is None:
                 self._attend = tuple(torch.zeros(batch, self.window_frames * frame_tokens, heads, head_dim,
@@ -298,7 +342,7 @@ class LayerKVCache:
                 self._prefix_key = (start_frame, self.num_appends)
             if self._live_keys is None or self._live_keys.shape != shape:
                 self._live_keys = torch.zeros(shape, dtype=dtype, device=device)
-            self._pending = (start_frame, frames, values[:, query_start * frame_tokens:])
+            self._pending = (start_frame, frames, values[:, query_start * frame_tokens:], rewriting_held)
         return StaticAttend(keys, values, self._live_keys, query_start)
 
     def _attended(self, buffer, frames):
@@ -310,9 +354,11 @@ class LayerKVCache:
         """Store the last static-mode write (pre-RoPE keys, values) of a finished chunk in its ring slots."""
         if self._pending is None:
             return
-        (start, frames, v), k = self._pending, self._live_keys
+        (start, frames, v, keep_sink), k = self._pending, self._live_keys
         L = self.frame_tokens
         for index in range(frames):
+            if keep_sink and start + index < self.sink_frames:
+                continue  # rewind() keeps the sink
             for dst, src in zip(self._frame_view(start + index), (k, v)):
                 dst.copy_(src[:, index * L:(index + 1) * L])
         self._pending = None
@@ -364,6 +410,11 @@ class KVCache:
     def reset_cross(self):
         """Prompt switch: drop the cross-attention K/V only."""
         self.cross = [None] * len(self.layers)
+
+    def rewind(self, frame: int) -> None:
+        """Prompt switch: re-encode the held frames from `frame` on in every layer (LayerKVCache.rewind)."""
+        for layer in self.layers:
+            layer.rewind(frame)
 
     @property
     def nbytes(self):

@@ -261,3 +261,51 @@ def test_kvcache_layers_reset_and_cross():
     assert all(layer.next_frame == 0 and layer.sink is None and layer.nbytes == 0 for layer in cache.layers)
     keys, _, q0 = cache.layers[0].update(frame_ids(0, 3), frame_ids(0, 3), 0, L)  # new video from frame 0
     assert q0 == 0 and frames_of(keys) == [0.0, 1.0, 2.0]
+
+
+def test_rewind_re_encodes_the_held_window_in_place_keeping_the_sink():
+    layer = LayerKVCache(window_frames=9, sink_frames=3, sink_mode="ema", ema_alpha=0.5)
+    for chunk in range(5):  # frames [0, 15): sink blended twice (see the eviction test), ring holds [9, 15)
+        run_chunk(layer, chunk, calls=1)
+    sink = [3.75, 4.75, 5.75]  # 0.5 * (0.5*[0,1,2] + 0.5*[3,4,5]) + 0.5 * [6,7,8]
+    assert layer.first_rewritable_chunk(3) == 9
+    layer.rewind(9)
+    keys, _, q0 = layer.update(frame_ids(9, 3, offset=100.0), frame_ids(9, 3, offset=100.0), 9, L)
+    # the first re-encoded chunk sees only the sink and itself: held frames 12..14 are still the old ones
+    assert frames_of(keys) == sink + [109.0, 110.0, 111.0] and q0 == 3
+    assert layer.evicted_frames == () and layer.num_ema_updates == 2
+    keys, _, q0 = layer.update(frame_ids(12, 3, offset=100.0), frame_ids(12, 3, offset=100.0), 12, L)
+    assert frames_of(keys) == sink + [109.0, 110.0, 111.0, 112.0, 113.0, 114.0] and q0 == 6
+    keys, _, _ = run_chunk(layer, 5, calls=1)  # streaming on evicts the re-encoded frames 9..11 into the sink
+    sink = [0.5 * s + 0.5 * e for s, e in zip(sink, [109.0, 110.0, 111.0])]
+    assert list(layer.evicted_frames) == [9, 10, 11] and layer.num_ema_updates == 3
+    assert frames_of(keys) == sink + [112.0, 113.0, 114.0, 15.0, 16.0, 17.0]
+
+
+def test_rewind_before_any_eviction_rewrites_the_first_chunk_but_not_its_sink_frames():
+    layer = LayerKVCache(window_frames=9, sink_frames=1, sink_mode="static")
+    run_chunk(layer, 0, calls=1)
+    assert layer.first_rewritable_chunk(3) == 0
+    layer.rewind(0)
+    keys, _, q0 = layer.update(frame_ids(0, 3, offset=100.0), frame_ids(0, 3, offset=100.0), 0, L)
+    assert frames_of(keys) == [100.0, 101.0, 102.0] and q0 == 0  # the chunk attends to its own new keys
+    keys, _, _ = run_chunk(layer, 1, calls=1)
+    assert frames_of(keys) == [0.0, 101.0, 102.0, 3.0, 4.0, 5.0]  # stored sink frame 0 kept
+
+
+@pytest.mark.parametrize("window, sink, chunks, first", [(11, 1, 5, 6), (10, 1, 5, 6), (9, 3, 1, 3), (9, 3, 2, 3),
+                                                        (9, 3, 3, 3), (9, 3, 4, 6), (None, 3, 6, 3), (None, 0, 4, 0)])
+def test_first_rewritable_chunk_is_the_oldest_fully_held_chunk(window, sink, chunks, first):
+    layer = LayerKVCache(window_frames=window, sink_frames=sink, sink_mode="static" if sink else "none")
+    for chunk in range(chunks):
+        run_chunk(layer, chunk, calls=1)
+    assert layer.first_rewritable_chunk(3) == first
+
+
+def test_rewind_refuses_frames_the_cache_no_longer_holds():
+    layer = LayerKVCache(window_frames=9, sink_frames=3, sink_mode="static")
+    for chunk in range(5):
+        run_chunk(layer, chunk, calls=1)
+    for frame in (6, 16):  # evicted; not written yet
+        with pytest.raises(ValueError, match=r"cannot rewind to frame .* holds frames \[9, 15\)"):
+            layer.rewind(frame)

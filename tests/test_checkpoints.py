@@ -277,6 +277,9 @@ TINY_FILES = [
     "ode_init.pt",
     "VideoReward/model_config.json",
     "Qwen2-VL-2B-Instruct/config.json",
+    "ImageReward/ImageReward.pt",
+    "ImageReward/med_config.json",
+    "ImageReward/bert-base-uncased/tokenizer_config.json",
     "taew2_1.pth",
 ]
 
@@ -348,6 +351,7 @@ def test_tiny_text_encoder_vae_taehv_and_reward_load(tiny):
     from reward_forcing.models.taehv import TAEHV
     from reward_forcing.models.text_encoder import TextEncoder
     from reward_forcing.models.vae import WanVAE
+    from reward_forcing.rewards.imagereward import ImageReward
     from reward_forcing.rewards.videoalign import VideoReward
 
     base = asset_path(tiny, tiny.model_name)
@@ -367,6 +371,10 @@ def test_tiny_text_encoder_vae_taehv_and_reward_load(tiny):
     with torch.no_grad():
         scores = reward.score(pixels, ["a cat walks across the grass"])
     assert all(torch.isfinite(scores[key]).all() for key in ("VQ", "MQ", "TA", "Overall"))
+
+    image_reward = ImageReward.from_checkpoint(asset_path(tiny, "ImageReward"))
+    with torch.no_grad():
+        assert torch.isfinite(image_reward.score(pixels[:, :, -1], ["a cat walks across the grass"])).all()
 
 
 def test_make_tiny_checkpoints_refuses_a_file_as_output_dir(tmp_path):

@@ -59,3 +59,24 @@ def test_stream_uses_fixed_buffers_once_the_window_is_full():
     steady = seen[3 * 5:]  # chunks 0..2 fill the window (3, 6, 9 frames attended)
     assert len(seen) == 30 and all(call == steady[0] for call in steady)
     assert steady[0][0][-1] == (1, 9 * (HW[0] // 2) * (HW[1] // 2), 2, 16)
+
+
+def test_compiled_step_one_graph_no_recompiles_equals_eager():
+    """fullgraph torch.compile of the steady step: 40 chunks at window 9 / sink 3 (EMA) compile one graph at the
+    first full-window chunk and never again (dynamo's counters), and match eager within 1e-4 (fp32)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(local_attn_size=9)
+    generator = tiny_generator(model, **WINDOW)
+    context = torch.randn(1, 5, 16)
+    eager = list(generator.stream(context, 3 * 40, HW, generator=torch.Generator().manual_seed(1)))
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_streaming()
+    compiled, graphs = [], []
+    for chunk in generator.stream(context, 3 * 40, HW, generator=torch.Generator().manual_seed(1)):
+        compiled.append(chunk)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[:2] == [0, 0]  # chunks 0, 1 attend to 3, 6 frames: eager
+    assert graphs[2:] == [1] * 38  # compiled once at the first full window (9 frames), never again
+    torch.testing.assert_close(torch.cat(compiled, 2), torch.cat(eager, 2), atol=1e-4, rtol=0)

@@ -66,7 +66,17 @@ BAD_INPUTS = [
     (["--data_path", "{d}/prompts.txt", "--num_samples", "0"], "num_samples must be at least 1"),
     (["--data_path", "{d}/prompts.txt", "--i2v"], "--i2v is not supported"),
     (["--data_path", "{d}/nope.txt"], "prompt file not found"),
-    ([], "--data_path is required"),
+    ([], "give exactly one of --data_path and --switch_prompts"),
+    (["--data_path", "{d}/prompts.txt", "--switch_prompts", "{d}/switch.jsonl"], "give exactly one of"),
+    (["--switch_prompts", "{d}/switch.jsonl", "--extended_prompt_path", "{d}/short_ext.txt"], "pairs with --data_path"),
+    (["--switch_prompts", "{d}/nope.jsonl"], "switch prompts file not found"),
+    (["--switch_prompts", "{d}/empty.txt"], "contains no videos"),
+    (["--switch_prompts", "{d}/prompts.txt"], "prompts.txt line 1: not JSON"),
+    (["--switch_prompts", "{d}/bad_frames.jsonl"], "line 2: segment 2 has frames=4; latent frames must be"),
+    (["--switch_prompts", "{d}/bad_keys.jsonl"], "segment 1 must be an object with exactly the keys prompt, frames"),
+    (["--switch_prompts", "{d}/not_list.jsonl"], "expected a non-empty JSON array of segments"),
+    (["--switch_prompts", "{d}/blank_prompt.jsonl"], "segment 1 has an empty prompt"),
+    (["--switch_prompts", "{d}/same_first.jsonl"], "videos 1 and 2 of"),
     (["--data_path", "{d}/prompts.txt", "--seed", "x"], "invalid int value"),
     (["--data_path", "{d}/prompts.txt", "inference.num_output_frames=abc"], "must be a whole number"),
     (["--data_path", "{d}/prompts.txt", "inference.device=gpu"], "is not a device"),
@@ -79,6 +89,13 @@ def test_bad_input_is_one_line_and_writes_nothing(files, capsys, args, message):
     (files / "empty.txt").write_text("\n\n")
     (files / "short_ext.txt").write_text("an extended cat\n")
     (files / "broken.yaml").write_text("height: [1, 2\n")
+    segments = {"switch": '[{"prompt": "a cat", "frames": 3}]',
+                "bad_frames": '[{"prompt": "a", "frames": 3}]\n[{"prompt": "b", "frames": 3}, {"prompt": "c", "frames": 4}]',
+                "bad_keys": '[{"prompt": "a", "frames": 3, "seed": 1}]', "not_list": '{"prompt": "a", "frames": 3}',
+                "blank_prompt": '[{"prompt": " ", "frames": 3}]',
+                "same_first": '[{"prompt": "a", "frames": 3}]\n[{"prompt": "a", "frames": 3}, {"prompt": "b", "frames": 3}]'}
+    for name, text in segments.items():
+        (files / f"{name}.jsonl").write_text(text + "\n")
     out = files / "out"
     argv = [a.format(d=files) for a in args] + ["--output_folder", str(out)]
     assert run_cli(main, argv) == 2
@@ -94,3 +111,12 @@ def test_the_script_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "contains no prompts" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_switch_prompt_videos_are_named_after_their_first_segment(files):
+    (files / "s.jsonl").write_text('[{"prompt": "a cat", "frames": 6}, {"prompt": "a dog", "frames": 3}]\n\n'
+                                   '[{"prompt": "a cat", "frames": 3}]\n')
+    cfg = load_run_config(["--switch_prompts", str(files / "s.jsonl"), "--output_folder", "o", "--save_with_index"])
+    jobs, blank = plan_jobs(cfg)
+    assert [(j.stem, j.prompt.text, j.num_frames(21)) for j in jobs] == [("0", "a cat", 9), ("1", "a cat", 3)]
+    assert [s.prompt for s in jobs[0].segments] == ["a cat", "a dog"] and blank == 0

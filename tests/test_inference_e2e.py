@@ -194,3 +194,24 @@ def test_frames_are_yielded_chunk_by_chunk(assets):
         assert frames.dtype == np.uint8 and frames.shape[1:] == (16, 32, 3)
         sizes.append(len(frames))
     assert sizes == [9, 12, 12, 12]
+
+
+def test_switch_prompts_file_makes_one_video_per_line(assets, tmp_path):
+    segments = [{"prompt": "a cat walks on the grass", "frames": 6}, {"prompt": "waves crash on a beach", "frames": 3}]
+    (tmp_path / "switch.jsonl").write_text(json.dumps(segments) + "\n")
+    (tmp_path / "first.txt").write_text("a cat walks on the grass\n")
+    common = ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path", str(assets / "model.pt"), "--seed", "2"]
+    assert run_cli(main, [*common, "--switch_prompts", str(tmp_path / "switch.jsonl"),
+                          "--output_folder", str(tmp_path / "switch")]) == 0
+    assert run_cli(main, [*common, "--data_path", str(tmp_path / "first.txt"), "--num_output_frames", "9",
+                          "--output_folder", str(tmp_path / "plain")]) == 0
+    name = "a cat walks on the grass-0.mp4"
+    assert videos(tmp_path / "switch") == [name]
+    (record,) = [json.loads(line) for line in (tmp_path / "switch" / "manifest.jsonl").read_text().splitlines()]
+    assert record["segments"] == [{**segments[0], "start_frame": 0}, {**segments[1], "start_frame": 6}]
+    assert record["frames"] == 1 + 4 * 8 and record["prompt"] == "a cat walks on the grass"
+    switched, plain = read_video(tmp_path / "switch" / name)[0], read_video(tmp_path / "plain" / name)[0]
+    assert switched.shape == plain.shape == (33, 16, 32, 3)
+    # latents 0..5 (pixel frames 0..20) precede the switch; the last chunk's 12 frames come from the new prompt
+    np.testing.assert_array_equal(switched[:21], plain[:21])
+    assert np.abs(switched[21:].astype(int) - plain[21:]).mean() > 1

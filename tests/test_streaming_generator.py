@@ -31,12 +31,16 @@ def count_forwards(model):
     return calls
 
 
-def reference_video(model, context, frames, seed):
-    """The sampler written out with teacher forcing: noisy chunk c attends to itself and the clean chunks < c."""
+def reference_video(model, context, frames, seed, switch=None):
+    """The sampler written out with teacher forcing: noisy chunk c attends to itself and the clean chunks < c.
+
+    switch=(chunk, new_context): from that chunk on the whole forward, clean history included, sees new_context."""
     rng = torch.Generator().manual_seed(seed)
     shape = (1, TINY["in_dim"], CHUNK, *HW)
     clean = torch.zeros(1, TINY["in_dim"], frames, *HW)
     for c in range(frames // CHUNK):
+        if switch is not None and c == switch[0]:
+            context = switch[1]
         x = torch.randn(shape, generator=rng)
         for i, sigma in enumerate(SIGMAS):
             noisy = torch.zeros_like(clean)
@@ -108,3 +112,72 @@ def test_from_config_reads_the_streaming_keys():
     gen = StreamingGenerator.from_config(tiny_model(), cfg)
     assert (gen.window_frames, gen.sink_frames, gen.sink_mode, gen.chunk_frames) == (None, 0, "none", 3)
     assert gen.timesteps == pytest.approx([1000 * s for s in SIGMAS])
+
+
+def switch_at(frame, context):
+    return lambda start: context if start == frame else None
+
+
+def test_switch_equals_teacher_forcing_under_the_new_prompt():
+    # Unbounded window, no sink: a switch re-encodes every earlier frame, so the chunks after it are the
+    # teacher-forcing sampler whose clean history is seen under the new prompt (LongLive's re-cache).
+    model = tiny_model()
+    a, b = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    gen = tiny_generator(model)
+    chunks = list(gen.stream(a, 12, HW, generator=torch.Generator().manual_seed(3), switch=switch_at(6, b)))
+    expected = reference_video(model, a, 12, seed=3, switch=(2, b))
+    torch.testing.assert_close(torch.cat(chunks, dim=2), expected, atol=2e-5, rtol=1e-4)
+    plain = torch.cat(list(gen.stream(a, 12, HW, generator=torch.Generator().manual_seed(3))), dim=2)
+    torch.testing.assert_close(torch.cat(chunks, dim=2)[:, :, :6], plain[:, :, :6], atol=0, rtol=0)
+    assert (torch.cat(chunks, dim=2)[:, :, 6:] - plain[:, :, 6:]).abs().min() > 0
+
+
+@pytest.mark.parametrize("policy", ["keep", "recache"])
+def test_switch_after_evictions_continues_from_the_re_encoded_window(policy):
+    # One denoising step, so the given noise is all the randomness. Oracle: a fresh cache fed the sink chunk
+    # (old prompt if kept) and the held window chunks at consecutive positions under the new prompt, then the
+    # next chunk. Window 9, sink 3, switch at 12: the held window is frames [6, 12).
+    model = tiny_model(local_attn_size=9)
+    gen = StreamingGenerator(model, FlowMatchSchedule(5.0), [1000.0], CHUNK, window_frames=9, sink_frames=3,
+                             sink_mode="static", switch_sink=policy)
+    a, b = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    noise = torch.randn(1, 4, 15, *HW)
+    calls = count_forwards(model)
+    out = torch.cat(list(gen.stream(a, 15, HW, noise=noise, switch=switch_at(12, b))), dim=2)
+    # 2 calls per chunk, plus the re-encode of frames 6..11 (and of the sink chunk under recache)
+    assert calls[8:] == ([0] if policy == "recache" else []) + [6, 9, 12, 12]
+    fresh = gen.new_cache(1)
+    gen.context_pass(fresh, a if policy == "keep" else b, out[:, :, 0:3], 0)
+    fresh.reset_cross()
+    gen.context_pass(fresh, b, out[:, :, 6:9], 3)
+    gen.context_pass(fresh, b, out[:, :, 9:12], 6)
+    expected = gen.denoise_chunk(fresh, b, noise[:, :, 12:15], 9)
+    torch.testing.assert_close(out[:, :, 12:15], expected, atol=1e-5, rtol=1e-4)
+    unswitched = torch.cat(list(gen.stream(a, 15, HW, noise=noise)), dim=2)
+    assert torch.equal(out[:, :, :12], unswitched[:, :, :12])
+
+
+def test_sink_policy_decides_what_the_next_chunk_sees():
+    # Switch at frame 3 with window 9: nothing was evicted, the sink chunk is the only history. Re-caching it
+    # too equals teacher forcing under the new prompt (the local window spans the whole 9 frames).
+    model = tiny_model(local_attn_size=9)
+    a, b = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    runs = {}
+    for policy in ("keep", "recache"):
+        gen = tiny_generator(model, window_frames=9, sink_frames=3, sink_mode="ema", switch_sink=policy)
+        runs[policy] = torch.cat(list(gen.stream(a, 9, HW, generator=torch.Generator().manual_seed(5),
+                                                 switch=switch_at(3, b))), dim=2)
+    expected = reference_video(model, a, 9, seed=5, switch=(1, b))
+    torch.testing.assert_close(runs["recache"], expected, atol=2e-5, rtol=1e-4)
+    assert torch.equal(runs["keep"][:, :, :3], runs["recache"][:, :, :3])
+    assert (runs["keep"][:, :, 3:] - runs["recache"][:, :, 3:]).abs().max() > 1e-3
+
+
+def test_endless_stream_and_bad_switch_policy():
+    gen = tiny_generator(tiny_model())
+    stream = gen.stream(torch.randn(1, 5, 16), None, HW, generator=torch.Generator().manual_seed(0))
+    assert sum(1 for _, _ in zip(range(7), stream)) == 7
+    with pytest.raises(ConfigError, match="switch_sink must be one of keep, recache, got 'drop'"):
+        tiny_generator(tiny_model(), switch_sink="drop")
+    cfg = load_config(overrides=["switch_sink=recache"])
+    assert StreamingGenerator.from_config(tiny_model(), cfg).switch_sink == "recache"

@@ -8,6 +8,8 @@ import pytest
 from reward_forcing.config import load_config
 
 ROOT = Path(__file__).parents[1]
+# Wan2.1's standard negative prompt, as written in Wan's wan/configs/shared_config.py (sample_neg_prompt)
+WAN_NEGATIVE_PROMPT = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 
 
 def test_reward_forcing_config_has_the_paper_settings():
@@ -16,9 +18,29 @@ def test_reward_forcing_config_has_the_paper_settings():
     assert (cfg.distill_loss, cfg.reward_beta, cfg.guidance_scale) == ("re_dmd", 2.0, 3.0)
     assert (cfg.lr_generator, cfg.lr_critic, list(cfg.adam_betas), cfg.weight_decay) == (2e-6, 4e-7, [0.0, 0.999], 0.01)
     assert (cfg.grad_accum, cfg.dfake_gen_update_ratio, cfg.grad_clip) == (8, 5, 10.0)
-    assert (cfg.ema_decay, cfg.ema_start, cfg.min_score_timestep, cfg.max_score_timestep) == (0.99, 200, 20, 980)
+    assert (cfg.ema_decay, cfg.ema_start, cfg.min_score_timestep, cfg.max_score_timestep) == (0.99, 45, 20, 980)
     assert (cfg.local_attn_size, cfg.sink_size, cfg.sink_mode, cfg.rollout_cache) == (9, 3, "ema", "full")
+    assert (cfg.schedule, cfg.rollout_cache_grad) == ("corrected", "straight_through")
     assert cfg.real_name == "Wan2.1-T2V-14B" and cfg.num_training_frames == 21
+
+
+def test_upstream_preset_differs_from_the_default_only_by_its_switches():
+    rf = load_config(ROOT / "configs" / "reward_forcing.yaml")
+    up = load_config(ROOT / "configs" / "reward_forcing_upstream.yaml")
+    assert {k for k in rf if rf[k] != up[k]} == {"schedule", "max_steps", "ema_start", "save_every"}
+    # upstream's configs/reward_forcing.yaml: full_training_steps 601, ema_start_step 200, both in loop iterations
+    assert (up.schedule, up.max_steps, up.ema_start, up.rollout_cache_grad) == ("upstream", 601, 200, "straight_through")
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_preset_gives_the_teacher_wans_negative_prompt(preset):
+    assert load_config(ROOT / "configs" / preset).negative_prompt == WAN_NEGATIVE_PROMPT
+
+
+def test_the_negative_prompt_is_defined_once():
+    yamls = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "reward_forcing" / "defaults").glob("*.yaml"))
+    holders = [p.relative_to(ROOT).as_posix() for p in yamls if "静止不动的画面" in p.read_text(encoding="utf-8")]
+    assert holders == ["reward_forcing/defaults/training.yaml"]
 
 
 def test_self_forcing_differs_only_in_loss_and_attention():

@@ -20,7 +20,8 @@ from reward_forcing.errors import CheckpointError, ConfigError, UserError
 from reward_forcing.inference.generator import check_num_frames, pixel_frames
 from reward_forcing.inference.jobs import shard, video_seed
 from reward_forcing.inference.pipeline import VideoPipeline, resolve_device
-from reward_forcing.video import (Mp4Writer, Prompt, append_manifest, compact_manifest, read_prompts, unique_by_stem,
+from reward_forcing.inference.segments import Segment, read_switch_prompts, segment_records, switch_schedule, total_frames
+from reward_forcing.video import (Mp4Writer, Prompt, PromptFileError, append_manifest, compact_manifest, read_prompts, unique_by_stem,
                                   video_name, video_stem)
 
 MANIFEST = "manifest.jsonl"
@@ -30,6 +31,7 @@ SAVED_CONFIG = "config.yaml"
 FLAG_KEYS = {
     "checkpoint_path": "inference.checkpoint_path",
     "data_path": "inference.data_path",
+    "switch_prompts": "inference.switch_prompts",
     "extended_prompt_path": "inference.extended_prompt_path",
     "output_folder": "inference.output_folder",
     "num_output_frames": "inference.num_output_frames",
@@ -51,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config_path", help="YAML merged over the packaged defaults")
     p.add_argument("--checkpoint_path", help="student weights: flat, or with generator / generator_ema sections")
     p.add_argument("--data_path", help="prompt file, one prompt per line")
+    p.add_argument("--switch_prompts", metavar="FILE.jsonl",
+                   help="instead of --data_path: one video per line, a JSON array of segments "
+                        '[{"prompt": "...", "frames": 21}, ...] (latent frames, multiples of the chunk); '
+                        "the prompt switches at each segment; the file is named after the first")
     p.add_argument("--extended_prompt_path", help="line-aligned extended prompts (used for generation)")
     p.add_argument("--output_folder", help="where videos, manifest.jsonl and config.yaml are written")
     p.add_argument("--num_output_frames", type=int, help="latent frames per video (multiple of the chunk)")
@@ -86,12 +92,18 @@ def _whole(cfg, key: str) -> int:
 
 def validate(cfg) -> None:
     run = cfg.inference
-    for key in ("data_path", "output_folder"):
-        if not run[key]:
-            raise ConfigError(f"--{key} is required (or inference.{key} in the config)")
+    if not run.output_folder:
+        raise ConfigError("--output_folder is required (or inference.output_folder in the config)")
+    if bool(run.data_path) == bool(run.switch_prompts):
+        raise ConfigError("give exactly one of --data_path and --switch_prompts (or inference.* in the config)")
+    if run.switch_prompts and run.extended_prompt_path:
+        raise ConfigError("--extended_prompt_path pairs with --data_path; --switch_prompts segments hold the prompts")
     if _whole(cfg, "inference.num_samples") < 1:
         raise ConfigError(f"num_samples must be at least 1, got {run.num_samples}")
     _whole(cfg, "seed")
+    for key in ("compile", "overlap_decode"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
     check_num_frames(_whole(cfg, "inference.num_output_frames"), _whole(cfg, "num_frame_per_block"))
     if run.checkpoint_path is not None and not Path(run.checkpoint_path).exists():
         raise CheckpointError(f"checkpoint not found: {run.checkpoint_path}")
@@ -103,18 +115,39 @@ def validate(cfg) -> None:
 class Job:
     prompt: Prompt
     stem: str
+    segments: tuple[Segment, ...] = ()  # --switch_prompts: the prompt changes at each segment
+
+    def num_frames(self, default: int) -> int:
+        return total_frames(self.segments) if self.segments else default
 
 
 def plan_jobs(cfg) -> tuple[list[Job], int]:
     """Unique prompts with their file stems, and the number of blank lines skipped."""
     run = cfg.inference
-    prompts, blank = read_prompts(run.data_path, run.extended_prompt_path)
     last_sample = int(run.num_samples) - 1
 
     def stem_of(prompt):
         return str(prompt.index) if run.save_with_index else video_stem(prompt.text, last_sample)
 
+    if run.switch_prompts:
+        return plan_switch_jobs(cfg, stem_of), 0
+    prompts, blank = read_prompts(run.data_path, run.extended_prompt_path)
     return [Job(p, stem_of(p)) for p in unique_by_stem(prompts, stem_of)], blank
+
+
+def plan_switch_jobs(cfg, stem_of) -> list[Job]:
+    """One job per line of --switch_prompts, named after its first segment's prompt."""
+    videos = read_switch_prompts(cfg.inference.switch_prompts, int(cfg.num_frame_per_block))
+    jobs, line_of_stem = [], {}
+    for index, segments in enumerate(videos):
+        prompt = Prompt(index, segments[0].prompt)
+        job = Job(prompt, stem_of(prompt), segments)
+        if job.stem in line_of_stem:
+            raise PromptFileError(f"videos {line_of_stem[job.stem] + 1} and {index + 1} of {cfg.inference.switch_prompts} "
+                                  f"would both be named {job.stem!r} (same first prompt); use --save_with_index")
+        line_of_stem[job.stem] = index
+        jobs.append(job)
+    return jobs
 
 
 def init_distributed(device_name: str):
@@ -142,12 +175,12 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int) -> list[float]:
     """Write this rank's videos; returns [written, skipped, frames, seconds spent generating]."""
     run = cfg.inference
     out = Path(run.output_folder)
-    num_frames = int(run.num_output_frames)
-    expected = pixel_frames(cfg, num_frames)
     written = skipped = frames_total = busy = 0
     bar = tqdm(jobs, desc=f"prompts (rank {rank})", unit="prompt", disable=rank != 0, dynamic_ncols=True)
     for job in bar:
         context = None
+        num_frames = job.num_frames(int(run.num_output_frames))
+        expected = pixel_frames(cfg, num_frames)
         for sample in range(int(run.num_samples)):
             name = video_name(job.stem, sample)
             if (out / name).exists() and not run.overwrite:
@@ -155,10 +188,11 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int) -> list[float]:
                 continue
             if context is None:
                 context = pipeline.encode(job.prompt.generation_text)
+                switch = switch_schedule(job.segments, pipeline.encode) if job.segments else None
             seed = video_seed(int(cfg.seed), job.prompt.index, sample)
             start = time.perf_counter()
             with Mp4Writer(out / name, fps=int(cfg.fps)) as writer:
-                for frames in pipeline.frames(context, num_frames, seed):
+                for frames in pipeline.frames(context, num_frames, seed, switch=switch):
                     writer.append(frames)
             elapsed = time.perf_counter() - start
             if writer.frames != expected:
@@ -167,6 +201,7 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int) -> list[float]:
                 "prompt_index": job.prompt.index, "sample": sample, "prompt": job.prompt.text,
                 "extended_prompt": job.prompt.extended, "seed": seed, "file": name, "frames": writer.frames,
                 "seconds": writer.frames / int(cfg.fps), "generation_seconds": round(elapsed, 3),
+                **({"segments": segment_records(job.segments)} if job.segments else {}),
             })
             written += 1
             frames_total += writer.frames

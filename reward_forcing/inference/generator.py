@@ -5,8 +5,13 @@ at the next step), then one context pass on the clean chunk at t = 0 that only r
 cache. The cache keeps a fixed window plus a sink, so memory and time per chunk do not grow with
 the video's length. Works from text embeddings alone (no text encoder, no VAE), so benchmarks and
 training drive the same loop as the CLI.
+
+The prompt may change at any chunk boundary (`switch_prompt`), as in LongLive's interactive pipeline
+(NVlabs/LongLive pipeline/interactive_causal_inference.py): the cross-attention K/V follow the new
+prompt and the held window frames are re-encoded under it; `switch_sink` decides the sink's fate.
 """
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from itertools import count
 
 import torch
 
@@ -35,6 +40,9 @@ def latent_size(cfg, patch_size) -> tuple[int, int]:
     return cfg.height // stride, cfg.width // stride
 
 
+SWITCH_SINK = ("keep", "recache")
+
+
 def check_num_frames(num_frames: int, chunk_frames: int) -> None:
     if num_frames <= 0 or num_frames % chunk_frames:
         raise ConfigError(
@@ -51,11 +59,13 @@ def pixel_frames(cfg, latent_frames: int) -> int:
 
 class StreamingGenerator:
     def __init__(self, model, schedule: FlowMatchSchedule, timesteps, chunk_frames: int, window_frames=None,
-                 sink_frames: int = 0, sink_mode: str = "none", ema_alpha: float = 0.999):
+                 sink_frames: int = 0, sink_mode: str = "none", ema_alpha: float = 0.999, switch_sink: str = "keep"):
         if chunk_frames <= 0:
             raise ConfigError(f"num_frame_per_block must be positive, got {chunk_frames}")
         if not timesteps:
             raise ConfigError("denoising_step_list is empty")
+        if switch_sink not in SWITCH_SINK:
+            raise ConfigError(f"switch_sink must be one of {', '.join(SWITCH_SINK)}, got {switch_sink!r}")
         self.model = model
         self.schedule = schedule
         self.timesteps = [float(t) for t in timesteps]
@@ -64,6 +74,7 @@ class StreamingGenerator:
         self.sink_frames = sink_frames
         self.sink_mode = sink_mode
         self.ema_alpha = ema_alpha
+        self.switch_sink = switch_sink
 
     @classmethod
     def from_config(cls, model, cfg) -> "StreamingGenerator":
@@ -77,6 +88,7 @@ class StreamingGenerator:
             sink_frames=int(cfg.sink_size),
             sink_mode=str(cfg.sink_mode),
             ema_alpha=float(cfg.compression_alpha),
+            switch_sink=str(cfg.switch_sink),
         )
 
     @property
@@ -116,24 +128,70 @@ class StreamingGenerator:
         """Rewrite the chunk's cache slots with clean (t = 0) keys/values; the output is not needed."""
         self.model(x0, self._timestep(x0, 0.0), context, cache=cache, start_frame=start_frame)
 
+    def switch_prompt(self, cache, context: torch.Tensor, held: dict[int, torch.Tensor], next_frame: int) -> None:
+        """Continue the video at chunk boundary `next_frame` under `context`.
+
+        Cross-attention K/V are recomputed from `context` at the next call; the held window frames (clean
+        latents `held[start]` of the chunks from cache.first_rewritable_chunk on) are re-encoded under it by
+        context passes, oldest first, each attending to the sink and the re-encoded frames before it. The sink
+        is kept (`switch_sink: keep`) or rebuilt from the video's first chunk `held[0]` under the new prompt
+        (`recache`; an EMA sink thereby drops what it had blended in).
+        """
+        cache.reset_cross()
+        if next_frame == 0:
+            return
+        if self.switch_sink == "recache" and self.sink_frames:
+            fresh = self.new_cache(context.shape[0])
+            self.context_pass(fresh, context, held[0], 0)
+            for layer, new in zip(cache.layers, fresh.layers):
+                for stored, value in zip(layer.sink, new.sink):
+                    stored.copy_(value)
+        first = cache.layers[0].first_rewritable_chunk(self.chunk_frames)
+        cache.rewind(first)
+        for start in range(first, next_frame, self.chunk_frames):
+            self.context_pass(cache, context, held[start], start)
+
+    def _keep_for_switch(self, held: dict, start: int, x0: torch.Tensor, cache) -> None:
+        """Hold the clean chunks a later switch_prompt may re-encode: the first one and those still in the window."""
+        held[start] = x0
+        oldest = cache.layers[0].first_rewritable_chunk(self.chunk_frames)
+        for old in [s for s in held if 0 < s < oldest]:
+            del held[old]
+
     @torch.no_grad()
-    def stream(self, context: torch.Tensor, num_frames: int, latent_hw: tuple[int, int], generator=None,
-               noise: torch.Tensor | None = None, dtype=None) -> Iterator[torch.Tensor]:
+    def stream(self, context: torch.Tensor, num_frames: int | None, latent_hw: tuple[int, int], generator=None,
+               noise: torch.Tensor | None = None, dtype=None,
+               switch: Callable[[int], torch.Tensor | None] | None = None) -> Iterator[torch.Tensor]:
         """Yield clean latent chunks [B, C, chunk, h, w] for a video of `num_frames` latent frames.
 
         context: text embeddings [B, L, text_dim]. Noise is drawn chunk by chunk from `generator`
         (or sliced from `noise` [B, C, F, h, w]), so nothing proportional to the length is held.
+        switch(start_frame), asked before every chunk, returns new text embeddings to continue under
+        (see switch_prompt) or None. num_frames=None streams until the caller stops iterating.
         """
-        check_num_frames(num_frames, self.chunk_frames)
+        if num_frames is None:
+            if noise is not None:
+                raise ValueError("an endless stream (num_frames=None) draws its noise from `generator`")
+            starts = count(0, self.chunk_frames)
+        else:
+            check_num_frames(num_frames, self.chunk_frames)
+            starts = range(0, num_frames, self.chunk_frames)
         batch = context.shape[0]
         dtype = dtype or context.dtype
         shape = (batch, self.model.in_dim, self.chunk_frames, *latent_hw)
         cache = self.new_cache(batch, static=True)
-        for start in range(0, num_frames, self.chunk_frames):
+        held = {}
+        for start in starts:
+            new_context = switch(start) if switch is not None else None
+            if new_context is not None:
+                context = new_context
+                self.switch_prompt(cache, context, held, start)
             if noise is not None:
                 x = noise[:, :, start:start + self.chunk_frames].to(device=context.device, dtype=dtype)
             else:
                 x = self._noise(shape, context.device, dtype, generator)
             x0 = self.denoise_chunk(cache, context, x, start, generator)
             self.context_pass(cache, context, x0, start)
+            if switch is not None:
+                self._keep_for_switch(held, start, x0, cache)
             yield x0

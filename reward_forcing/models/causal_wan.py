@@ -171,8 +171,12 @@ class CausalWanModel(WanModel):
         cos, sin = self.rope_cos_sin(x.device, grid, slots[0].query_start)
         buffers = [(s.keys, s.values, s.pending_keys) for s in slots]
         full = slots[0].keys.shape[1] == cache.window_frames * frame_tokens
-        step = self.compiled_step if full and self.compiled_step is not None else self.static_step
-        return step(x, t, cos, sin, buffers, cache.cross)
+        if not full or self.compiled_step is None:
+            return self.static_step(x, t, cos, sin, buffers, cache.cross)
+        for tensor in [buf for layer in buffers for buf in layer] + [kv for pair in cache.cross for kv in pair]:
+            # written in place / reused every call: CUDA graphs may keep their addresses instead of copying them
+            torch._dynamo.mark_static_address(tensor, guard=False)
+        return self.compiled_step(x, t, cos, sin, buffers, cache.cross)
 
     def static_step(self, x, t, cos, sin, buffers, cross_kv):
         """One gradient-free DiT call on chunk x [B, C, F, H, W] at per-frame timesteps t [B, F], attending to the
