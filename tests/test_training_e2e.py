@@ -18,7 +18,7 @@ from reward_forcing.checkpoints import load_generator_state_dict  # noqa: E402
 from reward_forcing.training.state import latest_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-TIMING = {"step_time"}
+TIMING = {"step_time", "wall_time"}
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"  # see test_training_parallel.py
 
 
@@ -60,7 +60,8 @@ def test_metrics_schema_and_checkpoints(uninterrupted):
     rows = _rows(uninterrupted)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:
-        assert {"critic_loss", "critic_grad_norm", "step_time"} <= row.keys()
+        assert {"critic_loss", "critic_grad_norm", "step_time", "wall_time"} <= row.keys()
+        assert (row["lr_generator"], row["lr_critic"]) == (1.0e-3, 1.0e-3)  # configs/tiny_train.yaml
         generator = row["step"] in (1, 3)  # dfake_gen_update_ratio 2: optimiser steps 0 and 2
         assert ({"generator_loss", "reward_mq", "reward_weight", "dmd_grad_norm", "generator_grad_norm",
                  "reward_weight_min", "reward_weight_max"} <= row.keys()) == generator
@@ -78,7 +79,11 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(assets, uninterru
     shutil.rmtree(tmp_path / "checkpoints" / "step_00000003")
     (tmp_path / "checkpoints" / "step_00000003.tmp").mkdir()
     assert latest_checkpoint(tmp_path).name == "step_00000002"
-    _train(assets, tmp_path)  # the same command: resumes from step 2, rewrites steps 3 and 4
+    resumed = _train(assets, tmp_path)  # the same command: resumes from step 2, rewrites steps 3 and 4
+    assert "resumed from step 2" in resumed.stdout
+    assert f"exported the generator to {tmp_path}: generator.pt, generator.safetensors, generator_ema.safetensors" \
+        in resumed.stdout
+    assert "max_steps: 4" in (tmp_path / "config.yaml").read_text()
     assert _without_timing(_rows(tmp_path)) == _without_timing(_rows(uninterrupted))
     a = load_generator_state_dict(tmp_path / "generator.pt", use_ema=True)
     b = load_generator_state_dict(uninterrupted / "generator.pt", use_ema=True)

@@ -137,11 +137,14 @@ class WanBlock(nn.Module):
 
 
 def residual(x, y, gate):
-    """x + y * gate in fp32, gate [B, F, D] per frame."""
+    """x + y * gate in fp32, gate [B, F, D] per frame.
+
+    The sum is the last op, so the result is a new tensor, never a view: FSDP2 hooks a block's output for
+    its backward all-gather, and an in-place op on a returned view would silently drop that hook."""
     b, n, d = x.shape
     frames = gate.shape[1]
-    out = fp32(x).view(b, frames, -1, d) + fp32(y).view(b, frames, -1, d) * gate.unsqueeze(2)
-    return cast_like(out.view(b, n, d), x)
+    gated = (fp32(y).view(b, frames, -1, d) * gate.unsqueeze(2)).view(b, n, d)
+    return cast_like(fp32(x) + gated, x)
 
 
 class Head(nn.Module):

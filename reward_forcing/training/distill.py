@@ -30,7 +30,7 @@ from reward_forcing.training.losses import (
     reward_weight,
     score_timesteps,
 )
-from reward_forcing.training.metrics import MetricsLogger, reduce_across_ranks
+from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
 from reward_forcing.training.parallel import (
     compute_dtype,
     init_distributed,
@@ -260,6 +260,7 @@ class Distiller:
                            partial(self._after_generator_step, step))
             row = reduce_across_ranks(row, info.device)
             row["step_time"] = time.perf_counter() - began
+            row.update(learning_rates(generator=self.generator_optimizer, critic=self.critic_optimizer))
             done = step + 1
             if cfg.schedule == "upstream" and cfg.ema_decay is not None and self.ema is None and done >= cfg.ema_start:
                 self.ema = EMA(self.generator, cfg.ema_decay)  # upstream creates it at the end of the iteration
