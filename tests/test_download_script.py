@@ -26,6 +26,9 @@ REPOS = {
     "gdhe17/Self-Forcing": ["checkpoints/ode_init.pt", "checkpoints/self_forcing_dmd.pt",
                             "vidprom_filtered_extended.txt"],
     "JaydenLu666/Reward-Forcing-T2V-1.3B": ["rewardforcing.pt", "README.md"],
+    "THUDM/ImageReward": ["ImageReward.pt", "med_config.json", "README.md"],
+    "google-bert/bert-base-uncased": ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "config.json",
+                                      "model.safetensors"],
 }
 INDEX = json.dumps({"weight_map": {f"blocks.{i}.w": name for i, name in enumerate(SHARDS)}})
 
@@ -256,3 +259,17 @@ def test_script_is_strict_and_executable():
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
     assert os.access(SCRIPT, os.X_OK)
     assert "huggingface-cli" not in text and "Videoreward" not in text
+
+
+def test_with_imagereward_fetches_checkpoint_config_and_tokenizer(tmp_path, env):
+    result, calls = run(tmp_path, env, "--with-imagereward", "--no-verify")
+    assert result.returncode == 0, result.stderr
+    assert hf_repos(calls)[-2:] == ["THUDM/ImageReward", "google-bert/bert-base-uncased"]
+    folder = tmp_path / "checkpoints/ImageReward"
+    assert sorted(p.name for p in folder.iterdir()) == ["ImageReward.pt", "bert-base-uncased", "med_config.json"]
+    # The tokenizer files only, in the subfolder the loader reads (reward_forcing/rewards/imagereward.py).
+    assert sorted(p.name for p in (folder / "bert-base-uncased").iterdir()) == [
+        "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    assert (folder / "med_config.json").read_text() == "THUDM/ImageReward:med_config.json\n"
+    again, calls = run(tmp_path, env, "--only", "imagereward")
+    assert again.returncode == 0 and calls == [] and again.stdout.count("present:") == 2

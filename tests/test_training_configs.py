@@ -18,9 +18,19 @@ def test_reward_forcing_config_has_the_paper_settings():
     assert (cfg.distill_loss, cfg.reward_beta, cfg.guidance_scale) == ("re_dmd", 2.0, 3.0)
     assert (cfg.lr_generator, cfg.lr_critic, list(cfg.adam_betas), cfg.weight_decay) == (2e-6, 4e-7, [0.0, 0.999], 0.01)
     assert (cfg.grad_accum, cfg.dfake_gen_update_ratio, cfg.grad_clip) == (8, 5, 10.0)
-    assert (cfg.ema_decay, cfg.ema_start, cfg.min_score_timestep, cfg.max_score_timestep) == (0.99, 200, 20, 980)
+    assert (cfg.ema_decay, cfg.ema_start, cfg.min_score_timestep, cfg.max_score_timestep) == (0.99, 45, 20, 980)
     assert (cfg.local_attn_size, cfg.sink_size, cfg.sink_mode, cfg.rollout_cache) == (9, 3, "ema", "full")
+    assert (cfg.schedule, cfg.rollout_cache_grad) == ("corrected", "straight_through")
     assert cfg.real_name == "Wan2.1-T2V-14B" and cfg.num_training_frames == 21
+
+
+def test_upstream_preset_differs_from_the_default_only_by_its_switches():
+    rf = load_config(ROOT / "configs" / "reward_forcing.yaml")
+    up = load_config(ROOT / "configs" / "reward_forcing_upstream.yaml")
+    assert {k for k in rf if rf[k] != up[k]} == {"schedule", "max_steps", "ema_start", "save_every", "reward_input"}
+    assert (rf.reward_input, up.reward_input) == ("native", "upstream")
+    # upstream's configs/reward_forcing.yaml: full_training_steps 601, ema_start_step 200, both in loop iterations
+    assert (up.schedule, up.max_steps, up.ema_start, up.rollout_cache_grad) == ("upstream", 601, 200, "straight_through")
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

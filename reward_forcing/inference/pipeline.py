@@ -5,9 +5,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_into, load_wan_folder, read_wan_config
+from reward_forcing.checkpoints import (WeightsSource, asset_path, load_generator_weights, load_into, load_wan_folder,
+                                        read_wan_config)
 from reward_forcing.errors import CheckpointError, ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, latent_size
+from reward_forcing.inference.overlap import overlapped
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.video import to_uint8_frames
 
@@ -33,17 +35,18 @@ def compute_dtype(cfg, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision else torch.float32
 
 
-def load_student(cfg, checkpoint_path=None, use_ema=False) -> CausalWanModel:
-    """The causal student: architecture from the base folder's config.json, weights from `checkpoint_path`
-    (flat, `generator` or `generator_ema`), or the base folder's own weights when none is given."""
+def load_student(cfg, checkpoint_path=None, use_ema=False) -> tuple[CausalWanModel, WeightsSource]:
+    """The causal student and a description of the weights read: architecture from the base folder's
+    config.json, weights from `checkpoint_path` (flat, `generator` or `generator_ema`, or the EMA export
+    beside a generator.safetensors), or the base folder's own weights when none is given."""
     folder = asset_path(cfg, cfg.model_name)
     model = CausalWanModel.from_config(read_wan_config(folder), num_frame_per_block=int(cfg.num_frame_per_block),
                                        local_attn_size=int(cfg.local_attn_size))
     if checkpoint_path is None:
-        state_dict, source = load_wan_folder(folder)[1], str(folder)
+        state_dict, source = load_wan_folder(folder)[1], WeightsSource(folder)
     else:
-        state_dict, source = load_generator_state_dict(checkpoint_path, use_ema=use_ema), str(checkpoint_path)
-    return load_into(model, state_dict, source).eval().requires_grad_(False)
+        state_dict, source = load_generator_weights(checkpoint_path, use_ema=use_ema)
+    return load_into(model, state_dict, str(source)).eval().requires_grad_(False), source
 
 
 def load_decoder(cfg, device, dtype):
@@ -61,14 +64,26 @@ def load_text_encoder(cfg, device, dtype):
     return TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder, device=device, dtype=dtype)
 
 
+def compile_if_configured(model, cfg, device):
+    """`compile: true`: torch.compile the model's steady streaming step (CausalWanModel.compile_streaming), with
+    CUDA graphs ("reduce-overhead") on a GPU. Returns the model."""
+    if cfg.compile:
+        model.compile_streaming(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+    return model
+
+
 class VideoPipeline:
-    def __init__(self, text_encoder, generator: StreamingGenerator, decoder, latent_hw, device, dtype):
+    def __init__(self, text_encoder, generator: StreamingGenerator, decoder, latent_hw, device, dtype, weights=None,
+                 overlap=False):
+        """overlap: decode each chunk on a worker (CUDA side stream on GPU) while the next one is generated."""
+        self.weights = weights  # which file (and section) the student weights were read from
         self.text_encoder = text_encoder
         self.generator = generator
         self.decoder = decoder
         self.latent_hw = tuple(latent_hw)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.overlap = overlap
 
     @classmethod
     def from_config(cls, cfg, checkpoint_path=None, use_ema=False, device="cpu") -> "VideoPipeline":
@@ -76,10 +91,12 @@ class VideoPipeline:
         dtype = compute_dtype(cfg, device)
         if checkpoint_path is not None and not Path(checkpoint_path).exists():
             raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
-        model = load_student(cfg, checkpoint_path, use_ema).to(device=device, dtype=dtype)
+        model, weights = load_student(cfg, checkpoint_path, use_ema)
+        model = model.to(device=device, dtype=dtype)
         latent_hw = latent_size(cfg, model.patch_size)
+        compile_if_configured(model, cfg, device)
         return cls(load_text_encoder(cfg, device, dtype), StreamingGenerator.from_config(model, cfg),
-                   load_decoder(cfg, device, dtype), latent_hw, device, dtype)
+                   load_decoder(cfg, device, dtype), latent_hw, device, dtype, weights, overlap=bool(cfg.overlap_decode))
 
     def encode(self, text: str) -> torch.Tensor:
         return self.text_encoder.encode([text]).to(device=self.device, dtype=self.dtype)
@@ -90,6 +107,13 @@ class VideoPipeline:
         switch: see StreamingGenerator.stream (prompt switches); num_frames=None streams until the caller stops."""
         rng = torch.Generator(device=self.device).manual_seed(seed)
         decoder = self.decoder.stream_decoder()
-        for chunk in self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype,
-                                           switch=switch):
-            yield to_uint8_frames(decoder.decode_chunk(chunk)[0])
+        chunks = self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype,
+                                       switch=switch)
+
+        def decode(chunk):
+            return to_uint8_frames(decoder.decode_chunk(chunk)[0])
+
+        if self.overlap:
+            yield from overlapped(chunks, decode, self.device)
+        else:
+            yield from map(decode, chunks)

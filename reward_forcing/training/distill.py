@@ -1,10 +1,11 @@
 """DMD (Self Forcing) and Re-DMD (Reward Forcing) distillation: `train.py` with `trainer: distill`.
 
-Per optimiser step (reward_forcing.training.schedule): on generator steps, `grad_accum` micro-steps of
-rollout (grad at the exit steps) -> [reward (reward_forcing/rewards) -> w] -> teacher/critic scores -> DMD loss; then
-`grad_accum` critic micro-steps of a fresh no-grad rollout -> flow-matching loss. Every random draw is
-keyed by (seed, purpose, step, global sample index) (reward_forcing.training.rng), so runs resume exactly
-and 1 rank with batch 2 draws what 2 ranks with batch 1 draw.
+Per loop step (reward_forcing.training.schedule, `schedule: corrected`): on generator steps, `grad_accum`
+micro-steps of rollout (grad at the exit steps) -> [reward (reward_forcing/rewards) -> w] -> teacher/critic
+scores -> DMD loss; then `grad_accum` critic micro-steps of a fresh no-grad rollout -> flow-matching loss.
+`schedule: upstream` runs upstream's loop instead (one micro-step per network per iteration, its double steps).
+Every random draw is keyed by (seed, purpose, step, global sample index) (reward_forcing.training.rng), so runs
+resume exactly and 1 rank with batch 2 draws what 2 ranks with batch 1 draw.
 """
 import time
 from functools import partial
@@ -29,7 +30,7 @@ from reward_forcing.training.losses import (
     reward_weight,
     score_timesteps,
 )
-from reward_forcing.training.metrics import MetricsLogger, reduce_across_ranks
+from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
 from reward_forcing.training.parallel import (
     compute_dtype,
     init_distributed,
@@ -39,7 +40,13 @@ from reward_forcing.training.parallel import (
 )
 from reward_forcing.training.rng import keyed_randint
 from reward_forcing.training.rollout import exit_steps, rollout, sample_noise, training_sampler
-from reward_forcing.training.schedule import Updater, optimiser_step
+from reward_forcing.training.schedule import (
+    Updater,
+    check_schedule,
+    micro_batches_before,
+    optimiser_step,
+    upstream_iteration,
+)
 from reward_forcing.training.state import (
     ModelState,
     OptimizerState,
@@ -58,6 +65,7 @@ LOSSES = ("dmd", "re_dmd")
 def run(cfg, logdir, args) -> None:
     if cfg.distill_loss not in LOSSES:
         raise ConfigError(f"distill_loss must be one of {', '.join(LOSSES)}; got '{cfg.distill_loss}'")
+    check_schedule(cfg.schedule)
     if cfg.distill_loss == "re_dmd":
         check_reward_config(cfg)
     info = init_distributed(cfg.fsdp_replicate)
@@ -76,7 +84,7 @@ class Distiller:
         self.cfg, self.logdir, self.args, self.info = cfg, logdir, args, info
         self.resumed = resume_folder(logdir, args.resume)
         meta = read_meta(self.resumed) if self.resumed is not None else {}
-        # A resumed run keeps its seed: every draw is keyed by it (SPEC §9.1: seed 0 = random, shared).
+        # A resumed run keeps its seed: every draw is keyed by it (seed 0 = random, shared by the ranks, as upstream).
         self.seed = int(meta["seed"]) if meta else resolve_seed(int(cfg.seed))
         torch.manual_seed(self.seed + info.rank)
         self.dtype = compute_dtype(cfg.mixed_precision, info.device)
@@ -156,7 +164,7 @@ class Distiller:
         return list(range(first, first + self.cfg.batch_size))
 
     def _noisy(self, x, purpose, step, ids):
-        """x_t at a DMD / critic timestep t ~ U{0..N-1}, shifted and clamped (SPEC §9.3), per sample."""
+        """x_t at a DMD / critic timestep t ~ U{0..N-1}, shifted and clamped (upstream model/re_dmd.py), per sample."""
         cfg = self.cfg
         draws = torch.tensor([keyed_randint(1000, self.seed, purpose, "t", step, i) for i in ids])
         t = score_timesteps(draws, cfg.timestep_shift, cfg.min_score_timestep, cfg.max_score_timestep)
@@ -172,7 +180,7 @@ class Distiller:
                            self.seed, purpose, step, micro)
         return rollout(self.sampler, context, frames, self.latent_hw, exits, self.seed, (purpose, step), ids,
                        self.dtype, float(cfg.context_noise), with_grad=with_grad,
-                       checkpoint=bool(cfg.gradient_checkpointing))
+                       checkpoint=bool(cfg.gradient_checkpointing), cache_grad=str(cfg.rollout_cache_grad))
 
     def _encode(self, prompts):
         return self.text_encoder.encode(prompts).to(self.dtype)
@@ -180,7 +188,7 @@ class Distiller:
     def generator_micro(self, step: int, micro: int) -> dict:
         cfg = self.cfg
         ids = self._sample_ids(micro)
-        base = (step // cfg.dfake_gen_update_ratio) * cfg.grad_accum * self.global_batch
+        base = self._micro_batches_before(step)[0] * self.global_batch
         prompts = [self.generator_prompts[base + i] for i in ids]
         context = self._encode(prompts)
         x = self._rollout("generator", step, micro, ids, context, with_grad=True)
@@ -206,7 +214,8 @@ class Distiller:
     def critic_micro(self, step: int, micro: int) -> dict:
         cfg = self.cfg
         ids = self._sample_ids(micro)
-        prompts = [self.critic_prompts[step * cfg.grad_accum * self.global_batch + i] for i in ids]
+        base = self._micro_batches_before(step)[1] * self.global_batch
+        prompts = [self.critic_prompts[base + i] for i in ids]
         context = self._encode(prompts)
         x = self._rollout("critic", step, micro, ids, context, with_grad=False)
         x_t, noise, t = self._noisy(x, "critic", step, ids)
@@ -217,8 +226,18 @@ class Distiller:
         return {"loss": loss.detach()}
 
     # ---- loop ----
+    def _micro_batches_before(self, step: int) -> tuple[int, int]:
+        cfg = self.cfg
+        return micro_batches_before(cfg.schedule, step, cfg.grad_accum, cfg.dfake_gen_update_ratio)
+
     def _after_generator_step(self, step: int) -> None:
-        if self.cfg.ema_decay is None or step < self.cfg.ema_start:
+        if self.cfg.ema_decay is None:
+            return
+        if self.cfg.schedule == "upstream":  # made at the end of iteration ema_start - 1 (train), then follows
+            if self.ema is not None:         # every generator optimiser step
+                self.ema.update(self.generator)
+            return
+        if step < self.cfg.ema_start:
             return
         if self.ema is None:
             self.ema = EMA(self.generator, self.cfg.ema_decay)
@@ -231,16 +250,20 @@ class Distiller:
         cfg, info = self.cfg, self.info
         generator = Updater("generator", self.generator, self.generator_optimizer, cfg.grad_clip)
         critic = Updater("critic", self.critic, self.critic_optimizer, cfg.grad_clip)
+        run_step = upstream_iteration if cfg.schedule == "upstream" else optimiser_step
         bar = tqdm(range(self.start, cfg.max_steps), initial=self.start, total=cfg.max_steps, disable=not info.is_main,
                    desc="distill")
         for step in bar:
             began = time.perf_counter()
-            row = optimiser_step(step, cfg.grad_accum, cfg.dfake_gen_update_ratio, generator, critic,
-                                 partial(self.generator_micro, step), partial(self.critic_micro, step),
-                                 partial(self._after_generator_step, step))
+            row = run_step(step, cfg.grad_accum, cfg.dfake_gen_update_ratio, generator, critic,
+                           partial(self.generator_micro, step), partial(self.critic_micro, step),
+                           partial(self._after_generator_step, step))
             row = reduce_across_ranks(row, info.device)
             row["step_time"] = time.perf_counter() - began
+            row.update(learning_rates(generator=self.generator_optimizer, critic=self.critic_optimizer))
             done = step + 1
+            if cfg.schedule == "upstream" and cfg.ema_decay is not None and self.ema is None and done >= cfg.ema_start:
+                self.ema = EMA(self.generator, cfg.ema_decay)  # upstream creates it at the end of the iteration
             self.logger.log(done, row)
             bar.set_postfix(critic=f"{row['critic_loss']:.4g}")
             if not self.args.no_save and (done % cfg.save_every == 0 or done == cfg.max_steps):
@@ -248,9 +271,10 @@ class Distiller:
         self.logger.close()
 
     def save(self, done: int) -> None:
+        generator_batches, critic_batches = self._micro_batches_before(done)
         meta = {"seed": self.seed, "has_ema": self.ema is not None,
-                "generator_prompt_position": -(-done // self.cfg.dfake_gen_update_ratio) * self.cfg.grad_accum
-                * self.global_batch, "critic_prompt_position": done * self.cfg.grad_accum * self.global_batch}
+                "generator_prompt_position": generator_batches * self.global_batch,
+                "critic_prompt_position": critic_batches * self.global_batch}
         save_checkpoint(self.logdir, done, self._parts(), meta, keep=self.cfg.keep_checkpoints)
         sections = {"generator": full_state_dict(self.generator)}
         if self.ema is not None:

@@ -160,11 +160,16 @@ def export_weights(stem, sections: dict) -> None:
     tmp = stem.with_name(stem.name + ".pt.tmp")
     torch.save(sections, tmp)
     os.replace(tmp, stem.with_name(stem.name + ".pt"))
+    written = [stem.name + ".pt"]
     for index, (name, state) in enumerate(sections.items()):
         path = stem.with_name((stem.name if index == 0 else name) + ".safetensors")
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
         os.replace(tmp, path)
+        written.append(path.name)
+    from reward_forcing.training.metrics import notice
+
+    notice(f"exported the generator to {stem.parent}: {', '.join(written)}")
 
 
 def resume_folder(logdir, explicit=None):
