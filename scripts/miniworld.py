@@ -171,7 +171,7 @@ def sample_student(run: Run, checkpoint: Path, prompts: list[str], frames: int, 
 
     extra = SINKS[sink] if sink is not None else []
     cfg = load_config(run.stage_config("distill"), [f"checkpoint_dir={run.assets}", *extra])
-    model = load_student(cfg, checkpoint)
+    model, _ = load_student(cfg, checkpoint)
     encoder = load_text_encoder(cfg, torch.device("cpu"), torch.float32)
     sampler = StreamingGenerator.from_config(model, cfg)
     hw = latent_size(cfg, model.patch_size)
