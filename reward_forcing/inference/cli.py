@@ -108,6 +108,9 @@ def validate(cfg) -> None:
     if _whole(cfg, "inference.num_samples") < 1:
         raise ConfigError(f"num_samples must be at least 1, got {run.num_samples}")
     _whole(cfg, "seed")
+    for key in ("compile", "overlap_decode"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
     check_num_frames(_whole(cfg, "inference.num_output_frames"), _whole(cfg, "num_frame_per_block"))
     if run.checkpoint_path is not None and not Path(run.checkpoint_path).exists():
         raise CheckpointError(f"checkpoint not found: {run.checkpoint_path}")
