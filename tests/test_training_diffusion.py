@@ -73,7 +73,7 @@ def _train(assets, logdir, *overrides):
 
 
 def _rows(logdir):
-    return [{k: v for k, v in json.loads(line).items() if k != "step_time"}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("step_time", "wall_time")}
             for line in (Path(logdir) / "metrics.jsonl").read_text().splitlines()]
 
 
