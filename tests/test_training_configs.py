@@ -52,7 +52,7 @@ def test_self_forcing_differs_only_in_loss_and_attention():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["trainer=gan"], "error: trainer must be one of distill, ode; got 'gan'"),
+    (["trainer=gan"], "error: trainer must be one of distill, ode, diffusion; got 'gan'"),
     (["max_stepz=3"], "error: unknown config key 'max_stepz' in command-line overrides"),
     (["--resume", "/nonexistent/ckpt"], "error: --resume folder not found: /nonexistent/ckpt"),
 ])

@@ -11,6 +11,7 @@ from reward_forcing.errors import ConfigError
 
 REWARDS = {
     "videoalign": "reward_forcing.rewards.videoalign_scorer:VideoAlignReward",
+    "latent_motion": "reward_forcing.miniworld.reward:LatentMotionReward",
 }
 DECODERS = ("vae", "taehv", "none")
 
