@@ -123,10 +123,21 @@ class Run:
         return logdir / "model_ema" if (logdir / "model_ema").is_dir() else logdir / "model"
 
     def arms(self) -> dict:
-        """Distillation arms -> (distill_loss, beta)."""
-        arms = {"dmd": ("dmd", 0.0)}
-        arms.update({f"re_dmd_b{beta:g}": ("re_dmd", float(beta)) for beta in self.settings.betas})
+        """Distillation arms -> train.py overrides: DMD, Re-DMD at each beta, and Re-DMD at `cache_grad_beta` with
+        each further `rollout_cache_grad` mode (the others use the default, straight_through)."""
+        arms = {"dmd": ["distill_loss=dmd"]}
+        arms.update({f"re_dmd_b{beta:g}": ["distill_loss=re_dmd", f"reward_beta={beta}"]
+                     for beta in self.settings.betas})
+        beta = self.settings.cache_grad_beta
+        arms.update({f"re_dmd_b{beta:g}_{mode}": ["distill_loss=re_dmd", f"reward_beta={beta}",
+                                                  f"rollout_cache_grad={mode}"]
+                     for mode in self.settings.cache_grad_modes})
         return arms
+
+    def arm_seeds(self, arm: str) -> list[int]:
+        """Every seed for DMD and the beta arms; the first one only for the rollout_cache_grad arms."""
+        seeds = list(self.settings.distill_seeds)
+        return seeds[:1] if arm.endswith(tuple(self.settings.cache_grad_modes)) else seeds
 
     def distill_dir(self, arm: str, seed: int) -> Path:
         return self.out / "distill" / f"{arm}_s{seed}"
@@ -255,12 +266,12 @@ def stage_ode_init(run: Run) -> dict:
 def stage_distill(run: Run) -> dict:
     config = run.stage_config("distill")
     runs = {}
-    for arm, (loss, beta) in run.arms().items():
-        for seed in run.settings.distill_seeds:
+    for arm, arm_overrides in run.arms().items():
+        for seed in run.arm_seeds(arm):
             logdir = run.distill_dir(arm, seed)
             if not (logdir / "finished").is_file():
                 train(config, logdir, [
-                    f"distill_loss={loss}", f"reward_beta={beta}", f"seed={seed}", f"reward.name={run.reward}",
+                    *arm_overrides, f"seed={seed}", f"reward.name={run.reward}",
                     f"reward.world_path={run.world_path}", f"prompt_path={run.prompts}",
                     f"generator_ckpt={run.out / 'ode_init' / 'ode_init.pt'}", f"real_name={run.teacher}",
                     f"fake_name={run.teacher}", *run.overrides("distill")])
@@ -274,7 +285,7 @@ def stage_evaluate(run: Run) -> dict:
     prompts = balanced_prompts(world, settings.eval_per_colour)
     students = {"ode_init": [(0, run.out / "ode_init" / "ode_init.pt")]}
     for arm in run.arms():
-        students[arm] = [(seed, run.distill_dir(arm, seed) / "generator.pt") for seed in settings.distill_seeds]
+        students[arm] = [(seed, run.distill_dir(arm, seed) / "generator.pt") for seed in run.arm_seeds(arm)]
     results = {}
     for arm, checkpoints in students.items():
         results[arm] = []
