@@ -75,12 +75,17 @@ def load_run_config(argv=None):
     if args.i2v:
         raise ConfigError("--i2v is not supported: the Reward Forcing student is text-to-video only")
     cfg = load_config(args.config_path, args.overrides)
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            OmegaConf.update(cfg, key, value, merge=False)
+    apply_flags(cfg, args)
     validate(cfg)
     return cfg
+
+
+def apply_flags(cfg, args) -> None:
+    """Each flag given sets its config key (FLAG_KEYS); the server (reward_forcing.serve) loads the same way."""
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            OmegaConf.update(cfg, key, value, merge=False)
 
 
 def _whole(cfg, key: str) -> int:
