@@ -111,6 +111,36 @@ def test_use_ema_selects_generator_ema(tmp_path, source):
     assert_loads_identically(path, other, x, use_ema=False)
 
 
+def test_use_ema_with_exported_safetensors_reads_the_ema_file_beside_it(tmp_path, source):
+    from reward_forcing.training.state import export_weights
+
+    model, x = source
+    other = new_model(3)
+    export_weights(tmp_path / "generator", {"generator": dict(other.state_dict()),
+                                            "generator_ema": dict(model.state_dict())})
+    assert_loads_identically(tmp_path / "generator.safetensors", model, x, use_ema=True)
+    assert_loads_identically(tmp_path / "generator.safetensors", other, x, use_ema=False)
+    assert_loads_identically(tmp_path / "generator_ema.safetensors", model, x, use_ema=True)
+
+
+def test_use_ema_says_which_file_was_read(tmp_path, source):
+    from reward_forcing.checkpoints import load_generator_weights
+    from reward_forcing.training.state import export_weights
+
+    model, _ = source
+    export_weights(tmp_path / "run" / "generator", {"generator": dict(model.state_dict()),
+                                                    "generator_ema": dict(model.state_dict())})
+    save_file(dict(model.state_dict()), str(tmp_path / "generator.safetensors"))  # no EMA file beside it
+    flat = write_file(tmp_path, "rewardforcing.pt", dict(model.state_dict()))
+    described = {name: str(load_generator_weights(tmp_path / name, use_ema=True)[1])
+                 for name in ("run/generator.safetensors", "run/generator.pt", "generator.safetensors", flat.name)}
+    assert described["run/generator.safetensors"].startswith(str(tmp_path / "run" / "generator_ema.safetensors"))
+    assert described["run/generator.pt"] == f"{tmp_path / 'run' / 'generator.pt'} [generator_ema]"
+    for name in ("generator.safetensors", flat.name):
+        assert described[name].startswith(str(tmp_path / name)) and "holds no separate EMA weights" in described[name]
+    assert str(load_generator_weights(flat, use_ema=False)[1]) == str(flat)
+
+
 def test_fsdp_checkpoint_wrapper_and_compile_segments_are_stripped(tmp_path, source):
     model, x = source
     path = write_file(tmp_path, "model.pt", {"generator": fsdp_wrapped(model.state_dict())})

@@ -66,14 +66,15 @@ def test_last_frame_decode_has_the_gradient_of_a_full_differentiable_decode(trai
     # only the last latent's 4 frames, earlier latents through the cache without gradient
     part = latents.clone().requires_grad_(True)
     (reward.decode_latent(part, 2) * weights[:, :, 5:]).sum().backward()
-    # oracle: the whole video decoded with gradient (diffusers' decoder, one pass), restricted to the last frames
+    # oracle: diffusers' AutoencoderKLWan.decode of the whole video with gradient, restricted to the last frames
+    wan = reward.reward.decoder
     whole = latents.clone().requires_grad_(True)
-    video = reward.vae.stream_decoder().decode_chunk(whole, with_grad=True)
+    video = wan.vae.decode(wan.denormalise(whole)).sample.clamp(-1, 1)
     (video[:, :, 5:] * weights[:, :, 5:]).sum().backward()
     assert part.grad[:, :, :2].abs().max() == 0 and part.grad[:, :, 2].abs().max() > 0
     torch.testing.assert_close(part.grad[:, :, 2], whole.grad[:, :, 2], atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        torch.testing.assert_close(reward.decode_latent(latents, 2), video[:, :, 5:], atol=1e-6, rtol=0)
+        torch.testing.assert_close(reward.decode_latent(latents, 2), video[:, :, 5:], atol=1e-5, rtol=0)
 
 
 def test_reward_gradient_reaches_every_generator_parameter(trainer):
@@ -84,6 +85,32 @@ def test_reward_gradient_reaches_every_generator_parameter(trainer):
                if p.grad is None or p.grad.full_tensor().abs().max() == 0]
     assert missing == []  # the last chunk's exit forward uses every parameter
     trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def _generator_grads(model):
+    return {name: p.grad.full_tensor().clone() for name, p in model.named_parameters()}
+
+
+def test_distillation_plus_reward_adds_the_weighted_reward_gradient(assets, trainer, tmp_path):
+    from reward_forcing.training.distill import Distiller
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    reward_row = trainer.micro_step(0, 0)
+    reward_only = _generator_grads(trainer.generator)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    cfg = load_config(ROOT / "configs" / "tiny_train.yaml",
+                      _overrides(assets, "distill_loss=dmd", "reward_feedback_weight=0.5", "generator_ckpt=ode_init.pt"))
+    args = Namespace(disable_wandb=True, no_save=True, resume=None)
+    distiller = Distiller(cfg, tmp_path, args, trainer.info)
+    row = distiller.generator_micro(0, 0)  # the same prompts, exit steps and noise as the reward-only step
+    combined = _generator_grads(distiller.generator)
+    assert float(row["reward"]) == pytest.approx(float(reward_row["reward"]), rel=1e-6)
+    distiller.generator_optimizer.zero_grad(set_to_none=True)
+    distiller.feedback = None  # the same step without the reward term: plain DMD
+    distiller.generator_micro(0, 0)
+    dmd = _generator_grads(distiller.generator)
+    for name in dmd:
+        torch.testing.assert_close(combined[name] - dmd[name], 0.5 * reward_only[name], atol=1e-6, rtol=1e-3)
 
 
 def _train(logdir, assets, *extra):

@@ -89,8 +89,11 @@ def test_one_rank_batch_two_matches_two_ranks_batch_one(assets, uninterrupted, t
     _train(assets, tmp_path, "batch_size=2", "max_steps=1", "--no_save", nproc=1)
     one, two = _without_timing(_rows(tmp_path))[0], _without_timing(_rows(uninterrupted))[0]
     assert one.keys() == two.keys()
+    # fp32 GEMMs over a batch of 2 and over two batches of 1 sum in different orders (~1e-6 relative here);
+    # the reward weight exp(beta * MQ_norm) then amplifies that by beta * |MQ - mean| / std, measured up to
+    # 1.2e-5 relative on one machine. A wrong sample, rank or reduction would differ by O(1).
     for key in one:
-        assert one[key] == pytest.approx(two[key], rel=1e-5), key
+        assert one[key] == pytest.approx(two[key], rel=1e-4), key
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "generator.pt").exists()
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_into, load_wan_folder, read_wan_config
+from reward_forcing.checkpoints import (WeightsSource, asset_path, load_generator_weights, load_into, load_wan_folder,
+                                        read_wan_config)
 from reward_forcing.errors import CheckpointError, ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, latent_size
 from reward_forcing.models.causal_wan import CausalWanModel
@@ -33,17 +34,18 @@ def compute_dtype(cfg, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision else torch.float32
 
 
-def load_student(cfg, checkpoint_path=None, use_ema=False) -> CausalWanModel:
-    """The causal student: architecture from the base folder's config.json, weights from `checkpoint_path`
-    (flat, `generator` or `generator_ema`), or the base folder's own weights when none is given."""
+def load_student(cfg, checkpoint_path=None, use_ema=False) -> tuple[CausalWanModel, WeightsSource]:
+    """The causal student and a description of the weights read: architecture from the base folder's
+    config.json, weights from `checkpoint_path` (flat, `generator` or `generator_ema`, or the EMA export
+    beside a generator.safetensors), or the base folder's own weights when none is given."""
     folder = asset_path(cfg, cfg.model_name)
     model = CausalWanModel.from_config(read_wan_config(folder), num_frame_per_block=int(cfg.num_frame_per_block),
                                        local_attn_size=int(cfg.local_attn_size))
     if checkpoint_path is None:
-        state_dict, source = load_wan_folder(folder)[1], str(folder)
+        state_dict, source = load_wan_folder(folder)[1], WeightsSource(folder)
     else:
-        state_dict, source = load_generator_state_dict(checkpoint_path, use_ema=use_ema), str(checkpoint_path)
-    return load_into(model, state_dict, source).eval().requires_grad_(False)
+        state_dict, source = load_generator_weights(checkpoint_path, use_ema=use_ema)
+    return load_into(model, state_dict, str(source)).eval().requires_grad_(False), source
 
 
 def load_decoder(cfg, device, dtype):
@@ -62,7 +64,8 @@ def load_text_encoder(cfg, device, dtype):
 
 
 class VideoPipeline:
-    def __init__(self, text_encoder, generator: StreamingGenerator, decoder, latent_hw, device, dtype):
+    def __init__(self, text_encoder, generator: StreamingGenerator, decoder, latent_hw, device, dtype, weights=None):
+        self.weights = weights  # which file (and section) the student weights were read from
         self.text_encoder = text_encoder
         self.generator = generator
         self.decoder = decoder
@@ -76,10 +79,11 @@ class VideoPipeline:
         dtype = compute_dtype(cfg, device)
         if checkpoint_path is not None and not Path(checkpoint_path).exists():
             raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
-        model = load_student(cfg, checkpoint_path, use_ema).to(device=device, dtype=dtype)
+        model, weights = load_student(cfg, checkpoint_path, use_ema)
+        model = model.to(device=device, dtype=dtype)
         latent_hw = latent_size(cfg, model.patch_size)
         return cls(load_text_encoder(cfg, device, dtype), StreamingGenerator.from_config(model, cfg),
-                   load_decoder(cfg, device, dtype), latent_hw, device, dtype)
+                   load_decoder(cfg, device, dtype), latent_hw, device, dtype, weights)
 
     def encode(self, text: str) -> torch.Tensor:
         return self.text_encoder.encode([text]).to(device=self.device, dtype=self.dtype)

@@ -27,9 +27,10 @@ def dmd_gradient(x: torch.Tensor, x_real: torch.Tensor, x_fake: torch.Tensor) ->
     return torch.nan_to_num((x_fake - x_real) / normaliser)
 
 
-def reward_weight(mq_norm: torch.Tensor, beta: float, clip=None) -> torch.Tensor:
-    """Per-sample Re-DMD weight w = exp(beta * MQ_norm), optionally capped at `clip`."""
-    weight = torch.exp(beta * mq_norm.double())
+def reward_weight(score: torch.Tensor, beta: float, clip=None) -> torch.Tensor:
+    """Per-sample Re-DMD weight w = exp(beta * score) (upstream's score: VideoReward's MQ_norm), optionally
+    capped at `clip`."""
+    weight = torch.exp(beta * score.double())
     return weight if clip is None else weight.clamp(max=float(clip))
 
 

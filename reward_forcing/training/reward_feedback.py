@@ -52,41 +52,61 @@ def choose_frames(choice: str, num_pixel_frames: int, seed: int, step: int, samp
 
 
 class FrameReward:
-    """Decode the chosen frame(s) of normalised latents [B, C, F, h, w] with the Wan VAE and score them with
-    ImageReward; per-sample scores [B], differentiable with respect to the latents."""
+    """A differentiable reward (reward_forcing/rewards/base.py) on the frame(s) `reward_frame` picks from normalised
+    latents [B, C, F, h, w]; per-sample scores [B] under `score_key`, differentiable in the latents. A pixel
+    reward gets a one-frame video decoded by the Wan VAE (all frames for `all`); a latent reward gets the latents."""
 
-    def __init__(self, cfg, device, dtype):
+    def __init__(self, reward, score_key: str, vae_cfg):
+        if not reward.differentiable:
+            raise ConfigError(f"reward feedback needs a differentiable reward; {type(reward).__name__} is not "
+                              "(use reward.name=imagereward)")
+        if reward.input == "pixels" and not hasattr(reward.decoder, "stream_decoder"):
+            raise ConfigError("reward feedback decodes through the Wan VAE's causal decoder: set decoder=vae")
+        self.reward, self.score_key, self.factor = reward, score_key, temporal_factor(vae_cfg)
+
+    @classmethod
+    def from_config(cls, cfg, info, dtype) -> "FrameReward":
+        """The `reward:` section's scorer (trainer reward_feedback)."""
+        from reward_forcing.rewards.registry import build_reward
+
+        return cls(build_reward(cfg, info, dtype), cfg.reward.score_key, cfg.vae)
+
+    @classmethod
+    def imagereward(cls, cfg, info, dtype) -> "FrameReward":
+        """ImageReward on Wan VAE pixels, whatever the `reward:` section names (it drives Re-DMD's weight)."""
+        from reward_forcing.inference.pipeline import WAN_VAE_FILE
         from reward_forcing.models.vae import WanVAE
-        from reward_forcing.rewards.imagereward import ImageReward
+        from reward_forcing.rewards.imagereward_scorer import ImageRewardReward
 
-        self.factor = temporal_factor(cfg.vae)
-        self.vae = WanVAE.from_file(asset_path(cfg, Path(cfg.model_name) / "Wan2.1_VAE.pth"), cfg.vae,
-                                    device=device, dtype=dtype)
-        self.model = ImageReward.from_checkpoint(asset_path(cfg, cfg.imagereward_dir), device=device, dtype=dtype)
+        vae = WanVAE.from_file(asset_path(cfg, Path(cfg.model_name) / WAN_VAE_FILE), cfg.vae, device=info.device,
+                               dtype=dtype)
+        return cls(ImageRewardReward.from_config(cfg, info, dtype, vae), ImageRewardReward.keys[0], cfg.vae)
 
     def num_pixel_frames(self, num_latents: int) -> int:
         return 1 + self.factor * (num_latents - 1)
 
     def decode_latent(self, latents: torch.Tensor, index: int) -> torch.Tensor:
         """Pixels [B, 3, n, H, W] of latent `index`, with gradient to latents[:, :, index] only."""
-        stream = self.vae.stream_decoder()
+        stream = self.reward.decoder.stream_decoder()
         if index > 0:
             stream.decode_chunk(latents[:, :, :index])  # fills the causal cache; no gradient
         return stream.decode_chunk(latents[:, :, index:index + 1], with_grad=True)
 
+    def _score(self, videos, prompts) -> torch.Tensor:
+        return self.reward.score(videos, prompts)[self.score_key]
+
     def __call__(self, latents: torch.Tensor, prompts: list[str], frames: list | None) -> torch.Tensor:
+        if self.reward.input == "latents":
+            return self._score(latents, prompts)
         if frames is None:
-            video = self.vae.stream_decoder().decode_chunk(latents, with_grad=True)  # [B, 3, T, H, W]
-            b, _, t = video.shape[:3]
-            images = video.transpose(1, 2).flatten(0, 1)
-            return self.model.score(images, [p for p in prompts for _ in range(t)]).view(b, t).mean(1)
+            return self._score(self.reward.decoder.stream_decoder().decode_chunk(latents, with_grad=True), prompts)
         scores = [None] * len(frames)
         located = [frame_location(f, self.factor) for f in frames]
         for index in sorted({latent for latent, _ in located}):
             rows = [b for b, (latent, _) in enumerate(located) if latent == index]
             pixels = self.decode_latent(latents[rows], index)
-            images = torch.stack([pixels[j, :, located[b][1]] for j, b in enumerate(rows)])
-            for b, score in zip(rows, self.model.score(images, [prompts[b] for b in rows])):
+            videos = torch.stack([pixels[j, :, located[b][1]] for j, b in enumerate(rows)])[:, :, None]
+            for b, score in zip(rows, self._score(videos, [prompts[b] for b in rows])):
                 scores[b] = score
         return torch.stack(scores)
 
@@ -95,7 +115,12 @@ class FrameReward:
 def run(cfg, logdir, args) -> None:
     from reward_forcing.training.parallel import init_distributed, shutdown
 
+    from reward_forcing.rewards.registry import check_reward_config
+
     check_frame_choice(cfg.reward_frame)
+    if not check_reward_config(cfg).differentiable:
+        raise ConfigError(f"trainer reward_feedback needs a differentiable reward; '{cfg.reward.name}' is not "
+                          "(use reward.name=imagereward)")
     info = init_distributed(cfg.fsdp_replicate)
     try:
         RewardFeedback(cfg, Path(logdir), args, info).train()
@@ -128,7 +153,7 @@ class RewardFeedback:
         self.sampler = training_sampler(self.generator, cfg)
         self.latent_hw = latent_size(cfg, self.generator.patch_size)
         self.text_encoder = load_text_encoder(cfg, info, self.dtype)
-        self.reward = FrameReward(cfg, info.device, self.dtype)
+        self.reward = FrameReward.from_config(cfg, info, self.dtype)
         self.optimizer = torch.optim.AdamW(self.generator.parameters(), lr=cfg.lr_generator,
                                            betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
                                            eps=cfg.adam_eps)
@@ -160,7 +185,8 @@ class RewardFeedback:
         exits = exit_steps(cfg, len(self.sampler.timesteps), frames // self.sampler.chunk_frames,
                            self.seed, "generator", step, micro)
         x = rollout(self.sampler, context, frames, self.latent_hw, exits, self.seed, ("generator", step), ids,
-                    self.dtype, float(cfg.context_noise), with_grad=True, checkpoint=bool(cfg.gradient_checkpointing))
+                    self.dtype, float(cfg.context_noise), with_grad=True, checkpoint=bool(cfg.gradient_checkpointing),
+                    cache_grad=str(cfg.rollout_cache_grad))
         chosen = choose_frames(cfg.reward_frame, self.reward.num_pixel_frames(frames), self.seed, step, ids)
         scores = self.reward(x, prompts, chosen)
         loss = -scores.mean() / cfg.grad_accum
