@@ -27,7 +27,8 @@ def test_reward_forcing_config_has_the_paper_settings():
 def test_upstream_preset_differs_from_the_default_only_by_its_switches():
     rf = load_config(ROOT / "configs" / "reward_forcing.yaml")
     up = load_config(ROOT / "configs" / "reward_forcing_upstream.yaml")
-    assert {k for k in rf if rf[k] != up[k]} == {"schedule", "max_steps", "ema_start", "save_every"}
+    assert {k for k in rf if rf[k] != up[k]} == {"schedule", "max_steps", "ema_start", "save_every", "reward_input"}
+    assert (rf.reward_input, up.reward_input) == ("native", "upstream")
     # upstream's configs/reward_forcing.yaml: full_training_steps 601, ema_start_step 200, both in loop iterations
     assert (up.schedule, up.max_steps, up.ema_start, up.rollout_cache_grad) == ("upstream", 601, 200, "straight_through")
 
@@ -64,7 +65,7 @@ def test_self_forcing_differs_only_in_loss_and_attention():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["trainer=gan"], "error: trainer must be one of distill, ode, reward_feedback; got 'gan'"),
+    (["trainer=gan"], "error: trainer must be one of distill, ode, diffusion, reward_feedback; got 'gan'"),
     (["max_stepz=3"], "error: unknown config key 'max_stepz' in command-line overrides"),
     (["--resume", "/nonexistent/ckpt"], "error: --resume folder not found: /nonexistent/ckpt"),
 ])

@@ -108,6 +108,9 @@ def validate(cfg) -> None:
     if _whole(cfg, "inference.num_samples") < 1:
         raise ConfigError(f"num_samples must be at least 1, got {run.num_samples}")
     _whole(cfg, "seed")
+    for key in ("compile", "overlap_decode"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
     check_num_frames(_whole(cfg, "inference.num_output_frames"), _whole(cfg, "num_frame_per_block"))
     if run.checkpoint_path is not None and not Path(run.checkpoint_path).exists():
         raise CheckpointError(f"checkpoint not found: {run.checkpoint_path}")
@@ -204,7 +207,10 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int, settings: dict) -> list[
             seed = video_seed(int(cfg.seed), job.prompt.index, sample)
             start = time.perf_counter()
             with Mp4Writer(out / name, fps=int(cfg.fps)) as writer:
-                for frames in pipeline.frames(context, num_frames, seed, switch=switch):
+                chunks = tqdm(pipeline.frames(context, num_frames, seed, switch=switch), desc=f"  {name[:40]}",
+                              total=num_frames // int(cfg.num_frame_per_block), unit="chunk", position=1,
+                              leave=False, disable=rank != 0, dynamic_ncols=True)
+                for frames in chunks:
                     writer.append(frames)
             elapsed = time.perf_counter() - start
             if writer.frames != expected:

@@ -9,6 +9,7 @@ from reward_forcing.checkpoints import (WeightsSource, asset_path, load_generato
                                         read_wan_config)
 from reward_forcing.errors import CheckpointError, ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, latent_size
+from reward_forcing.inference.overlap import overlapped
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.video import to_uint8_frames
 
@@ -63,8 +64,18 @@ def load_text_encoder(cfg, device, dtype):
     return TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder, device=device, dtype=dtype)
 
 
+def compile_if_configured(model, cfg, device):
+    """`compile: true`: torch.compile the model's steady streaming step (CausalWanModel.compile_streaming), with
+    CUDA graphs ("reduce-overhead") on a GPU. Returns the model."""
+    if cfg.compile:
+        model.compile_streaming(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+    return model
+
+
 class VideoPipeline:
-    def __init__(self, text_encoder, generator: StreamingGenerator, decoder, latent_hw, device, dtype, weights=None):
+    def __init__(self, text_encoder, generator: StreamingGenerator, decoder, latent_hw, device, dtype, weights=None,
+                 overlap=False):
+        """overlap: decode each chunk on a worker (CUDA side stream on GPU) while the next one is generated."""
         self.weights = weights  # which file (and section) the student weights were read from
         self.text_encoder = text_encoder
         self.generator = generator
@@ -72,6 +83,7 @@ class VideoPipeline:
         self.latent_hw = tuple(latent_hw)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.overlap = overlap
 
     @classmethod
     def from_config(cls, cfg, checkpoint_path=None, use_ema=False, device="cpu") -> "VideoPipeline":
@@ -82,8 +94,9 @@ class VideoPipeline:
         model, weights = load_student(cfg, checkpoint_path, use_ema)
         model = model.to(device=device, dtype=dtype)
         latent_hw = latent_size(cfg, model.patch_size)
+        compile_if_configured(model, cfg, device)
         return cls(load_text_encoder(cfg, device, dtype), StreamingGenerator.from_config(model, cfg),
-                   load_decoder(cfg, device, dtype), latent_hw, device, dtype, weights)
+                   load_decoder(cfg, device, dtype), latent_hw, device, dtype, weights, overlap=bool(cfg.overlap_decode))
 
     def encode(self, text: str) -> torch.Tensor:
         return self.text_encoder.encode([text]).to(device=self.device, dtype=self.dtype)
@@ -94,6 +107,13 @@ class VideoPipeline:
         switch: see StreamingGenerator.stream (prompt switches); num_frames=None streams until the caller stops."""
         rng = torch.Generator(device=self.device).manual_seed(seed)
         decoder = self.decoder.stream_decoder()
-        for chunk in self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype,
-                                           switch=switch):
-            yield to_uint8_frames(decoder.decode_chunk(chunk)[0])
+        chunks = self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype,
+                                       switch=switch)
+
+        def decode(chunk):
+            return to_uint8_frames(decoder.decode_chunk(chunk)[0])
+
+        if self.overlap:
+            yield from overlapped(chunks, decode, self.device)
+        else:
+            yield from map(decode, chunks)

@@ -4,6 +4,7 @@ Output rows past each prompt's true length (its `</s>` included) are zero-filled
 """
 import html
 import re
+import warnings
 from pathlib import Path
 
 import ftfy
@@ -128,6 +129,7 @@ class TextEncoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.model = model
         self.text_len = text_len
+        self._warned = set()  # prompts already reported as cut
 
     @classmethod
     def from_wan_folder(cls, folder, te_cfg, device="cpu", dtype=torch.float32):
@@ -141,9 +143,21 @@ class TextEncoder(torch.nn.Module):
 
     def tokenize(self, prompts):
         """Ids and mask [B, text_len]: `</s>` appended, truncation keeps text_len - 1 tokens + `</s>`."""
-        batch = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
+        cleaned = [clean_prompt(p) for p in prompts]
+        self._warn_truncated(cleaned)
+        batch = self.tokenizer(cleaned, padding="max_length", truncation=True,
                                max_length=self.text_len, add_special_tokens=True, return_tensors="pt")
         return batch.input_ids, batch.attention_mask
+
+    def _warn_truncated(self, prompts) -> None:
+        """One warning per prompt longer than text_len tokens (its `</s>` included): the rest is not seen."""
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True).input_ids]
+        for prompt, length in zip(prompts, lengths):
+            if length > self.text_len and prompt not in self._warned:
+                self._warned.add(prompt)
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                warnings.warn(f"prompt of {length} tokens is cut to the text encoder's text_len={self.text_len} "
+                              f"({length - self.text_len} dropped): {shown!r}", stacklevel=3)
 
     @torch.no_grad()
     def encode(self, prompts) -> torch.Tensor:

@@ -11,6 +11,7 @@ from reward_forcing.errors import ConfigError
 
 REWARDS = {
     "videoalign": "reward_forcing.rewards.videoalign_scorer:VideoAlignReward",
+    "latent_motion": "reward_forcing.miniworld.reward:LatentMotionReward",
     "imagereward": "reward_forcing.rewards.imagereward_scorer:ImageRewardReward",
 }
 DECODERS = ("vae", "taehv", "none")
@@ -43,6 +44,13 @@ def check_reward_config(cfg):
                           f"'{cfg.reward.name}' (it gives: {', '.join(cls.keys)})")
     if cfg.decoder not in DECODERS:
         raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}; got '{cfg.decoder}'")
+    from reward_forcing.rewards.videoalign_scorer import REWARD_INPUTS
+
+    if cfg.reward_input not in REWARD_INPUTS:
+        raise ConfigError(f"reward_input must be one of {', '.join(REWARD_INPUTS)}; got '{cfg.reward_input}'")
+    if cfg.reward_input == "upstream" and cfg.reward.name != "videoalign":
+        raise ConfigError(f"reward_input 'upstream' is upstream's VideoAlign input path; reward.name is "
+                          f"'{cfg.reward.name}'")
     return cls
 
 

@@ -4,6 +4,12 @@
 `reward_placement: rank0` gathers every rank's decoded videos to rank 0, scores them there one rank's
 batch at a time and scatters the scores back, so only one rank holds the 2B reward model;
 `every_rank` scores locally.
+
+`reward_input: native` scores every sample as VideoAlign was trained: [0, 255] pixels sampled at its 2 fps.
+`reward_input: upstream` scores as the run behind the released weights did (model/re_dmd.py with
+videoalign/wan_inference.py `reward_from_frames` in JaydenLyh/Reward-Forcing): `255 * x` of the [-1, 1] pixels,
+read as if in [0, 255] (so in [-255, 255], resized as floats, never clamped), all frames, and sample 0 of each
+rank's batch only, whose scores weight the whole batch.
 """
 import torch
 import torch.distributed as dist
@@ -14,16 +20,21 @@ from reward_forcing.rewards.base import Reward
 from reward_forcing.rewards.videoalign import DIMENSIONS
 
 PLACEMENTS = ("rank0", "every_rank")
+REWARD_INPUTS = ("native", "upstream")
 
 
 class VideoAlignReward(Reward):
     input = "pixels"
     keys = tuple(f"{name}{suffix}" for suffix in ("", "_norm") for name in (*DIMENSIONS, "Overall"))
 
-    def __init__(self, model, decoder, fps: float, info=None, central: bool = False):
-        """model: a VideoReward (None on ranks other than 0 when central); info: the DistInfo when central."""
+    def __init__(self, model, decoder, fps: float, info=None, central: bool = False, reward_input: str = "native"):
+        """model: a VideoReward (None on ranks other than 0 when central); info: the DistInfo when central;
+        reward_input: native | upstream (module docstring)."""
         super().__init__(decoder)
+        if reward_input not in REWARD_INPUTS:
+            raise ConfigError(f"reward_input must be one of {', '.join(REWARD_INPUTS)}; got '{reward_input}'")
         self.model, self.fps, self.info, self.central = model, fps, info, central
+        self.reward_input = reward_input
 
     @classmethod
     def from_config(cls, cfg, info, dtype, decoder):
@@ -39,11 +50,19 @@ class VideoAlignReward(Reward):
                                                device=info.device, dtype=dtype,
                                                verify_template=bool(cfg.reward_check_template))
 
-        return cls(on_main(load, info) if central else load(), decoder, float(cfg.fps), info, central)
+        return cls(on_main(load, info) if central else load(), decoder, float(cfg.fps), info, central,
+                   str(cfg.reward_input))
 
     def _score_here(self, videos, prompts) -> torch.Tensor:
-        out = self.model.score(videos, prompts, input_range="[-1,1]", fps=self.fps)
-        return torch.stack([out[k].float() for k in self.keys], dim=1)  # [B, len(keys)]
+        """[B, len(keys)] scores of one rank's batch."""
+        if self.reward_input == "upstream":
+            out = self.model.score(255.0 * videos[:1], prompts[:1], input_range="[0,255]", fps=self.fps, sample="all",
+                                   quantise=False)
+            return self._stack(out).repeat(len(prompts), 1)  # sample 0's scores for every sample
+        return self._stack(self.model.score(videos, prompts, input_range="[-1,1]", fps=self.fps))
+
+    def _stack(self, out: dict) -> torch.Tensor:
+        return torch.stack([out[k].float() for k in self.keys], dim=1)
 
     def score(self, videos, prompts) -> dict:
         if not self.central:

@@ -30,7 +30,7 @@ from reward_forcing.training.losses import (
     reward_weight,
     score_timesteps,
 )
-from reward_forcing.training.metrics import MetricsLogger, reduce_across_ranks
+from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
 from reward_forcing.training.parallel import (
     compute_dtype,
     init_distributed,
@@ -86,7 +86,7 @@ class Distiller:
         self.cfg, self.logdir, self.args, self.info = cfg, logdir, args, info
         self.resumed = resume_folder(logdir, args.resume)
         meta = read_meta(self.resumed) if self.resumed is not None else {}
-        # A resumed run keeps its seed: every draw is keyed by it (SPEC §9.1: seed 0 = random, shared).
+        # A resumed run keeps its seed: every draw is keyed by it (seed 0 = random, shared by the ranks, as upstream).
         self.seed = int(meta["seed"]) if meta else resolve_seed(int(cfg.seed))
         torch.manual_seed(self.seed + info.rank)
         self.dtype = compute_dtype(cfg.mixed_precision, info.device)
@@ -168,7 +168,7 @@ class Distiller:
         return list(range(first, first + self.cfg.batch_size))
 
     def _noisy(self, x, purpose, step, ids):
-        """x_t at a DMD / critic timestep t ~ U{0..N-1}, shifted and clamped (SPEC §9.3), per sample."""
+        """x_t at a DMD / critic timestep t ~ U{0..N-1}, shifted and clamped (upstream model/re_dmd.py), per sample."""
         cfg = self.cfg
         draws = torch.tensor([keyed_randint(1000, self.seed, purpose, "t", step, i) for i in ids])
         t = score_timesteps(draws, cfg.timestep_shift, cfg.min_score_timestep, cfg.max_score_timestep)
@@ -269,6 +269,7 @@ class Distiller:
                            partial(self._after_generator_step, step))
             row = reduce_across_ranks(row, info.device)
             row["step_time"] = time.perf_counter() - began
+            row.update(learning_rates(generator=self.generator_optimizer, critic=self.critic_optimizer))
             done = step + 1
             if cfg.schedule == "upstream" and cfg.ema_decay is not None and self.ema is None and done >= cfg.ema_start:
                 self.ema = EMA(self.generator, cfg.ema_decay)  # upstream creates it at the end of the iteration

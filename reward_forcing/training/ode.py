@@ -145,7 +145,7 @@ class PairBatches:
 
 def run(cfg, logdir, args) -> None:
     """ODE-regression training; checkpoints resume, and `<logdir>/ode_init.pt` holds {"generator": ...}."""
-    from reward_forcing.training.metrics import MetricsLogger, reduce_across_ranks
+    from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
     from reward_forcing.training.ode_data import OdePairDataset
     from reward_forcing.training.parallel import compute_dtype, init_distributed, resolve_seed, shutdown
     from reward_forcing.training.rng import keyed_generator
@@ -198,7 +198,8 @@ def run(cfg, logdir, args) -> None:
             out = updater.accumulate(cfg.grad_accum, lambda micro: micro_step(step, micro))
             grad_norm = updater.step(out["loss"])
             done = step + 1
-            logger.log(done, {**reduce_across_ranks(out, info.device), "grad_norm": grad_norm})
+            logger.log(done, {**reduce_across_ranks(out, info.device), "grad_norm": grad_norm,
+                              **learning_rates(generator=optimizer)})
             if not args.no_save and (done % cfg.save_every == 0 or done == cfg.max_steps):
                 save(done)
         logger.close()
