@@ -124,13 +124,13 @@ def _train(logdir, assets, *extra):
 def test_resume_reproduces_the_uninterrupted_run_and_two_ranks_match_one(assets, tmp_path):
     straight = _train(tmp_path / "straight", assets, "batch_size=2", "max_steps=2", "save_every=1")
     assert [r["step"] for r in straight] == [1, 2]
-    assert {"loss", "reward", "grad_norm", "step_time"} <= straight[0].keys()
+    assert {"loss", "reward", "grad_norm", "lr_generator", "step_time"} <= straight[0].keys()
     # stopped after step 1: its checkpoint is the last complete one (metrics.jsonl rows past it are dropped)
     shutil.copytree(tmp_path / "straight", tmp_path / "stopped")
     shutil.rmtree(tmp_path / "stopped" / "checkpoints" / "step_00000002")
     (tmp_path / "stopped" / "generator.pt").unlink()
     resumed = _train(tmp_path / "stopped", assets, "batch_size=2", "max_steps=2", "save_every=1")
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "step_time"} for r in rows]  # noqa: E731
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("step_time", "wall_time")} for r in rows]  # noqa: E731
     assert drop(resumed) == drop(straight)
     a, b = (torch.load(tmp_path / run / "generator.pt", weights_only=True) for run in ("straight", "stopped"))
     assert a.keys() == b.keys() == {"generator", "generator_ema"}  # the EMA starts at step 1 (ema_start)

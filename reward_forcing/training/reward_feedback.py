@@ -197,7 +197,7 @@ class RewardFeedback:
         from tqdm import tqdm
 
         from reward_forcing.training.ema import ema_after_step
-        from reward_forcing.training.metrics import reduce_across_ranks
+        from reward_forcing.training.metrics import learning_rates, reduce_across_ranks
         from reward_forcing.training.schedule import Updater
 
         cfg, info = self.cfg, self.info
@@ -210,7 +210,8 @@ class RewardFeedback:
             grad_norm = updater.step(out["loss"])
             self.ema = ema_after_step(self.ema, self.generator, cfg.ema_decay, cfg.ema_start, step)
             row = reduce_across_ranks(out, info.device)
-            row.update(grad_norm=grad_norm, step_time=time.perf_counter() - began)
+            row.update(grad_norm=grad_norm, step_time=time.perf_counter() - began,
+                       **learning_rates(generator=self.optimizer))
             done = step + 1
             self.logger.log(done, row)
             bar.set_postfix(reward=f"{row['reward']:.4g}")
