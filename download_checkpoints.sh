@@ -281,7 +281,7 @@ part_train-prompts() {
   from_staging gdhe17/Self-Forcing vidprom_filtered_extended.txt "$PROMPT_DIR/vidprom_filtered_extended.txt"
 }
 
-# SPEC §14 checksums; the files are not part of this repository.
+# sha256 of Self-Forcing's prompt files at the pinned commit; the files are not part of this repository.
 part_bench-prompts() {
   local base="https://raw.githubusercontent.com/guandeh17/Self-Forcing/$SELF_FORCING_COMMIT/prompts"
   url_get "$base/MovieGenVideoBench.txt" "$PROMPT_DIR/MovieGenVideoBench.txt" \

@@ -1,4 +1,4 @@
-"""Streaming KV cache (SPEC §2.3, §2.5, §2.6): hand-computed timelines, the EMA closed form, errors, gradients."""
+"""Streaming KV cache: hand-computed timelines, the EMA closed form, errors, gradients."""
 import pytest
 import torch
 
@@ -33,7 +33,7 @@ def run_chunk(layer, chunk, chunk_frames=3, calls=4):
 
 
 SINK = [0, 1, 2]
-# §2.5, chunk = sink = 3 frames: absolute frames attended, query start, frames evicted on the chunk's first call.
+# Chunk = sink = 3 frames: absolute frames attended, query start, frames evicted on the chunk's first call.
 INFERENCE_WINDOW_9 = [
     (SINK, 0, []),
     (SINK + [3, 4, 5], 3, []),

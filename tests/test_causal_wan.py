@@ -1,4 +1,4 @@
-"""CausalWanModel (SPEC §2, §16.2-3): masks vs the §2.2 formula, streaming vs full, cache vs teacher forcing,
+"""CausalWanModel: masks vs the block-causal formula, streaming vs full, cache vs teacher forcing,
 per-frame timesteps vs diffusers' per-token timesteps. fp32, all parameters randomised, tiny config."""
 import pytest
 import torch
@@ -27,7 +27,7 @@ def inputs(frames, seed=0):
 
 
 def formula_mask(frames, block, window, teacher):
-    """SPEC §2.2 table, token by token: q may see kv iff kv < (k+1)bL (and kv >= (k+1)bL - wL with a window);
+    """The block-causal rule, token by token: q may see kv iff kv < (k+1)bL (and kv >= (k+1)bL - wL with a window);
     teacher forcing: noisy block i sees noisy block i and clean blocks < i."""
     n = frames * L
     q = torch.arange(n).view(-1, 1)
@@ -54,7 +54,7 @@ def test_attention_plan_matches_mask_formula(frames, block, window, teacher):
 
 
 def test_single_chunk_equals_bidirectional():
-    """§16.2: chunk 0 through an empty cache with uniform t is the bidirectional forward on those frames."""
+    """Chunk 0 through an empty cache with uniform t is the bidirectional forward on those frames."""
     model = causal(num_frame_per_block=3)
     teacher = WanModel(**TINY).eval()
     teacher.load_state_dict(model.state_dict(), strict=True)
@@ -165,7 +165,7 @@ def test_streaming_after_eviction_equals_the_sink_window_mask(window, sink):
 
 
 def test_cache_with_context_passes_equals_teacher_forcing():
-    """§16.3: <= 9 frames, window 9 / sink 3 (no eviction): each chunk denoised through the cache, then a clean
+    """<= 9 frames, window 9 / sink 3 (no eviction): each chunk denoised through the cache, then a clean
     context pass at t = 0 rewrites its slots; this equals the teacher-forcing forward with aug_t = 0."""
     model = causal(num_frame_per_block=3, local_attn_size=9)
     noisy, context = inputs(9, seed=1)

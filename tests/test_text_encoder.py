@@ -1,4 +1,4 @@
-"""umT5 text encoder: Wan-layout weights through our converter vs transformers' UMT5EncoderModel (SPEC §5, §16.8-9)."""
+"""umT5 text encoder: Wan-layout weights through our converter vs transformers' UMT5EncoderModel."""
 import pytest
 import torch
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
@@ -13,8 +13,9 @@ TE_CFG = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_hea
 PROMPTS = ["a cat", "  waves &amp;amp; seagulls\n\n at   sunset ",
            "the quick brown fox jumps over the lazy dog near a quiet river bank at night"]
 
-# SPEC §5 table, written out independently of the module under test: transformers name -> Wan name.
-SPEC_TABLE = {
+# Wan2.1 t5.py names vs transformers' names, written out independently of the module under test:
+# transformers name -> Wan name.
+WAN_NAMES = {
     "layer.0.layer_norm.weight": "norm1.weight",
     "layer.0.SelfAttention.q.weight": "attn.q.weight",
     "layer.0.SelfAttention.k.weight": "attn.k.weight",
@@ -37,7 +38,7 @@ def spec_rename_to_wan(sd):
             out["norm.weight"] = value
         elif key.startswith("encoder.block."):
             _, _, i, rest = key.split(".", 3)
-            out[f"blocks.{i}.{SPEC_TABLE[rest]}"] = value
+            out[f"blocks.{i}.{WAN_NAMES[rest]}"] = value
     return out
 
 

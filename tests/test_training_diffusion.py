@@ -73,7 +73,7 @@ def _train(assets, logdir, *overrides):
 
 
 def _rows(logdir):
-    return [{k: v for k, v in json.loads(line).items() if k != "step_time"}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("step_time", "wall_time")}
             for line in (Path(logdir) / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -83,6 +83,7 @@ def test_diffusion_run_exports_wan_folders_and_resumes_exactly(assets, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _rows(straight)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert all(r["lr_model"] == 1.0e-3 for r in rows)  # configs/tiny_train.yaml lr_generator
     config, weights = load_wan_folder(straight / "model")
     _, ema = load_wan_folder(straight / "model_ema")
     _, start = load_wan_folder(assets / "Wan2.1-T2V-1.3B")

@@ -1,4 +1,4 @@
-"""DMD / Re-DMD / critic losses against closed forms (SPEC §9.3-9.4, §16 item 6)."""
+"""DMD / Re-DMD / critic losses against closed forms."""
 import math
 
 import pytest

@@ -1,6 +1,7 @@
 """umT5 text encoder: Wan's `models_t5_umt5-xxl-enc-bf16.pth` run through transformers' UMT5EncoderModel.
 
-Output rows past each prompt's true length (its `</s>` included) are zero-filled, as Wan does (SPEC §5).
+Output rows past each prompt's true length (its `</s>` included) are zero-filled, as Wan does
+(wan/modules/t5.py of Wan2.1).
 """
 import html
 import re
@@ -16,7 +17,7 @@ from reward_forcing.errors import CheckpointError
 TOKENIZER_SUBDIR = "google/umt5-xxl"
 WEIGHTS_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 
-# Per-block renames, Wan -> transformers (SPEC §5 table).
+# Per-block renames, Wan -> transformers' UMT5EncoderModel.
 _BLOCK_KEYS = {
     "norm1.weight": "layer.0.layer_norm.weight",
     "attn.q.weight": "layer.0.SelfAttention.q.weight",

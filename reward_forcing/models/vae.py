@@ -1,6 +1,7 @@
 """Wan2.1 VAE: `Wan2.1_VAE.pth` loaded into diffusers' AutoencoderKLWan, latent normalisation outside the model.
 
-Latents handed to and from the rest of the project are normalised, (mu - mean) / std per channel (SPEC §6).
+Latents handed to and from the rest of the project are normalised, (mu - mean) / std per channel
+(as Wan2.1's wan/modules/vae.py).
 mean/std are the diffusers `AutoencoderKLWan` defaults (Wan's numbers) when z_dim matches their length;
 for any other z_dim (tiny test configs only) there are no trained statistics, so mean 0 / std 1 is used.
 """

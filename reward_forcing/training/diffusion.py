@@ -83,7 +83,7 @@ def load_model(cfg, info, dtype):
 def run(cfg, logdir, args) -> None:
     from reward_forcing.sampling import FlowMatchSchedule
     from reward_forcing.training.ema import EMA
-    from reward_forcing.training.metrics import MetricsLogger, reduce_across_ranks
+    from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
     from reward_forcing.training.ode import PairBatches, load_text_encoder
     from reward_forcing.training.ode_data import OdePairDataset
     from reward_forcing.training.parallel import compute_dtype, init_distributed, resolve_seed, shutdown
@@ -167,7 +167,8 @@ def run(cfg, logdir, args) -> None:
                     ema.update(model)
             done = step + 1
             row = reduce_across_ranks(out, info.device)
-            logger.log(done, {**row, "grad_norm": grad_norm, "step_time": time.perf_counter() - began})
+            logger.log(done, {**row, "grad_norm": grad_norm, "step_time": time.perf_counter() - began,
+                              **learning_rates(model=optimizer)})
             if not args.no_save and (done % cfg.save_every == 0 or done == cfg.max_steps):
                 save(done)
         logger.close()
