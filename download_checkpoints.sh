@@ -12,9 +12,11 @@ set -euo pipefail
 : "${SELF_FORCING_COMMIT:=33593df3e81fa3ec10239271dd2c100facac6de1}"  # GitHub guandeh17/Self-Forcing
 : "${TAEHV_COMMIT:=main}"                                              # GitHub madebyollin/taehv
 : "${VIDEOALIGN_COMMIT:=219ab9db64c045e5181a2202d11f686439351292}"    # GitHub KwaiVGI/VideoAlign
+: "${IMAGEREWARD_REVISION:=main}"                                     # Hugging Face THUDM/ImageReward
+: "${BERT_REVISION:=main}"                                            # Hugging Face google-bert/bert-base-uncased
 
 DEFAULT_PARTS=(wan-1.3b videoreward videoalign-template qwen2-vl ode-init reward-forcing train-prompts bench-prompts)
-OPTIONAL_PARTS=(wan-14b taehv)
+OPTIONAL_PARTS=(wan-14b taehv imagereward)
 
 usage() {
   cat <<EOF
@@ -35,20 +37,24 @@ Downloads into CHECKPOINT_DIR (default: checkpoints) and PROMPT_DIR (default: pr
 Optional parts:
   wan-14b         Wan-AI/Wan2.1-T2V-14B            -> CHECKPOINT_DIR/Wan2.1-T2V-14B/ (teacher DiT only, ~57 GB)
   taehv           GitHub madebyollin/taehv         -> CHECKPOINT_DIR/taew2_1.pth (fast preview decoder)
+  imagereward     THUDM/ImageReward + google-bert/bert-base-uncased
+                                                   -> CHECKPOINT_DIR/ImageReward/{ImageReward.pt, med_config.json,
+                                                      bert-base-uncased/} (reward of trainer: reward_feedback)
 
 Options:
   --checkpoint-dir DIR  where weights go (default: checkpoints; pass checkpoint_dir=DIR to the CLIs to match)
   --prompt-dir DIR      where prompt files go (default: prompts)
   --with-teacher        also download wan-14b (needed for training only)
   --with-taehv          also download taehv
+  --with-imagereward    also download imagereward
   --only NAME[,NAME]    download only these parts (repeatable; optional parts allowed)
   --no-verify           skip sha256 checks
   --list                print the part names and exit
   -h, --help            show this help and exit
 
 Environment: WAN_1_3B_REVISION, VIDEOREWARD_REVISION, QWEN2_VL_REVISION, SELF_FORCING_COMMIT, TAEHV_COMMIT,
-VIDEOALIGN_COMMIT
-override the pinned revisions; HF_TOKEN is passed on to hf.
+VIDEOALIGN_COMMIT,
+IMAGEREWARD_REVISION, BERT_REVISION override the pinned revisions; HF_TOKEN is passed on to hf.
 EOF
 }
 
@@ -68,6 +74,7 @@ CHECKPOINT_DIR=checkpoints
 PROMPT_DIR=prompts
 WITH_TEACHER=0
 WITH_TAEHV=0
+WITH_IMAGEREWARD=0
 VERIFY=1
 ONLY=()
 
@@ -81,6 +88,7 @@ while [[ $# -gt 0 ]]; do
     --prompt-dir) need_value "$@"; PROMPT_DIR=$2; shift 2 ;;
     --with-teacher) WITH_TEACHER=1; shift ;;
     --with-taehv) WITH_TAEHV=1; shift ;;
+    --with-imagereward) WITH_IMAGEREWARD=1; shift ;;
     --no-verify) VERIFY=0; shift ;;
     --only)
       need_value "$@"
@@ -101,6 +109,7 @@ else
   PARTS=("${DEFAULT_PARTS[@]}")
   [[ $WITH_TEACHER == 1 ]] && PARTS+=(wan-14b)
   [[ $WITH_TAEHV == 1 ]] && PARTS+=(taehv)
+  [[ $WITH_IMAGEREWARD == 1 ]] && PARTS+=(imagereward)
 fi
 
 STAGING="$CHECKPOINT_DIR/.downloads"
@@ -118,14 +127,48 @@ all_present() {
   return 0
 }
 
-# hf_get REPO REVISION DIR [FILES or --include PATTERN ...]: resumable download into DIR.
+# check_hub: one quick request to the Hub before the first hf download, so that an unreachable Hub is one
+# line at once (hf itself retries each file five times, then prints an unrelated hint).
+HUB_CHECKED=0
+check_hub() {
+  [[ $HUB_CHECKED == 1 ]] && return 0
+  local endpoint=${HF_ENDPOINT:-https://huggingface.co}
+  if command -v curl >/dev/null 2>&1; then
+    curl --silent --head --max-time 20 --output /dev/null "$endpoint" \
+      || die "cannot reach $endpoint (offline, or a proxy blocks it?); nothing more was downloaded"
+  fi
+  HUB_CHECKED=1
+}
+
+# first_missing DIR: the outermost folder of DIR that does not exist yet ('' when DIR exists).
+first_missing() {
+  local dir=$1 missing=""
+  while [[ -n "$dir" && "$dir" != "." && "$dir" != "/" && ! -e "$dir" ]]; do missing=$dir; dir=$(dirname "$dir"); done
+  echo "$missing"
+}
+
+# remove_if_no_data DIR: delete DIR when it holds nothing resumable (only hf's empty bookkeeping).
+remove_if_no_data() {
+  local dir=$1
+  [[ -n "$dir" && -d "$dir" ]] || return 0
+  [[ -z "$(find "$dir" -type f -size +0c ! -name .gitignore ! -name CACHEDIR.TAG ! -name '*.lock' -print -quit)" ]] \
+    && rm -rf "$dir"
+  return 0
+}
+
+# hf_get REPO REVISION DIR [FILES or --include PATTERN ...]: resumable download into DIR; a failed first
+# attempt removes the folders it created unless they hold partial data to resume.
 hf_get() {
-  local repo=$1 revision=$2 dir=$3; shift 3
+  local repo=$1 revision=$2 dir=$3 created; shift 3
   require_tool hf 'install the huggingface_hub CLI: pip install "huggingface_hub>=0.34"'
+  check_hub
+  created=$(first_missing "$dir")
   mkdir -p "$dir"
   say "hf download $repo (revision $revision) -> $dir"
-  hf download "$repo" "$@" --revision "$revision" --local-dir "$dir" \
-    || die "hf download $repo failed; re-run this script to resume"
+  if ! hf download "$repo" "$@" --revision "$revision" --local-dir "$dir"; then
+    remove_if_no_data "$created"
+    die "hf download $repo failed; re-run this script to resume"
+  fi
 }
 
 sha256_of() {
@@ -238,7 +281,7 @@ part_train-prompts() {
   from_staging gdhe17/Self-Forcing vidprom_filtered_extended.txt "$PROMPT_DIR/vidprom_filtered_extended.txt"
 }
 
-# SPEC §14 checksums; the files are not part of this repository.
+# sha256 of Self-Forcing's prompt files at the pinned commit; the files are not part of this repository.
 part_bench-prompts() {
   local base="https://raw.githubusercontent.com/guandeh17/Self-Forcing/$SELF_FORCING_COMMIT/prompts"
   url_get "$base/MovieGenVideoBench.txt" "$PROMPT_DIR/MovieGenVideoBench.txt" \
@@ -253,6 +296,22 @@ part_bench-prompts() {
 
 part_taehv() {
   url_get "https://github.com/madebyollin/taehv/raw/$TAEHV_COMMIT/taew2_1.pth" "$CHECKPOINT_DIR/taew2_1.pth" ""
+}
+
+# ImageReward (arXiv 2304.05977): the checkpoint and its text-encoder config, then the tokenizer its code
+# loads by hub id (bert-base-uncased) into the subfolder the loader reads.
+part_imagereward() {
+  local dir="$CHECKPOINT_DIR/ImageReward"
+  if all_present "$dir" ImageReward.pt med_config.json; then
+    say "present: $dir/ImageReward.pt"
+  else
+    hf_get THUDM/ImageReward "$IMAGEREWARD_REVISION" "$dir" ImageReward.pt med_config.json
+  fi
+  if all_present "$dir/bert-base-uncased" vocab.txt tokenizer_config.json; then
+    say "present: $dir/bert-base-uncased"; return 0
+  fi
+  hf_get google-bert/bert-base-uncased "$BERT_REVISION" "$dir/bert-base-uncased" \
+    vocab.txt tokenizer.json tokenizer_config.json
 }
 
 # VideoAlign's rubric text is another project's, so it is fetched, not committed. The file as a whole has

@@ -18,6 +18,8 @@ setup(
     install_requires=requirements,
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=7", "peft>=0.13", "httpx>=0.27", "selenium>=4.20"],  # + Debian chromium, chromium-driver
+        "miniworld": ["matplotlib>=3.7"],  # scripts/miniworld.py's plots
+        # the suite runs scripts/miniworld.py --quick; tests/test_serve.py also needs Debian chromium + chromium-driver
+        "test": ["pytest>=7", "peft>=0.13", "matplotlib>=3.7", "httpx>=0.27", "selenium>=4.20"],
     },
 )

@@ -1,11 +1,23 @@
-"""Streaming KV cache for the causal student: attention sink + sliding window, at frame granularity (SPEC §2.3).
+"""Streaming KV cache for the causal student: attention sink + sliding window, at frame granularity
+(the EMA-Sink of Reward Forcing, arXiv 2512.04678).
 
 Each layer stores the first `sink_frames` frames in a sink buffer and the later frames in a window store:
 a fixed ring of `window_frames - sink_frames` frames when windowed (constant memory), or a growing buffer
 when unbounded. Keys are stored pre-RoPE, so the caller ropes the returned keys at window-relative frame
-positions 0..N/L-1 and the EMA blends position-free keys (SPEC §2.3 "Consequences").
+positions 0..N/L-1 and the EMA blends position-free keys, so the sink stays position-consistent however long the video.
+
+Two ways to read the cache, one stored state:
+- `update(k, v, ...)` returns freshly concatenated (sink, window, live chunk) K/V each call; only the live chunk
+  carries gradient and the result is a snapshot (training rollouts, teacher-forcing checks).
+- `static=True` caches add `prepare(...)` for gradient-free streaming: per layer one buffer of RoPE'd keys and
+  one of values, in temporal order, written in place. The attended prefix (sink + older window frames) is
+  RoPE'd once per chunk when the chunk starts; every call then writes only its own chunk into the tail
+  (`write_live`), so no K/V is concatenated or re-rotated per call and, once the window is full, every
+  call sees the same buffers with the same shapes (what torch.compile / CUDA graphs need).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -76,6 +88,11 @@ class LayerKVCache:
         self.num_ema_updates = 0     # sink blends (ema mode)
         self._rewrite_end = 0        # after rewind(): frames before this are re-encodes of stored frames
         self._floor = 0              # after rewind(): the first non-sink frame that may be attended
+        self.num_appends = 0         # calls that started a new chunk (the attended prefix changes only then)
+        self._attend = None          # static mode: (keys, values) [B, window_frames*L, H, D], temporal order
+        self._prefix_key = None      # (start_frame, num_appends) the buffers' prefix was built for
+        self._live_keys = None       # static mode: pre-RoPE keys of the newest write [B, chunk*L, H, D]
+        self._pending = None         # static mode: (start, frames, values, keep_sink) of it, not yet stored
 
     # -- layout ---------------------------------------------------------------------------------------------
     @property
@@ -131,6 +148,7 @@ class LayerKVCache:
         if not max(frame, self.sink_frames) >= self._oldest_stored() or frame > self.next_frame or frame < 0:
             raise ValueError(f"cannot rewind to frame {frame}: the cache holds frames [{self._oldest_stored()}, "
                              f"{self.next_frame}) besides the sink")
+        self._flush_pending()
         self._rewrite_end = max(self._rewrite_end, self.next_frame)
         self._floor = frame
         self.next_frame = frame
@@ -139,25 +157,28 @@ class LayerKVCache:
     @property
     def sink(self):
         """(k, v) of the sink frames as stored (detached), or None before the first call."""
+        self._flush_pending()  # a caller may read or overwrite the sink: make it current first
         return self._sink
 
     @property
     def nbytes(self):
         """Bytes held by the cache buffers."""
-        buffers = (self._sink or ()) + (self._store or ())
+        buffers = (self._sink or ()) + (self._store or ()) + (self._attend or ())
+        if self._live_keys is not None:
+            buffers += (self._live_keys,)
         return sum(buf.numel() * buf.element_size() for buf in buffers)
 
     # -- allocation -----------------------------------------------------------------------------------------
-    def _allocate(self, k, frame_tokens):
-        B, _, H, D = k.shape
+    def _allocate(self, batch, heads, head_dim, dtype, device, frame_tokens):
         self.frame_tokens = frame_tokens
         # The EMA moves the sink by (1 - alpha) ~ 1e-3 per eviction, below bf16 resolution: accumulate in fp32.
-        sink_dtype = torch.float32 if self.sink_mode == "ema" else k.dtype
+        sink_dtype = torch.float32 if self.sink_mode == "ema" else dtype
         sink_tokens = self.sink_frames * frame_tokens
-        self._sink = tuple(torch.zeros(B, sink_tokens, H, D, dtype=sink_dtype, device=k.device) for _ in "kv")
+        shape = (batch, sink_tokens, heads, head_dim)
+        self._sink = tuple(torch.zeros(shape, dtype=sink_dtype, device=device) for _ in "kv")
         store_frames = self._ring_frames if self._ring_frames is not None else 0
-        self._store = tuple(torch.zeros(B, store_frames * frame_tokens, H, D, dtype=k.dtype, device=k.device)
-                            for _ in "kv")
+        shape = (batch, store_frames * frame_tokens, heads, head_dim)
+        self._store = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
 
     def _grow(self, end):
         """Unbounded mode: make room for non-sink frames up to `end` (capacity doubles, so O(log) copies)."""
@@ -178,13 +199,17 @@ class LayerKVCache:
         if k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype:
             raise ValueError(f"k and v must both be [B, n, H, D] of one dtype, got {tuple(k.shape)} {k.dtype} "
                              f"and {tuple(v.shape)} {v.dtype}")
+        return self._check_write(k.shape, k.dtype, k.device, start_frame, frame_tokens)
+
+    def _check_write(self, shape, dtype, device, start_frame, frame_tokens):
+        """Checks of a write of K/V of `shape` [B, n, H, D]; returns (frames, appending)."""
         if isinstance(frame_tokens, bool) or not isinstance(frame_tokens, int) or frame_tokens < 1:
             raise ValueError(f"frame_tokens must be a positive int, got {frame_tokens!r}")
-        if k.shape[1] == 0 or k.shape[1] % frame_tokens:
-            raise ValueError(f"{k.shape[1]} tokens is not a positive whole number of {frame_tokens}-token frames")
+        if shape[1] == 0 or shape[1] % frame_tokens:
+            raise ValueError(f"{shape[1]} tokens is not a positive whole number of {frame_tokens}-token frames")
         if isinstance(start_frame, bool) or not isinstance(start_frame, int):
             raise ValueError(f"start_frame must be a Python int, got {type(start_frame).__name__}")
-        frames = k.shape[1] // frame_tokens
+        frames = shape[1] // frame_tokens
         appending = start_frame == self.next_frame
         rewriting = start_frame == self.last_start and frames == self.last_frames
         if not (appending or rewriting):
@@ -193,9 +218,9 @@ class LayerKVCache:
                              f"(frames [{self.last_start}, {self.last_start}+{self.last_frames}))")
         if self._sink is not None:
             ref = self._store[0]
-            if (frame_tokens != self.frame_tokens or k.shape[0] != ref.shape[0] or k.shape[2:] != ref.shape[2:]
-                    or k.dtype != ref.dtype or k.device != ref.device):
-                raise ValueError(f"cache call with k {tuple(k.shape)} {k.dtype} {k.device}, {frame_tokens} tokens/frame "
+            if (frame_tokens != self.frame_tokens or shape[0] != ref.shape[0] or shape[2:] != ref.shape[2:]
+                    or dtype != ref.dtype or device != ref.device):
+                raise ValueError(f"cache call with k {tuple(shape)} {dtype} {device}, {frame_tokens} tokens/frame "
                                  f"does not match the cache's first call ({tuple(ref.shape)} {ref.dtype} {ref.device}, "
                                  f"{self.frame_tokens} tokens/frame); call reset() for a new video")
         if self.window_frames is not None:
@@ -248,16 +273,12 @@ class LayerKVCache:
         """
         frames, appending = self._check_call(k, v, start_frame, frame_tokens)
         if self._sink is None:
-            self._allocate(k, frame_tokens)
+            self._allocate(k.shape[0], k.shape[2], k.shape[3], k.dtype, k.device, frame_tokens)
         end = start_frame + frames
         rewriting_held = end <= self._rewrite_end  # re-encoding after rewind(): nothing new, nothing evicted
         with torch.no_grad():
-            if appending and not rewriting_held:
-                self._evict(start_frame, end)
-                if self._ring_frames is None:
-                    self._grow(end)
-            else:
-                self.evicted_frames = ()
+            self._advance(start_frame, end, appending, rewriting_held)
+            self._pending = None  # this call's write supersedes any pending static-mode write of the chunk
             for index in range(frames):
                 if rewriting_held and start_frame + index < self.sink_frames:
                     continue  # rewind() keeps the sink
@@ -267,18 +288,108 @@ class LayerKVCache:
                 v_dst.copy_(v.detach()[:, token_slice])
         keys = torch.cat(self._old_pieces(start_frame, end, 0) + [k], dim=1)
         values = torch.cat(self._old_pieces(start_frame, end, 1) + [v], dim=1)
+        return keys, values, self._record(start_frame, end, frames)
+
+    def _advance(self, start, end, appending, rewriting_held):
+        """Before a write of frames [start, end): a new chunk first stores the previous chunk's pending static
+        write, then evicts (and blends the sink) unless it re-encodes held frames after rewind()."""
+        self.evicted_frames = ()
+        if not appending:
+            return
+        self._flush_pending()
+        self.num_appends += 1
+        if rewriting_held:
+            return
+        self._evict(start, end)
+        if self._ring_frames is None:
+            self._grow(end)
+
+    def _record(self, start, end, frames):
+        """Bookkeeping after a write; returns the query start frame."""
         window = tuple(range(self._window_start(end), end))
         self.attended_frames = tuple(range(min(self.sink_frames, end))) + window
         self.next_frame = max(self.next_frame, end)
-        self.last_start, self.last_frames = start_frame, frames
-        return keys, values, len(self.attended_frames) - frames
+        self.last_start, self.last_frames = start, frames
+        return len(self.attended_frames) - frames
+
+    # -- static mode ----------------------------------------------------------------------------------------
+    def prepare(self, batch, heads, head_dim, dtype, device, start_frame: int, frames: int, frame_tokens: int,
+                rope_keys) -> "StaticAttend":
+        """Get the in-place buffers for a gradient-free write of frames [start_frame, start_frame + frames).
+
+        Same positions, eviction and EMA as `update`. rope_keys(keys, grid_frames) applies RoPE to pre-RoPE keys
+        [B, grid_frames*L, H, D] at frames 0..grid_frames-1; it runs once per chunk, on the attended prefix."""
+        if self.window_frames is None:
+            raise ValueError("static cache buffers need a finite window (window_frames)")
+        shape = (batch, frames * frame_tokens, heads, head_dim)
+        frames, appending = self._check_write(shape, dtype, device, start_frame, frame_tokens)
+        if self._sink is None:
+            self._allocate(batch, heads, head_dim, dtype, device, frame_tokens)
+        end = start_frame + frames
+        rewriting_held = end <= self._rewrite_end
+        with torch.no_grad():
+            self._advance(start_frame, end, appending, rewriting_held)
+            query_start = self._record(start_frame, end, frames)
+            if self._attend is None:
+                self._attend = tuple(torch.zeros(batch, self.window_frames * frame_tokens, heads, head_dim,
+                                                 dtype=dtype, device=device) for _ in "kv")
+            keys, values = (self._attended(buf, query_start + frames) for buf in self._attend)
+            if self._prefix_key != (start_frame, self.num_appends):
+                prefix = query_start * frame_tokens
+                if prefix:
+                    keys[:, :prefix].copy_(rope_keys(torch.cat(self._old_pieces(start_frame, end, 0), dim=1),
+                                                     query_start))
+                    values[:, :prefix].copy_(torch.cat(self._old_pieces(start_frame, end, 1), dim=1))
+                self._prefix_key = (start_frame, self.num_appends)
+            if self._live_keys is None or self._live_keys.shape != shape:
+                self._live_keys = torch.zeros(shape, dtype=dtype, device=device)
+            self._pending = (start_frame, frames, values[:, query_start * frame_tokens:], rewriting_held)
+        return StaticAttend(keys, values, self._live_keys, query_start)
+
+    def _attended(self, buffer, frames):
+        """The first `frames` frames of a static buffer (the buffer itself when it is full)."""
+        tokens = frames * self.frame_tokens
+        return buffer if tokens == buffer.shape[1] else buffer[:, :tokens]
+
+    def _flush_pending(self):
+        """Store the last static-mode write (pre-RoPE keys, values) of a finished chunk in its ring slots."""
+        if self._pending is None:
+            return
+        (start, frames, v, keep_sink), k = self._pending, self._live_keys
+        L = self.frame_tokens
+        for index in range(frames):
+            if keep_sink and start + index < self.sink_frames:
+                continue  # rewind() keeps the sink
+            for dst, src in zip(self._frame_view(start + index), (k, v)):
+                dst.copy_(src[:, index * L:(index + 1) * L])
+        self._pending = None
+
+
+@dataclass
+class StaticAttend:
+    """One layer's in-place K/V for one gradient-free call: keys (RoPE'd) and values [B, N, H, D] of every
+    attended frame, prefix already filled; the call's own chunk goes into the last n tokens (`write_live`)."""
+    keys: torch.Tensor
+    values: torch.Tensor
+    pending_keys: torch.Tensor   # pre-RoPE keys of the chunk, moved to the ring when the next chunk starts
+    query_start: int
+
+
+def write_live(keys, values, live_keys, k, roped_k, v):
+    """Write a chunk's pre-RoPE keys k, RoPE'd keys and values ([B, n, H, D]) into the tail of a layer's static
+    buffers, in place; returns (keys, values)."""
+    n = k.shape[1]
+    live_keys.copy_(k)
+    keys[:, -n:].copy_(roped_k)
+    values[:, -n:].copy_(v)
+    return keys, values
 
 
 class KVCache:
     """All layers' caches for one model and one video: self-attention per block plus cross-attention K/V."""
 
     def __init__(self, num_layers, window_frames=None, sink_frames=0, sink_mode="none", ema_alpha=0.999,
-                 chunk_frames=None):
+                 chunk_frames=None, static=False):
         _check_int("num_layers", num_layers, 1)
         validate_cache_config(window_frames, sink_frames, sink_mode, ema_alpha, chunk_frames)
         self.window_frames = window_frames
@@ -286,6 +397,8 @@ class KVCache:
         self.sink_mode = sink_mode
         self.ema_alpha = float(ema_alpha)
         self.chunk_frames = chunk_frames
+        # Gradient-free streaming reads through in-place buffers (`LayerKVCache.prepare`); windowed caches only.
+        self.static = bool(static) and window_frames is not None
         self.layers = [LayerKVCache(window_frames, sink_frames, sink_mode, ema_alpha) for _ in range(num_layers)]
         self.cross = [None] * num_layers
 

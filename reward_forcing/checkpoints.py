@@ -1,6 +1,6 @@
 """Every released or own checkpoint layout -> a plain state dict with original Wan2.1 keys.
 
-Formats (SPEC §8):
+Formats:
 - a Wan folder: `config.json` + `diffusion_pytorch_model.safetensors`, or shards listed in
   `diffusion_pytorch_model.safetensors.index.json`;
 - a generator file: flat `{param: tensor}` (the released `rewardforcing.pt`), or sectioned
@@ -11,8 +11,8 @@ activation checkpointing, torch.compile) are removed; diffusers-layout keys are 
 Nothing but tensors is unpickled.
 """
 import json
-import logging
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +20,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from reward_forcing.errors import CheckpointError
-
-log = logging.getLogger(__name__)
 
 WAN_CONFIG = "config.json"
 WAN_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -154,13 +152,36 @@ def _is_flat(obj: dict) -> bool:
     return all(isinstance(value, torch.Tensor) for value in obj.values())
 
 
-def _select_section(obj: dict, path: Path, use_ema: bool) -> dict:
+# training/state.py export_weights writes generator.pt ({section: weights}) and flat safetensors copies:
+# generator.safetensors (the `generator` section) and generator_ema.safetensors beside it.
+EXPORTED_FLAT = "generator.safetensors"
+EXPORTED_EMA = "generator_ema.safetensors"
+NO_EMA_NOTE = "holds no separate EMA weights; --use_ema uses its weights as they are"
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Which weights were read: the file (or Wan folder), the section of a sectioned file, and a note."""
+    file: Path
+    section: str | None = None
+    note: str = ""
+
+    @property
+    def identity(self) -> str:
+        """The absolute file and section: equal for two loads of the same weights."""
+        return str(self.file.resolve()) + (f" [{self.section}]" if self.section else "")
+
+    def __str__(self) -> str:
+        section = f" [{self.section}]" if self.section else ""
+        return f"{self.file}{section} ({self.note})" if self.note else f"{self.file}{section}"
+
+
+def _select_section(obj: dict, path: Path, use_ema: bool) -> tuple[dict, WeightsSource]:
+    """(weights, description of what was picked) from a torch.load-ed checkpoint dict."""
     sections = [name for name in SECTIONS if isinstance(obj.get(name), dict)]
     if not sections:
         if obj and _is_flat(obj):
-            if use_ema:
-                log.info("%s is a flat state dict without an EMA section; using its weights as they are", path)
-            return obj
+            return obj, WeightsSource(path, note=NO_EMA_NOTE if use_ema else "")
         keys = ", ".join(sorted(map(str, obj))[:MAX_NAMED_KEYS]) or "none"
         raise CheckpointError(f"{path} is neither a flat state dict nor a checkpoint with a 'generator' section "
                               f"(top-level keys: {keys})")
@@ -168,13 +189,27 @@ def _select_section(obj: dict, path: Path, use_ema: bool) -> dict:
     if wanted not in sections:
         hint = "; drop --use_ema to load 'generator'" if use_ema and "generator" in sections else ""
         raise CheckpointError(f"{path} has no '{wanted}' section (it has: {', '.join(sections)}){hint}")
-    return obj[wanted]
+    return obj[wanted], WeightsSource(path, wanted)
 
 
-def load_generator_state_dict(path, use_ema: bool = False) -> dict:
-    """Student weights from a file (flat, sectioned or .safetensors) or a Wan folder.
+def _safetensors_file(path: Path, use_ema: bool) -> WeightsSource:
+    """The flat file to read: with `use_ema`, an exported generator.safetensors is replaced by the
+    generator_ema.safetensors exported beside it."""
+    if not use_ema or path.name == EXPORTED_EMA:
+        return WeightsSource(path)
+    ema = path.with_name(EXPORTED_EMA)
+    if path.name == EXPORTED_FLAT and ema.is_file():
+        return WeightsSource(ema, note=f"the EMA weights exported beside {path.name}")
+    return WeightsSource(path, note=NO_EMA_NOTE)
 
-    `use_ema` picks the `generator_ema` section; a file without sections is used as it is.
+
+def load_generator_weights(path, use_ema: bool = False) -> tuple[dict, WeightsSource]:
+    """Student weights from a file (flat, sectioned or .safetensors) or a Wan folder, and which file and
+    section were actually read.
+
+    `use_ema` picks the `generator_ema` section of a sectioned file, or the generator_ema.safetensors
+    exported beside a generator.safetensors; a flat file without either is used as it is (the released
+    rewardforcing.pt, which upstream's README loads with --use_ema), and the description says so.
     Keys in diffusers' WanTransformer3DModel layout are renamed to the original Wan names.
     """
     path = Path(path)
@@ -182,16 +217,22 @@ def load_generator_state_dict(path, use_ema: bool = False) -> dict:
         if not (path / WAN_CONFIG).is_file():
             raise CheckpointError(f"{path} is a folder without {WAN_CONFIG}: give a Wan model folder or a "
                                   "generator file (.pt, .pth, .safetensors)")
-        return load_wan_folder(path)[1]
+        return load_wan_folder(path)[1], WeightsSource(path, note=NO_EMA_NOTE if use_ema else "")
     if path.suffix == ".safetensors":
-        return original_keys(strip_prefixes(_load_safetensors(path)))
+        source = _safetensors_file(path, use_ema)
+        return original_keys(strip_prefixes(_load_safetensors(source.file))), source
     obj = _load_torch(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
-    state_dict = _select_section(obj, path, use_ema)
+    state_dict, source = _select_section(obj, path, use_ema)
     if not _is_flat(state_dict):
         raise CheckpointError(f"the selected weights in {path} contain non-tensor entries")
-    return original_keys(strip_prefixes(state_dict))
+    return original_keys(strip_prefixes(state_dict)), source
+
+
+def load_generator_state_dict(path, use_ema: bool = False) -> dict:
+    """The weights of `load_generator_weights` without their description."""
+    return load_generator_weights(path, use_ema)[0]
 
 
 def _first(names) -> str:

@@ -158,9 +158,10 @@ def write_wan_folder(folder, config: dict, state_dict: dict, num_shards: int = 1
 def write_tiny_checkpoint_dir(output_dir, cfg, seed: int = 0) -> dict:
     """A complete fake `checkpoint_dir` in the released layout, sized by `cfg` (configs/tiny.yaml) and the
     TINY_*_CONFIG dicts: base Wan folder (DiT, T5, tokenizer, VAE), sharded teacher folder, released student,
-    ODE init, VideoReward + its Qwen2-VL base files, TAEHV. Returns the main paths."""
+    ODE init, VideoReward + its Qwen2-VL base files, ImageReward, TAEHV. Returns the main paths."""
     import shutil
 
+    from reward_forcing.tiny_imagereward import write_tiny_imagereward
     from reward_forcing.tiny_reward import write_tiny_videoreward
 
     out = Path(output_dir)
@@ -185,7 +186,8 @@ def write_tiny_checkpoint_dir(output_dir, cfg, seed: int = 0) -> dict:
         shutil.rmtree(qwen_dir)
     reward["qwen_dir"].rename(qwen_dir)
 
+    imagereward = write_tiny_imagereward(out, seed=seed)
     taehv = out / cfg.taehv_path
     write_taehv(taehv, TINY_WAN_CONFIG["in_dim"], seed=seed, **TINY_TAEHV_WIDTHS)
     return {"base": base, "teacher": teacher, "release": release, "ode_init": ode_init,
-            "videoreward": reward["root"], "qwen_dir": qwen_dir, "taehv": taehv}
+            "videoreward": reward["root"], "qwen_dir": qwen_dir, "imagereward": imagereward, "taehv": taehv}

@@ -6,6 +6,7 @@ itself whenever the file system allows it; only impossible names get an escaped,
 import hashlib
 import json
 import os
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,17 +131,55 @@ def to_uint8_frames(pixels: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
+PARTIAL_PREFIX = ".partial-"
+DIGEST_CHARS = 16
+
+
+def _partial_name(final_name: str) -> str:
+    """`.partial-<name hash>-<host>-<pid>.mp4`: the writer's host and pid tell whether it is still alive."""
+    digest = hashlib.sha256(final_name.encode("utf-8")).hexdigest()[:DIGEST_CHARS]
+    return f"{PARTIAL_PREFIX}{digest}-{socket.gethostname()}-{os.getpid()}.mp4"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_partials(folder) -> list[Path]:
+    """Delete the partial videos left in `folder` by killed writers on this host (their pid is gone).
+
+    Partials of live processes and of other hosts (a shared file system) are kept. Returns what was removed.
+    """
+    folder = Path(folder)
+    removed = []
+    host = socket.gethostname()
+    for path in folder.glob(f"{PARTIAL_PREFIX}*.mp4") if folder.is_dir() else []:
+        owner = path.name[len(PARTIAL_PREFIX) + DIGEST_CHARS + 1:-len(".mp4")]
+        writer_host, _, pid = owner.rpartition("-")
+        if not pid.isdigit() or writer_host not in ("", host) or _pid_alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 class Mp4Writer:
     """H.264 mp4 written frame by frame to a hidden temporary name, renamed into place on success.
 
     Used as a context manager: an exception inside the block deletes the temporary file, so an
-    interrupted video never leaves a partial file under its final name.
+    interrupted video never leaves a partial file under its final name; a killed process leaves its
+    temporary file behind for `remove_stale_partials`.
     """
 
     def __init__(self, path, fps: int):
         self.path = Path(path)
-        digest = hashlib.sha256(self.path.name.encode("utf-8")).hexdigest()[:16]
-        self.tmp_path = self.path.with_name(f".partial-{digest}-{os.getpid()}.mp4")
+        self.tmp_path = self.path.with_name(_partial_name(self.path.name))
         self.fps = fps
         self.frames = 0
         self._writer = None

@@ -7,7 +7,7 @@ model, so it needs no checkpoint. Examples:
     python scripts/benchmark.py --memory              # peak memory of the streaming pipeline, T=21 vs T=120
     python scripts/benchmark.py --device cuda --dim 1536 --num_layers 30 --num_heads 12 --height 480 --width 832
 
-Targets (issue 2): last/early chunk latency <= 1.10, EMA/static <= 1.03, exactly 5 DiT forwards per chunk.
+Targets: last/early chunk latency <= 1.10, EMA/static <= 1.03, exactly 5 DiT forwards per chunk.
 """
 import argparse
 import itertools

@@ -111,6 +111,38 @@ def test_use_ema_selects_generator_ema(tmp_path, source):
     assert_loads_identically(path, other, x, use_ema=False)
 
 
+def test_use_ema_with_exported_safetensors_reads_the_ema_file_beside_it(tmp_path, source):
+    from reward_forcing.training.state import export_weights
+
+    model, x = source
+    other = new_model(3)
+    export_weights(tmp_path / "generator", {"generator": dict(other.state_dict()),
+                                            "generator_ema": dict(model.state_dict())})
+    assert_loads_identically(tmp_path / "generator.safetensors", model, x, use_ema=True)
+    assert_loads_identically(tmp_path / "generator.safetensors", other, x, use_ema=False)
+    assert_loads_identically(tmp_path / "generator_ema.safetensors", model, x, use_ema=True)
+
+
+def test_use_ema_says_which_file_was_read(tmp_path, source):
+    from reward_forcing.checkpoints import load_generator_weights
+    from reward_forcing.training.state import export_weights
+
+    model, _ = source
+    export_weights(tmp_path / "run" / "generator", {"generator": dict(model.state_dict()),
+                                                    "generator_ema": dict(model.state_dict())})
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert len(modes) == 3 and len(set(modes.values())) == 1, modes  # the .pt and both .safetensors alike
+    save_file(dict(model.state_dict()), str(tmp_path / "generator.safetensors"))  # no EMA file beside it
+    flat = write_file(tmp_path, "rewardforcing.pt", dict(model.state_dict()))
+    described = {name: str(load_generator_weights(tmp_path / name, use_ema=True)[1])
+                 for name in ("run/generator.safetensors", "run/generator.pt", "generator.safetensors", flat.name)}
+    assert described["run/generator.safetensors"].startswith(str(tmp_path / "run" / "generator_ema.safetensors"))
+    assert described["run/generator.pt"] == f"{tmp_path / 'run' / 'generator.pt'} [generator_ema]"
+    for name in ("generator.safetensors", flat.name):
+        assert described[name].startswith(str(tmp_path / name)) and "holds no separate EMA weights" in described[name]
+    assert str(load_generator_weights(flat, use_ema=False)[1]) == str(flat)
+
+
 def test_fsdp_checkpoint_wrapper_and_compile_segments_are_stripped(tmp_path, source):
     model, x = source
     path = write_file(tmp_path, "model.pt", {"generator": fsdp_wrapped(model.state_dict())})
@@ -277,6 +309,9 @@ TINY_FILES = [
     "ode_init.pt",
     "VideoReward/model_config.json",
     "Qwen2-VL-2B-Instruct/config.json",
+    "ImageReward/ImageReward.pt",
+    "ImageReward/med_config.json",
+    "ImageReward/bert-base-uncased/tokenizer_config.json",
     "taew2_1.pth",
 ]
 
@@ -348,6 +383,7 @@ def test_tiny_text_encoder_vae_taehv_and_reward_load(tiny):
     from reward_forcing.models.taehv import TAEHV
     from reward_forcing.models.text_encoder import TextEncoder
     from reward_forcing.models.vae import WanVAE
+    from reward_forcing.rewards.imagereward import ImageReward
     from reward_forcing.rewards.videoalign import VideoReward
 
     base = asset_path(tiny, tiny.model_name)
@@ -367,6 +403,10 @@ def test_tiny_text_encoder_vae_taehv_and_reward_load(tiny):
     with torch.no_grad():
         scores = reward.score(pixels, ["a cat walks across the grass"])
     assert all(torch.isfinite(scores[key]).all() for key in ("VQ", "MQ", "TA", "Overall"))
+
+    image_reward = ImageReward.from_checkpoint(asset_path(tiny, "ImageReward"))
+    with torch.no_grad():
+        assert torch.isfinite(image_reward.score(pixels[:, :, -1], ["a cat walks across the grass"])).all()
 
 
 def test_make_tiny_checkpoints_refuses_a_file_as_output_dir(tmp_path):

@@ -55,6 +55,16 @@ def test_seeds_depend_only_on_base_prompt_and_sample():
     assert video_seed(0, 1, 0) != video_seed(1, 0, 0) != video_seed(0, 0, 1)
 
 
+def test_seed_help_names_what_the_seed_is_derived_from():
+    """Each video's seed hashes (base seed, prompt index, sample index), never the prompt text."""
+    from reward_forcing.inference.cli import build_parser
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert "(seed, prompt index, sample index)" in help_text and "not the prompt text" in help_text
+    assert "(seed, prompt, sample)" not in help_text
+    assert "latent frames (21 -> 81 video frames" in help_text
+
+
 BAD_INPUTS = [
     (["--data_path", "{d}/empty.txt"], "contains no prompts"),
     (["--data_path", "{d}/prompts.txt", "--extended_prompt_path", "{d}/short_ext.txt"], "has 1 lines but"),

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -162,9 +163,12 @@ def test_extended_prompts_generate_while_short_prompts_name(assets, tmp_path):
                           str(tmp_path / "short")]) == 0
     a, b = read_video(tmp_path / "ext" / "a cat-0.mp4")[0], read_video(tmp_path / "short" / "a cat-0.mp4")[0]
     assert np.abs(a.astype(int) - b).max() > 0
+    seeds = [[json.loads(line)["seed"] for line in (tmp_path / d / "manifest.jsonl").read_text().splitlines()]
+             for d in ("ext", "short")]
+    assert seeds[0] == seeds[1] and seeds[0][0] != seeds[0][1]  # the --help text for --seed says so
 
 
-def test_readme_tiny_demo(tmp_path):
+def test_readme_tiny_demo(tmp_path, capsys):
     """The README's CPU demo: configs/tiny.yaml with scripts/make_tiny_checkpoints.py's released-layout files."""
     from reward_forcing.config import load_config
     from reward_forcing.tiny_assets import write_tiny_checkpoint_dir
@@ -179,6 +183,9 @@ def test_readme_tiny_demo(tmp_path):
                           "--num_output_frames", "6", f"checkpoint_dir={checkpoints}"]) == 0
     frames, fps = read_video(tmp_path / "videos" / "a cat walks on the grass-0.mp4")
     assert frames.shape == (1 + 4 * 5, cfg.height, cfg.width, 3) and fps == 16
+    captured = capsys.readouterr()
+    assert captured.out.count("holds no separate EMA weights") == 1  # said once
+    assert "a cat walks on the grass-0.mp4: 100%" in captured.err and "2/2" in captured.err  # per-chunk bar
 
 
 def test_frames_are_yielded_chunk_by_chunk(assets):
@@ -215,3 +222,48 @@ def test_switch_prompts_file_makes_one_video_per_line(assets, tmp_path):
     # latents 0..5 (pixel frames 0..20) precede the switch; the last chunk's 12 frames come from the new prompt
     np.testing.assert_array_equal(switched[:21], plain[:21])
     assert np.abs(switched[21:].astype(int) - plain[21:]).mean() > 1
+
+
+def test_new_settings_never_skip_or_relabel_old_videos(assets, tmp_path, capsys):
+    """Videos made with 3 latent frames are not reported as done for a 6-frame run, nor config.yaml rewritten."""
+    (tmp_path / "one.txt").write_text("waves crash on a beach\n")
+    common = ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path", str(assets / "model.pt"),
+              "--data_path", str(tmp_path / "one.txt"), "--output_folder", str(tmp_path / "out")]
+    video = tmp_path / "out" / "waves crash on a beach-0.mp4"
+    assert run_cli(main, [*common, "--num_output_frames", "3"]) == 0
+    saved, mtime = (tmp_path / "out" / "config.yaml").read_text(), video.stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_cli(main, [*common, "--num_output_frames", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings (inference.num_output_frames 3 -> 6)" in err
+    assert (tmp_path / "out" / "config.yaml").read_text() == saved and video.stat().st_mtime_ns == mtime
+    assert run_cli(main, [*common, "--num_output_frames", "3", "--use_ema"]) == 2  # other weights: refused too
+    assert "model.pt [generator]' -> " in capsys.readouterr().err
+    assert run_cli(main, [*common, "--num_output_frames", "6", "--overwrite"]) == 0
+    assert read_video(video)[0].shape[0] == 1 + 4 * 5
+    assert "num_output_frames: 6" in (video.parent / "config.yaml").read_text()
+
+
+def test_partial_videos_of_killed_runs_are_removed(assets, tmp_path, capsys):
+    from reward_forcing.video import Mp4Writer
+
+    out = tmp_path / "out"
+    pid = os.fork()
+    if pid == 0:  # a run killed mid-video: the writer never closes
+        writer = Mp4Writer(out / "waves crash on a beach-0.mp4", fps=16).__enter__()
+        writer.append(np.zeros((2, 16, 32, 3), np.uint8))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    live = Mp4Writer(out / "a video being written by this live process-0.mp4", fps=16).tmp_path
+    live.write_bytes(b"")
+    for _ in range(100):  # the child's ffmpeg creates its output file asynchronously
+        if len(list(out.glob(".partial-*"))) == 2:
+            break
+        time.sleep(0.05)
+    assert len(list(out.glob(".partial-*"))) == 2
+    (tmp_path / "one.txt").write_text("waves crash on a beach\n")
+    assert run_cli(main, ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path", str(assets / "model.pt"),
+                          "--data_path", str(tmp_path / "one.txt"), "--output_folder", str(out),
+                          "--num_output_frames", "3"]) == 0
+    assert list(out.glob(".partial-*")) == [live]
+    assert "removed 1 partial video(s)" in capsys.readouterr().out

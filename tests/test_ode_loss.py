@@ -5,8 +5,14 @@ import torch.nn.functional as F
 
 from reward_forcing.errors import ConfigError
 from reward_forcing.sampling import FlowMatchSchedule
+from pathlib import Path
+
+from reward_forcing.config import load_config
 from reward_forcing.training.ode import (
-    gather_states, ode_loss, ode_regression_loss, sample_state_indices, student_inputs)
+    gather_states, ode_loss, ode_regression_loss, sample_state_indices, state_schedule, state_timesteps,
+    student_inputs)
+
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def test_state_index_is_shared_within_each_chunk_and_uniform():
@@ -111,3 +117,40 @@ def test_pairs_that_cannot_train_the_student_are_refused():
         check_pairs(data, student, [1000, 500, 0], 3)
     with pytest.raises(ConfigError, match="multiple of num_frame_per_block=4"):
         check_pairs(data, student, [1000, 750, 500, 250, 0], 4)
+
+
+class _TrueFlow(torch.nn.Module):
+    """A 'student' that predicts the exact flow v = noise - x0 of the trajectory the states lie on."""
+
+    def __init__(self, x0, noise):
+        super().__init__()
+        self.flow, self.seen = noise - x0, []
+
+    def forward(self, x, t, context):
+        self.seen.append(t)
+        return self.flow
+
+
+@pytest.mark.parametrize("preset", ["ode_init.yaml", "tiny_ode.yaml"])
+def test_each_recorded_state_is_labelled_and_converted_with_its_own_sigma(preset):
+    # the pairs keep steps 0, 12, 24, 36 of 48 Euler steps at shift 8: sigma = 8 s / (1 + 7 s), s = 1, 3/4, 1/2, 1/4
+    recorded = [1.0, 24 / 25, 8 / 9, 8 / 11]
+    cfg = load_config(CONFIGS / preset)
+    labels = state_timesteps(cfg)
+    assert labels == pytest.approx([1000.0, 960.0, 8000 / 9, 8000 / 11, 0.0], abs=1e-9)  # model input t
+    sigmas = state_schedule(cfg).sigma(torch.tensor(labels[:4], dtype=torch.float64))
+    assert sigmas.tolist() == pytest.approx(recorded, abs=1e-12)  # sigma of x0 = x_t - sigma * v
+    # so a student predicting the true flow of the stored states recovers the clean latent on every state
+    x0, noise = torch.randn(2, 8, 2, 6, 2, 2, dtype=torch.float64).unbind(0)
+    ode_latent = torch.stack([(1 - s) * x0 + s * noise for s in recorded] + [x0], dim=1)
+    model = _TrueFlow(x0, noise)
+    loss = ode_loss(model, state_schedule(cfg), ode_latent, torch.zeros(8, 4, 8), labels, 3,
+                    torch.Generator().manual_seed(0))
+    assert model.seen[0].unique().tolist() == torch.tensor(labels[::-1]).tolist()  # every state was drawn
+    assert loss.item() < 1e-20
+    # upstream's default config (no warp) feeds 750 and converts with sigma 0.75 a state recorded at sigma 0.96
+    nominal = load_config(CONFIGS / preset, ["ode_warp_timesteps=false"])
+    assert state_timesteps(nominal) == [1000.0, 750.0, 500.0, 250.0, 0.0]
+    assert float(state_schedule(nominal).sigma(750.0)) == pytest.approx(0.75, abs=1e-3)
+    assert ode_loss(model, state_schedule(nominal), ode_latent, torch.zeros(8, 4, 8), state_timesteps(nominal), 3,
+                    torch.Generator().manual_seed(0)).item() > 1e-3

@@ -18,9 +18,32 @@ def test_reward_forcing_config_has_the_paper_settings():
     assert (cfg.distill_loss, cfg.reward_beta, cfg.guidance_scale) == ("re_dmd", 2.0, 3.0)
     assert (cfg.lr_generator, cfg.lr_critic, list(cfg.adam_betas), cfg.weight_decay) == (2e-6, 4e-7, [0.0, 0.999], 0.01)
     assert (cfg.grad_accum, cfg.dfake_gen_update_ratio, cfg.grad_clip) == (8, 5, 10.0)
-    assert (cfg.ema_decay, cfg.ema_start, cfg.min_score_timestep, cfg.max_score_timestep) == (0.99, 200, 20, 980)
+    assert (cfg.ema_decay, cfg.ema_start, cfg.min_score_timestep, cfg.max_score_timestep) == (0.99, 45, 20, 980)
     assert (cfg.local_attn_size, cfg.sink_size, cfg.sink_mode, cfg.rollout_cache) == (9, 3, "ema", "full")
+    assert (cfg.schedule, cfg.rollout_cache_grad) == ("corrected", "straight_through")
     assert cfg.real_name == "Wan2.1-T2V-14B" and cfg.num_training_frames == 21
+
+
+def test_upstream_preset_differs_from_the_default_only_by_its_switches():
+    rf = load_config(ROOT / "configs" / "reward_forcing.yaml")
+    up = load_config(ROOT / "configs" / "reward_forcing_upstream.yaml")
+    assert {k for k in rf if rf[k] != up[k]} == {"schedule", "max_steps", "ema_start", "save_every", "reward_input"}
+    assert (rf.reward_input, up.reward_input) == ("native", "upstream")
+    # upstream's configs/reward_forcing.yaml: full_training_steps 601, ema_start_step 200, both in loop iterations
+    assert (up.schedule, up.max_steps, up.ema_start, up.rollout_cache_grad) == ("upstream", 601, 200, "straight_through")
+
+
+def test_reward_feedback_config_has_the_paper_settings():
+    # arXiv 2601.16933: from the ODE init, ImageReward on the last frame; batch 8, AdamW (0, 0.999), wd 0.01,
+    # lr 2e-6, EMA 0.99; no teacher or critic
+    cfg = load_config(ROOT / "configs" / "reward_feedback.yaml")
+    assert (cfg.trainer, cfg.generator_ckpt, cfg.reward.name, cfg.reward_frame) == (
+        "reward_feedback", "ode_init.pt", "imagereward", "last")
+    assert (8 * cfg.batch_size * cfg.grad_accum, cfg.lr_generator, list(cfg.adam_betas), cfg.weight_decay) == (
+        8, 2e-6, [0.0, 0.999], 0.01)
+    assert cfg.ema_decay == 0.99 and cfg.reward_feedback_weight == 0.0
+    tiny = load_config(ROOT / "configs" / "tiny_reward_feedback.yaml")
+    assert (tiny.trainer, tiny.reward.name, tiny.reward.score_key) == ("reward_feedback", "imagereward", "ImageReward")
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
@@ -42,7 +65,7 @@ def test_self_forcing_differs_only_in_loss_and_attention():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["trainer=gan"], "error: trainer must be one of distill, ode; got 'gan'"),
+    (["trainer=gan"], "error: trainer must be one of distill, ode, diffusion, reward_feedback; got 'gan'"),
     (["max_stepz=3"], "error: unknown config key 'max_stepz' in command-line overrides"),
     (["--resume", "/nonexistent/ckpt"], "error: --resume folder not found: /nonexistent/ckpt"),
 ])

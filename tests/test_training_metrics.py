@@ -1,11 +1,14 @@
 """metrics.jsonl rows, truncation on resume, wandb offline, and the prompt stream's keyed order."""
 import json
+import time
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from reward_forcing.errors import ConfigError
 from reward_forcing.training.data import PromptStream, read_prompts
-from reward_forcing.training.metrics import MetricsLogger
+from reward_forcing.training.metrics import MetricsLogger, learning_rates
 
 
 def test_rows_and_resume_truncation(tmp_path):
@@ -16,7 +19,23 @@ def test_rows_and_resume_truncation(tmp_path):
         handle.write('{"step": 4, "critic_lo')  # a row cut short by a crash
     MetricsLogger(tmp_path, is_main=True, resume_step=2)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(row.pop("wall_time") - time.time()) < 60 for row in rows)  # Unix seconds
     assert rows == [{"step": 1, "critic_loss": 0.5, "flag": True}, {"step": 2, "critic_loss": 1.0, "flag": True}]
+
+
+def test_config_notices_and_learning_rates(tmp_path, capsys):
+    config = OmegaConf.create({"max_steps": 4, "lr_generator": 2.0e-6})
+    MetricsLogger(tmp_path, is_main=True, config=config)
+    assert OmegaConf.load(tmp_path / "config.yaml") == config
+    assert capsys.readouterr().out == ""  # a fresh run has nothing to announce
+    MetricsLogger(tmp_path, is_main=True, config=config, resume_step=2)
+    assert capsys.readouterr().out == f"resumed from step 2 ({tmp_path})\n"
+    MetricsLogger(tmp_path, is_main=True, config=config, resume_step=4)
+    assert capsys.readouterr().out.splitlines()[1] == "already at max_steps=4, nothing to do"
+    MetricsLogger(tmp_path / "other", is_main=False, config=config, resume_step=4)
+    assert capsys.readouterr().out == "" and not (tmp_path / "other").exists()
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.lr_generator)
+    assert learning_rates(generator=optimizer) == {"lr_generator": 2.0e-6}
 
 
 def test_other_ranks_write_nothing(tmp_path):

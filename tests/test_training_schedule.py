@@ -2,7 +2,13 @@
 import pytest
 import torch
 
-from reward_forcing.training.schedule import TrainingDiverged, Updater, is_generator_step, optimiser_step
+from reward_forcing.training.schedule import (
+    TrainingDiverged,
+    Updater,
+    is_generator_step,
+    optimiser_step,
+    upstream_iteration,
+)
 
 
 class RecordingSGD(torch.optim.SGD):
@@ -78,3 +84,62 @@ def test_nan_loss_stops_without_stepping():
     with pytest.raises(TrainingDiverged, match="critic loss is nan"):
         updater.step(float("nan"))
     assert torch.equal(model.weight.detach(), before)
+
+
+def _released_run_loop(run_step, iterations, accum=8, gen_every=5):
+    """Runs `run_step` on toy networks whose every micro-step adds the gradient [1 / accum, 0]; returns, per
+    optimiser step, how many micro-batches its gradient holds, and per clip how many the clipped sum holds."""
+    log = []
+
+    class Counting(Updater):
+        def clip(self, loss):
+            log.append((self.name, "clip", round(float(self.model.weight.grad[0, 0]) * accum)))
+            return super().clip(loss)
+
+    updaters = []
+    for name in ("generator", "critic"):
+        model = torch.nn.Linear(2, 1, bias=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        optimizer.register_step_pre_hook(lambda opt, *_, name=name, model=model: log.append(
+            (name, "step", round(float(model.weight.grad[0, 0]) * accum))))
+        updaters.append(Counting(name, model, optimizer, grad_clip=1e9))
+
+    def micro(model):
+        def run(i):
+            loss = model(torch.tensor([1.0, 0.0])).sum() / accum
+            loss.backward()
+            return {"loss": loss.detach()}
+        return run
+
+    gen, critic = updaters
+    for step in range(iterations):
+        run_step(step, accum, gen_every, gen, critic, micro(gen.model), micro(critic.model))
+    return log
+
+
+def _histogram(log, name, kind):
+    counts = {}
+    for who, what, micro_batches in log:
+        if (who, what) == (name, kind):
+            counts[micro_batches] = counts.get(micro_batches, 0) + 1
+    return counts
+
+
+def test_upstream_loop_counts_of_the_released_run():
+    # configs/reward_forcing_upstream.yaml's derivation: 601 iterations, grad_accum 8, ratio 5. By hand: generator
+    # events at iterations 0, 40, ..., 600 (16), two steps each on one micro-batch; the critic steps on each
+    # iteration (601) and again on the 76 iterations divisible by 8, on sums of (iteration mod 8) micro-batches,
+    # or 8 on the divisible ones (1 at iteration 0).
+    log = _released_run_loop(upstream_iteration, 601)
+    assert _histogram(log, "generator", "step") == {1: 32}
+    assert _histogram(log, "generator", "clip") == {1: 16}
+    assert _histogram(log, "critic", "step") == {1: 77, 2: 75, 3: 75, 4: 75, 5: 75, 6: 75, 7: 75, 8: 150}
+    assert _histogram(log, "critic", "clip") == {1: 76, 2: 75, 3: 75, 4: 75, 5: 75, 6: 75, 7: 75, 8: 75}
+
+
+def test_corrected_loop_counts_of_the_default_preset():
+    # configs/reward_forcing.yaml: 160 optimiser steps, generator on every 5th: 32 generator and 160 critic steps,
+    # each on all 8 micro-batches, clipped once, on the full sum
+    log = _released_run_loop(optimiser_step, 160)
+    assert _histogram(log, "generator", "step") == _histogram(log, "generator", "clip") == {8: 32}
+    assert _histogram(log, "critic", "step") == _histogram(log, "critic", "clip") == {8: 160}

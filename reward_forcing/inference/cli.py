@@ -20,9 +20,10 @@ from reward_forcing.errors import CheckpointError, ConfigError, UserError
 from reward_forcing.inference.generator import check_num_frames, pixel_frames
 from reward_forcing.inference.jobs import shard, video_seed
 from reward_forcing.inference.pipeline import VideoPipeline, resolve_device
+from reward_forcing.inference.provenance import check_output_folder, video_record, video_settings
 from reward_forcing.inference.segments import Segment, read_switch_prompts, segment_records, switch_schedule, total_frames
-from reward_forcing.video import (Mp4Writer, Prompt, PromptFileError, append_manifest, compact_manifest, read_prompts, unique_by_stem,
-                                  video_name, video_stem)
+from reward_forcing.video import (Mp4Writer, Prompt, PromptFileError, append_manifest, compact_manifest, read_manifest,
+                                  read_prompts, remove_stale_partials, unique_by_stem, video_name, video_stem)
 
 MANIFEST = "manifest.jsonl"
 SAVED_CONFIG = "config.yaml"
@@ -59,10 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "the prompt switches at each segment; the file is named after the first")
     p.add_argument("--extended_prompt_path", help="line-aligned extended prompts (used for generation)")
     p.add_argument("--output_folder", help="where videos, manifest.jsonl and config.yaml are written")
-    p.add_argument("--num_output_frames", type=int, help="latent frames per video (multiple of the chunk)")
+    p.add_argument("--num_output_frames", type=int,
+                   help="latent frames (21 -> 81 video frames: 1 + 4*(n-1)); a multiple of num_frame_per_block")
     p.add_argument("--i2v", action="store_true", help="not supported (text-to-video model)")
-    p.add_argument("--use_ema", action="store_true", default=None, help="load the generator_ema section")
-    p.add_argument("--seed", type=int, help="base seed; each video's seed derives from (seed, prompt, sample)")
+    p.add_argument("--use_ema", action="store_true", default=None,
+                   help="load the EMA weights: the generator_ema section, or generator_ema.safetensors beside an "
+                        "exported generator.safetensors; a flat file without them is used as it is")
+    p.add_argument("--seed", type=int,
+                   help="base seed; each video's seed is a hash of (seed, prompt index, sample index), the index "
+                        "counting non-blank lines: not the prompt text, so different prompts on the same line get "
+                        "the same seeds; any number of processes, in any order, makes the same videos")
     p.add_argument("--num_samples", type=int, help="videos per prompt")
     p.add_argument("--save_with_index", action="store_true", default=None, help="name files by prompt index")
     p.add_argument("--overwrite", action="store_true", default=None, help="regenerate existing videos")
@@ -106,6 +113,9 @@ def validate(cfg) -> None:
     if _whole(cfg, "inference.num_samples") < 1:
         raise ConfigError(f"num_samples must be at least 1, got {run.num_samples}")
     _whole(cfg, "seed")
+    for key in ("compile", "overlap_decode"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
     check_num_frames(_whole(cfg, "inference.num_output_frames"), _whole(cfg, "num_frame_per_block"))
     if run.checkpoint_path is not None and not Path(run.checkpoint_path).exists():
         raise CheckpointError(f"checkpoint not found: {run.checkpoint_path}")
@@ -173,7 +183,15 @@ def _sum_over_ranks(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-def generate(cfg, pipeline, jobs: list[Job], rank: int) -> list[float]:
+def planned_videos(cfg, jobs: list[Job], settings: dict) -> dict:
+    """{file name: what shapes it} for every video of this run (all ranks)."""
+    return {video_name(job.stem, sample): video_record(settings, video_seed(int(cfg.seed), job.prompt.index, sample),
+                                                       segment_records(job.segments) if job.segments
+                                                       else job.prompt.generation_text)
+            for job in jobs for sample in range(int(cfg.inference.num_samples))}
+
+
+def generate(cfg, pipeline, jobs: list[Job], rank: int, settings: dict) -> list[float]:
     """Write this rank's videos; returns [written, skipped, frames, seconds spent generating]."""
     run = cfg.inference
     out = Path(run.output_folder)
@@ -194,7 +212,10 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int) -> list[float]:
             seed = video_seed(int(cfg.seed), job.prompt.index, sample)
             start = time.perf_counter()
             with Mp4Writer(out / name, fps=int(cfg.fps)) as writer:
-                for frames in pipeline.frames(context, num_frames, seed, switch=switch):
+                chunks = tqdm(pipeline.frames(context, num_frames, seed, switch=switch), desc=f"  {name[:40]}",
+                              total=num_frames // int(cfg.num_frame_per_block), unit="chunk", position=1,
+                              leave=False, disable=rank != 0, dynamic_ncols=True)
+                for frames in chunks:
                     writer.append(frames)
             elapsed = time.perf_counter() - start
             if writer.frames != expected:
@@ -204,6 +225,7 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int) -> list[float]:
                 "extended_prompt": job.prompt.extended, "seed": seed, "file": name, "frames": writer.frames,
                 "seconds": writer.frames / int(cfg.fps), "generation_seconds": round(elapsed, 3),
                 **({"segments": segment_records(job.segments)} if job.segments else {}),
+                "settings": settings,
             })
             written += 1
             frames_total += writer.frames
@@ -219,7 +241,16 @@ def main(argv=None) -> int:
     try:
         pipeline = VideoPipeline.from_config(cfg, cfg.inference.checkpoint_path, bool(cfg.inference.use_ema), device)
         out = Path(cfg.inference.output_folder)
+        settings = video_settings(cfg, pipeline.weights, pipeline.dtype)
+        # Every rank checks (same files, same verdict), so a refusal stops all of them before the barrier.
+        check_output_folder(out, read_manifest(out / MANIFEST), planned_videos(cfg, jobs, settings), settings,
+                            bool(cfg.inference.overwrite))
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            removed = remove_stale_partials(out)
+            if removed:
+                print(f"removed {len(removed)} partial video(s) left by killed runs in {out}")
         if rank == 0:
+            print(f"weights: {pipeline.weights}")
             if blank:
                 print(f"skipped {blank} blank line(s) in {cfg.inference.data_path}")
             out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +258,7 @@ def main(argv=None) -> int:
         if world > 1:
             dist.barrier()
         start = time.perf_counter()
-        counts = generate(cfg, pipeline, shard(jobs, rank, world), rank)
+        counts = generate(cfg, pipeline, shard(jobs, rank, world), rank, settings)
         written, skipped, frames, busy = _sum_over_ranks(counts, device)
         if world > 1:
             dist.barrier()

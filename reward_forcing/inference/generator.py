@@ -1,4 +1,6 @@
-"""StreamingGenerator: text embeddings in, clean latent chunks out (SPEC §4).
+"""StreamingGenerator: text embeddings in, clean latent chunks out.
+
+Upstream counterpart: pipeline/causal_inference.py of Self-Forcing.
 
 Per chunk: a few denoising steps on the warped schedule (predict x0, re-noise it with fresh noise
 at the next step), then one context pass on the clean chunk at t = 0 that only refreshes the KV
@@ -95,9 +97,10 @@ class StreamingGenerator:
     def forwards_per_chunk(self) -> int:
         return len(self.timesteps) + 1  # the denoising steps plus the context pass
 
-    def new_cache(self, batch_size: int):
+    def new_cache(self, batch_size: int, static: bool = False):
+        """static=True: the in-place streaming buffers (gradient-free calls only; see reward_forcing.cache)."""
         return self.model.new_cache(batch_size, window_frames=self.window_frames, sink_frames=self.sink_frames,
-                                    sink_mode=self.sink_mode, ema_alpha=self.ema_alpha)
+                                    sink_mode=self.sink_mode, ema_alpha=self.ema_alpha, static=static)
 
     @staticmethod
     def _noise(shape, device, dtype, generator) -> torch.Tensor:
@@ -178,7 +181,7 @@ class StreamingGenerator:
         batch = context.shape[0]
         dtype = dtype or context.dtype
         shape = (batch, self.model.in_dim, self.chunk_frames, *latent_hw)
-        cache = self.new_cache(batch)
+        cache = self.new_cache(batch, static=True)
         held = {}
         for start in starts:
             new_context = switch(start) if switch is not None else None

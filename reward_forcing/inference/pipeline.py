@@ -5,9 +5,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_into, load_wan_folder, read_wan_config
+from reward_forcing.checkpoints import (WeightsSource, asset_path, load_generator_weights, load_into, load_wan_folder,
+                                        read_wan_config)
 from reward_forcing.errors import CheckpointError, ConfigError
-from reward_forcing.inference.generator import StreamingGenerator, latent_size
+from reward_forcing.inference.generator import StreamingGenerator, check_num_frames, latent_size
+from reward_forcing.inference.overlap import overlapped
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.video import to_uint8_frames
 
@@ -33,17 +35,18 @@ def compute_dtype(cfg, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision else torch.float32
 
 
-def load_student(cfg, checkpoint_path=None, use_ema=False) -> CausalWanModel:
-    """The causal student: architecture from the base folder's config.json, weights from `checkpoint_path`
-    (flat, `generator` or `generator_ema`), or the base folder's own weights when none is given."""
+def load_student(cfg, checkpoint_path=None, use_ema=False) -> tuple[CausalWanModel, WeightsSource]:
+    """The causal student and a description of the weights read: architecture from the base folder's
+    config.json, weights from `checkpoint_path` (flat, `generator` or `generator_ema`, or the EMA export
+    beside a generator.safetensors), or the base folder's own weights when none is given."""
     folder = asset_path(cfg, cfg.model_name)
     model = CausalWanModel.from_config(read_wan_config(folder), num_frame_per_block=int(cfg.num_frame_per_block),
                                        local_attn_size=int(cfg.local_attn_size))
     if checkpoint_path is None:
-        state_dict, source = load_wan_folder(folder)[1], str(folder)
+        state_dict, source = load_wan_folder(folder)[1], WeightsSource(folder)
     else:
-        state_dict, source = load_generator_state_dict(checkpoint_path, use_ema=use_ema), str(checkpoint_path)
-    return load_into(model, state_dict, source).eval().requires_grad_(False)
+        state_dict, source = load_generator_weights(checkpoint_path, use_ema=use_ema)
+    return load_into(model, state_dict, str(source)).eval().requires_grad_(False), source
 
 
 def load_decoder(cfg, device, dtype):
@@ -61,14 +64,56 @@ def load_text_encoder(cfg, device, dtype):
     return TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder, device=device, dtype=dtype)
 
 
+def compile_if_configured(model, cfg, device):
+    """`compile: true`: torch.compile the model's steady streaming step (CausalWanModel.compile_streaming), with
+    CUDA graphs ("reduce-overhead") on a GPU. Returns the model."""
+    if cfg.compile:
+        model.compile_streaming(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+    return model
+
+
+RELEASED_CHECKPOINT = "Reward-Forcing-T2V-1.3B/rewardforcing.pt"  # where download_checkpoints.sh puts it
+
+
+def _existing_dir(checkpoint_dir) -> Path:
+    """`checkpoint_dir` as an absolute folder; a relative one is resolved against the working directory."""
+    path = Path(checkpoint_dir).expanduser()
+    absolute = path if path.is_absolute() else Path.cwd() / path
+    if not absolute.is_dir():
+        raise CheckpointError(f"checkpoint_dir {str(checkpoint_dir)!r} not found: looked for {absolute} (relative "
+                              f"paths are resolved against the working directory, {Path.cwd()})")
+    return absolute.resolve()
+
+
+def _checkpoint_file(checkpoint_dir: Path, checkpoint_path) -> Path:
+    """None: the released student under checkpoint_dir. Relative: under checkpoint_dir, else the working directory."""
+    given = Path(checkpoint_path if checkpoint_path is not None else RELEASED_CHECKPOINT).expanduser()
+    candidates = [given] if given.is_absolute() else [checkpoint_dir / given, Path.cwd() / given]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise CheckpointError(f"checkpoint {str(given)!r} not found: looked for {' and '.join(map(str, candidates))}")
+
+
 class VideoPipeline:
-    def __init__(self, text_encoder, generator: StreamingGenerator, decoder, latent_hw, device, dtype):
+    """Text to video frames, chunk by chunk. From Python:
+
+        pipe = VideoPipeline.from_pretrained("checkpoints")
+        video = pipe("a red fox", num_frames=21, seed=0)      # uint8 [81, 480, 832, 3]
+        for frames in pipe.stream("a red fox", num_frames=21, seed=0): ...
+    """
+
+    def __init__(self, text_encoder, generator: StreamingGenerator, decoder, latent_hw, device, dtype, weights=None,
+                 overlap=False):
+        """overlap: decode each chunk on a worker (CUDA side stream on GPU) while the next one is generated."""
+        self.weights = weights  # which file (and section) the student weights were read from
         self.text_encoder = text_encoder
         self.generator = generator
         self.decoder = decoder
         self.latent_hw = tuple(latent_hw)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.overlap = overlap
 
     @classmethod
     def from_config(cls, cfg, checkpoint_path=None, use_ema=False, device="cpu") -> "VideoPipeline":
@@ -76,10 +121,45 @@ class VideoPipeline:
         dtype = compute_dtype(cfg, device)
         if checkpoint_path is not None and not Path(checkpoint_path).exists():
             raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
-        model = load_student(cfg, checkpoint_path, use_ema).to(device=device, dtype=dtype)
+        model, weights = load_student(cfg, checkpoint_path, use_ema)
+        model = model.to(device=device, dtype=dtype)
         latent_hw = latent_size(cfg, model.patch_size)
+        compile_if_configured(model, cfg, device)
         return cls(load_text_encoder(cfg, device, dtype), StreamingGenerator.from_config(model, cfg),
-                   load_decoder(cfg, device, dtype), latent_hw, device, dtype)
+                   load_decoder(cfg, device, dtype), latent_hw, device, dtype, weights, overlap=bool(cfg.overlap_decode))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir, checkpoint_path=None, use_ema=False, config_path=None,
+                        device=None) -> "VideoPipeline":
+        """Load the student, text encoder and decoder as inference.py does.
+
+        checkpoint_dir: the folder download_checkpoints.sh fills (Wan2.1-T2V-1.3B/, ...); a relative path is
+            resolved against the working directory (once, here: later `os.chdir` does not matter).
+        checkpoint_path: student weights (a file of any layout inference.py reads); None = the released
+            Reward-Forcing-T2V-1.3B/rewardforcing.pt. A relative path is looked up under checkpoint_dir, then
+            in the working directory.
+        use_ema: as inference.py --use_ema. config_path: a YAML merged over the packaged defaults (None: the
+            packaged defaults, which are the released model's settings). device: "cpu", "cuda[:n]" or None
+            (CUDA when available).
+        """
+        from reward_forcing.config import load_config
+
+        cfg = load_config(config_path)
+        folder = _existing_dir(checkpoint_dir)
+        cfg.checkpoint_dir = str(folder)
+        device = resolve_device("auto" if device is None else str(device))
+        return cls.from_config(cfg, _checkpoint_file(folder, checkpoint_path), use_ema, device)
+
+    def __call__(self, prompt: str, num_frames: int = 21, seed: int = 0) -> np.ndarray:
+        """The whole video: uint8 [1 + 4 * (num_frames - 1), H, W, 3]. num_frames counts latent frames (21 -> 81
+        video frames), a multiple of num_frame_per_block; seed is the video's own seed (manifest.jsonl's `seed`:
+        inference.py makes the same frames for a video with that seed)."""
+        return np.concatenate(list(self.stream(prompt, num_frames, seed)))
+
+    def stream(self, prompt: str, num_frames: int = 21, seed: int = 0) -> Iterator[np.ndarray]:
+        """The same frames as `__call__`, yielded as each latent chunk is generated and decoded."""
+        check_num_frames(num_frames, self.generator.chunk_frames)
+        yield from self.frames(self.encode(prompt), num_frames, seed)
 
     def encode(self, text: str) -> torch.Tensor:
         return self.text_encoder.encode([text]).to(device=self.device, dtype=self.dtype)
@@ -90,6 +170,13 @@ class VideoPipeline:
         switch: see StreamingGenerator.stream (prompt switches); num_frames=None streams until the caller stops."""
         rng = torch.Generator(device=self.device).manual_seed(seed)
         decoder = self.decoder.stream_decoder()
-        for chunk in self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype,
-                                           switch=switch):
-            yield to_uint8_frames(decoder.decode_chunk(chunk)[0])
+        chunks = self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype,
+                                       switch=switch)
+
+        def decode(chunk):
+            return to_uint8_frames(decoder.decode_chunk(chunk)[0])
+
+        if self.overlap:
+            yield from overlapped(chunks, decode, self.device)
+        else:
+            yield from map(decode, chunks)

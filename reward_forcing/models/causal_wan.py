@@ -1,4 +1,6 @@
-"""Causal Wan2.1 student (SPEC §2): per-frame timesteps, block-causal attention, streaming through a KV cache.
+"""Causal Wan2.1 student: per-frame timesteps, block-causal attention, streaming through a KV cache.
+
+Upstream counterpart: wan/modules/causal_model.py of Self-Forcing.
 
 Same parameters and state-dict keys as WanModel, so teacher weights load unchanged. Three self-attention
 patterns share the blocks:
@@ -6,13 +8,22 @@ patterns share the blocks:
 - teacher forcing (clean_x given): [clean || noisy] with shared RoPE positions, only the noisy half returned;
 - cache: frames [start_frame, start_frame + F) attend to what reward_forcing.cache returns, with RoPE applied at
   read time (keys at frames 0..N/L-1, queries from query_start_frame), so positions are window-relative.
+
+A static cache (`new_cache(..., static=True)`) without autograd takes the streaming step (`static_step`): the
+cache's bookkeeping (eviction, EMA, the once-per-chunk RoPE of the attended prefix) runs first in Python, then
+one pure tensor function runs the DiT and writes the chunk's K/V into the cache's buffers in place. Once the
+window is full its shapes never change and it has no host synchronisation or value-dependent branch, so
+`compile_streaming()` can hand it to torch.compile(fullgraph=True) (and CUDA graphs with "reduce-overhead");
+the chunks that fill the window (fewer attended frames) run the same function eagerly.
 """
 from functools import lru_cache, partial
 
 import torch
 
 from reward_forcing.errors import ConfigError
+from reward_forcing.cache import write_live
 from reward_forcing.models.attention import attention
+from reward_forcing.models.rope import apply_rope
 from reward_forcing.models.wan import WanModel
 
 
@@ -30,7 +41,8 @@ def frame_timesteps(t, batch: int, frames: int) -> torch.Tensor:
 
 @lru_cache(maxsize=32)
 def attention_plan(frames: int, frame_tokens: int, block: int, window: int, teacher: bool):
-    """Block-causal pattern (SPEC §2.2) as, per query chunk, its token range and the key token ranges it sees.
+    """Block-causal pattern (chunk k sees chunks 0..k) as, per query chunk, its token range and the key token
+    ranges it sees.
 
     Within a chunk attention is bidirectional and a chunk sees whole earlier frames, so every row of the mask is
     a union of contiguous key ranges: attending range by range is exact, needs no N x N mask, and keeps the
@@ -70,14 +82,23 @@ class CausalWanModel(WanModel):
                               f"{num_frame_per_block}")
         self.num_frame_per_block = num_frame_per_block
         self.local_attn_size = local_attn_size
+        self.compiled_step = None  # set by compile_streaming()
 
-    def new_cache(self, batch_size, window_frames=None, sink_frames=0, sink_mode="none", ema_alpha=0.999):
-        """An empty KV cache for one video of this model (batch_size is checked by the cache on first write)."""
+    def new_cache(self, batch_size, window_frames=None, sink_frames=0, sink_mode="none", ema_alpha=0.999,
+                  static=False):
+        """An empty KV cache for one video of this model (batch_size is checked by the cache on first write).
+        static=True: gradient-free calls write in place into fixed buffers (see the module docstring)."""
         from reward_forcing.cache import KVCache
 
         del batch_size  # the cache allocates lazily from the first keys it receives
         return KVCache(len(self.blocks), window_frames=window_frames, sink_frames=sink_frames, sink_mode=sink_mode,
-                       ema_alpha=ema_alpha, chunk_frames=self.num_frame_per_block)
+                       ema_alpha=ema_alpha, chunk_frames=self.num_frame_per_block, static=static)
+
+    def compile_streaming(self, mode=None):
+        """torch.compile the steady-state streaming step (fullgraph, static shapes); mode as torch.compile's
+        (None = default, "reduce-overhead" = CUDA graphs on GPU). Returns self."""
+        self.compiled_step = torch.compile(self.static_step, fullgraph=True, dynamic=False, mode=mode)
+        return self
 
     def forward(self, x, t, context, cache=None, start_frame=0, clean_x=None, aug_t=None):
         """x [B, C, F, H, W]; t scalar, [B] or per-frame [B, F]; context [B, L <= text_len, text_dim].
@@ -86,6 +107,9 @@ class CausalWanModel(WanModel):
         given; its timesteps are aug_t, default 0). With a cache: frames [start_frame, start_frame + F)."""
         if cache is not None and clean_x is not None:
             raise ValueError("teacher forcing (clean_x) and a KV cache cannot be combined")
+        if (getattr(cache, "static", False) and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(x.device.type)):
+            return self._static_forward(x, t, context, cache, start_frame)
         batch, frames = x.shape[0], x.shape[2]
         t = frame_timesteps(t, batch, frames).to(x.device)
         tokens, grid = self.embed_video(x)
@@ -129,6 +153,46 @@ class CausalWanModel(WanModel):
         key_grid = (keys.shape[1] // frame_tokens, grid[1], grid[2])
         return attention(self.rope(q, grid, query_start), self.rope(keys, key_grid), values)
 
+    # ---- the streaming step on a static cache ----
+    def _static_forward(self, x, t, context, cache, start_frame):
+        batch, frames = x.shape[0], x.shape[2]
+        t = frame_timesteps(t, batch, frames)
+        if t.device != x.device:
+            t = t.to(x.device)
+        grid = tuple(s // p for s, p in zip(x.shape[2:], self.patch_size))
+        frame_tokens = grid[1] * grid[2]
+
+        def rope_keys(keys, key_frames):
+            return self.rope(keys, (key_frames, grid[1], grid[2]))
+
+        dtype, heads = self.patch_embedding.weight.dtype, self.num_heads
+        slots = [layer.prepare(batch, heads, self.dim // heads, dtype, x.device, start_frame, grid[0], frame_tokens,
+                               rope_keys) for layer in cache.layers]
+        if any(kv is None for kv in cache.cross):
+            ctx = self.embed_text(context)
+            cache.cross = [block.cross_attn.key_value(ctx) for block in self.blocks]
+        cos, sin = self.rope_cos_sin(x.device, grid, slots[0].query_start)
+        buffers = [(s.keys, s.values, s.pending_keys) for s in slots]
+        full = slots[0].keys.shape[1] == cache.window_frames * frame_tokens
+        if not full or self.compiled_step is None:
+            return self.static_step(x, t, cos, sin, buffers, cache.cross)
+        for tensor in [buf for layer in buffers for buf in layer] + [kv for pair in cache.cross for kv in pair]:
+            # written in place / reused every call: CUDA graphs may keep their addresses instead of copying them
+            torch._dynamo.mark_static_address(tensor, guard=False)
+        return self.compiled_step(x, t, cos, sin, buffers, cache.cross)
+
+    def static_step(self, x, t, cos, sin, buffers, cross_kv):
+        """One gradient-free DiT call on chunk x [B, C, F, H, W] at per-frame timesteps t [B, F], attending to the
+        static cache buffers (keys, values, live pre-RoPE keys) per layer, into which it writes the chunk's K/V;
+        cos/sin: the chunk's RoPE tables; cross_kv: the prompt's cross-attention (k, v) per layer. Pure tensor
+        code: fixed shapes once the window is full, no host sync."""
+        tokens, grid = self.embed_video(x)
+        e, e0 = self.embed_time(t)
+        for block, (keys, values, live_keys), kv in zip(self.blocks, buffers, cross_kv):
+            attend = partial(_write_and_attend, keys=keys, values=values, live_keys=live_keys, cos=cos, sin=sin)
+            tokens = block(tokens, e0, None, attend, kv)
+        return self.unpatchify(tokens, e, grid)
+
     def _cross_kv(self, cache, i, ctx):
         """Cross-attention K/V from the cache, computed once per prompt. Under autograd they are recomputed so
         that gradients reach the k/v projections (same values)."""
@@ -137,3 +201,10 @@ class CausalWanModel(WanModel):
             cache.cross[i] = (k.detach(), v.detach())
             return k, v
         return cache.cross[i]
+
+
+def _write_and_attend(q, k, v, keys, values, live_keys, cos, sin):
+    """Self-attention of a chunk on a static cache: RoPE q and k at the chunk's positions, write k/v in place,
+    attend over every buffered frame."""
+    keys, values = write_live(keys, values, live_keys, k, apply_rope(k, cos, sin), v)
+    return attention(apply_rope(q, cos, sin), keys, values)

@@ -1,8 +1,13 @@
-"""3-axis rotary position embedding of Wan2.1 (SPEC §1.5): tables in fp64, interleaved pairs.
+"""3-axis rotary position embedding of Wan2.1: interleaved pairs, tables built in fp64
+(rope_params / rope_apply in Wan2.1's wan/modules/model.py).
 
 The head dimension is split t:h:w = d - 4*(d//6) : 2*(d//6) : 2*(d//6) real dims; each axis has its own
 frequencies theta^(-2j/dim_axis). Positions start at 0 on every axis and the spatial ones restart in each
 frame, so a temporal offset is all that window-relative (cache) positions need.
+
+The angles are computed in fp64 (as the original); the rotation itself is applied in fp32 from cos/sin tables
+rounded once to fp32 (`rope_cos_sin`), which differs from an fp64 rotation by fp32 rounding only (~1e-7
+relative) and avoids two fp64 casts of every query and key per call.
 """
 import torch
 
@@ -37,9 +42,18 @@ def rope_grid(tables: list[torch.Tensor], frames: int, height: int, width: int, 
     return grid.reshape(frames * height * width, -1)
 
 
-def apply_rope(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, N, H, D] by grid [N, D/2] (pairs (x[2i], x[2i+1])); computed in fp64 like the original."""
-    b, n, h, d = x.shape
-    pairs = torch.view_as_complex(x.to(torch.float64).reshape(b, n, h, d // 2, 2))
-    rotated = torch.view_as_real(pairs * grid.to(x.device).view(1, n, 1, d // 2))
-    return rotated.flatten(3).type_as(x)
+def rope_cos_sin(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 tables [1, N, 1, D] for `apply_rope`: cos repeated over each pair, and sin signed (-sin, +sin), so
+    that rotating pairs (a, b) -> (a cos - b sin, b cos + a sin) is x * cos + swap_pairs(x) * sin."""
+    n = grid.shape[0]
+    cos = grid.real.repeat_interleave(2, dim=-1)
+    sin = torch.stack([-grid.imag, grid.imag], dim=-1).flatten(-2)
+    return tuple(t.to(torch.float32).view(1, n, 1, -1) for t in (cos, sin))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, N, H, D] by `rope_cos_sin` tables (pairs (x[2i], x[2i+1])), in fp32, returned in x's dtype."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    out = xf * cos + swapped * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)

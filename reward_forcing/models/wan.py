@@ -1,9 +1,11 @@
-"""Bidirectional Wan2.1 text-to-video DiT (SPEC §1) with the original Wan2.1 state-dict keys.
+"""Bidirectional Wan2.1 text-to-video DiT with the original Wan2.1 state-dict keys (wan/modules/model.py of
+Wan-Video/Wan2.1).
 
-dtype policy (SPEC §1.4): weights may be fp32 under bf16 autocast or plain bf16. The time embedding, the
+dtype policy (as Wan2.1's model.py): weights may be fp32 under bf16 autocast or plain bf16. The time embedding, the
 modulation arithmetic, the residual adds, the norms and the head run in fp32 ("fp32 islands"); the linear
 layers and attention run in whatever autocast / the weights choose. In fp32 everything is fp32.
 """
+import functools
 import math
 
 import torch
@@ -12,10 +14,12 @@ import torch.utils.checkpoint
 
 from reward_forcing.errors import ConfigError
 from reward_forcing.models.attention import attention
-from reward_forcing.models.rope import apply_rope, rope_grid, rope_tables
+from reward_forcing.models.rope import apply_rope, rope_cos_sin, rope_grid, rope_tables
 
 # Positions per RoPE axis, as in Wan2.1 (diffusers' rope_max_seq_len); not a model size.
 ROPE_MAX_POSITIONS = 1024
+# fp32 cos/sin tables kept per (device, grid, frame offset); a streaming window needs a handful.
+ROPE_CACHE_ENTRIES = 32
 
 CONFIG_KEYS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "text_len",
                "freq_dim", "patch_size", "eps", "qk_norm", "cross_attn_norm", "window_size", "model_type")
@@ -29,6 +33,27 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).float()
 
 
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32; no dispatch at all when it already is (the fp32 islands cost nothing in fp32 runs)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def cast_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x in like's dtype, without a dispatch when it already is."""
+    return x if x.dtype == like.dtype else x.to(like.dtype)
+
+
+def fp32_scalar(value: float):
+    """A 0-dim fp32 CPU tensor: as an operand it acts exactly like the Python number (also next to CUDA tensors)
+    but is not re-wrapped into a new tensor on every eager call. Traced graphs take the number itself."""
+    return value if torch.compiler.is_compiling() else _scalar_tensor(value)
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar_tensor(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -36,17 +61,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        xf = fp32(x)
+        # = xf.pow(2).mean(-1, keepdim=True) + eps, op for op (mean is sum then div_), without scalar wrapping
+        mean_square = (xf * xf).sum(-1, keepdim=True).div_(fp32_scalar(float(xf.shape[-1])))
+        return cast_like(xf * torch.rsqrt(mean_square.add_(fp32_scalar(self.eps))), x) * self.weight
 
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype."""
 
     def forward(self, x):
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+        weight = None if self.weight is None else fp32(self.weight)
+        bias = None if self.bias is None else fp32(self.bias)
+        return cast_like(nn.functional.layer_norm(fp32(x), self.normalized_shape, weight, bias, self.eps), x)
 
 
 class Attention(nn.Module):
@@ -77,8 +104,8 @@ def modulate(x, shift, scale):
     """x [B, N, D] with N = F * L tokens; shift/scale [B, F, D] (one row per frame). fp32 result."""
     b, n, d = x.shape
     frames = shift.shape[1]
-    xf = x.float().view(b, frames, n // frames, d)
-    return (xf * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).view(b, n, d)
+    xf = fp32(x).view(b, frames, n // frames, d)
+    return (xf * (scale.unsqueeze(2) + fp32_scalar(1.0)) + shift.unsqueeze(2)).view(b, n, d)
 
 
 class WanBlock(nn.Module):
@@ -95,27 +122,30 @@ class WanBlock(nn.Module):
     def forward(self, x, e0, context, self_attend, cross_kv=None):
         """x [B, N, D] residual stream; e0 [B, F, 6, D]; self_attend(q, k, v) -> [B, N, H, D] applies RoPE and
         the attention pattern; cross_kv: precomputed cross-attention (k, v) or None."""
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.modulation.float() + e0.float()).unbind(2)
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (fp32(self.modulation) + fp32(e0)).unbind(2)
 
-        h = modulate(self.norm1(x), shift_a, scale_a).type_as(x)
+        h = cast_like(modulate(self.norm1(x), shift_a, scale_a), x)
         q = self.self_attn.query(h)
         k, v = self.self_attn.key_value(h)
         x = residual(x, self.self_attn.out(self_attend(q, k, v)), gate_a)
 
         h = self.norm3(x)
         k, v = cross_kv if cross_kv is not None else self.cross_attn.key_value(context)
-        x = (x.float() + self.cross_attn.out(attention(self.cross_attn.query(h), k, v)).float()).type_as(x)
+        x = cast_like(fp32(x) + fp32(self.cross_attn.out(attention(self.cross_attn.query(h), k, v))), x)
 
-        h = modulate(self.norm2(x), shift_f, scale_f).type_as(x)
+        h = cast_like(modulate(self.norm2(x), shift_f, scale_f), x)
         return residual(x, self.ffn(h), gate_f)
 
 
 def residual(x, y, gate):
-    """x + y * gate in fp32, gate [B, F, D] per frame."""
+    """x + y * gate in fp32, gate [B, F, D] per frame.
+
+    The sum is the last op, so the result is a new tensor, never a view: FSDP2 hooks a block's output for
+    its backward all-gather, and an in-place op on a returned view would silently drop that hook."""
     b, n, d = x.shape
     frames = gate.shape[1]
-    out = x.float().view(b, frames, -1, d) + y.float().view(b, frames, -1, d) * gate.unsqueeze(2)
-    return out.view(b, n, d).type_as(x)
+    gated = (fp32(y).view(b, frames, -1, d) * gate.unsqueeze(2)).view(b, n, d)
+    return cast_like(fp32(x) + gated, x)
 
 
 class Head(nn.Module):
@@ -127,8 +157,8 @@ class Head(nn.Module):
 
     def forward(self, x, e):
         """x [B, N, D]; e [B, F, D] (the time embedding, not e0)."""
-        shift, scale = (self.modulation.float().unsqueeze(0) + e.float().unsqueeze(2)).unbind(2)
-        return self.head(modulate(self.norm(x), shift, scale).to(self.head.weight.dtype))
+        shift, scale = (fp32(self.modulation).unsqueeze(0) + fp32(e).unsqueeze(2)).unbind(2)
+        return self.head(cast_like(modulate(self.norm(x), shift, scale), self.head.weight))
 
 
 class WanModel(nn.Module):
@@ -153,8 +183,9 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps)
                                     for _ in range(num_layers))
         self.head = Head(dim, out_dim * math.prod(self.patch_size), eps)
-        # A plain attribute, not a buffer: module.to(bf16) must not cast the complex128 table (SPEC §1.5).
+        # Plain attributes, not buffers: module.to(bf16) must not cast the fp64-built tables (as Wan2.1 builds them).
         self._rope = {}
+        self._rope_cos_sin = {}
 
     @classmethod
     def from_config(cls, config: dict, **extra):
@@ -171,10 +202,19 @@ class WanModel(nn.Module):
             self._rope[device] = [t.to(device) for t in tables]
         return self._rope[device]
 
+    def rope_cos_sin(self, device, grid_size, frame_offset=0):
+        """fp32 (cos, sin) tables for tokens of frames frame_offset.. of the (frames, h, w) grid, cached."""
+        key = (torch.device(device), *grid_size, frame_offset)
+        if key not in self._rope_cos_sin:
+            if len(self._rope_cos_sin) >= ROPE_CACHE_ENTRIES:  # drop the oldest (unbounded caches grow the grid)
+                del self._rope_cos_sin[next(iter(self._rope_cos_sin))]
+            grid = rope_grid(self.rope_tables(torch.device("cpu")), *grid_size, frame_offset)
+            self._rope_cos_sin[key] = tuple(t.to(device) for t in rope_cos_sin(grid))
+        return self._rope_cos_sin[key]
+
     def rope(self, x, grid_size, frame_offset=0):
         """Apply RoPE to x [B, N, H, D] whose tokens are frames frame_offset.. of the (frames, h, w) grid."""
-        frames, height, width = grid_size
-        return apply_rope(x, rope_grid(self.rope_tables(x.device), frames, height, width, frame_offset))
+        return apply_rope(x, *self.rope_cos_sin(x.device, grid_size, frame_offset))
 
     def embed_video(self, x):
         """[B, C, F, H, W] -> tokens [B, N, D] in the residual-stream dtype and the token grid (f, h, w)."""
@@ -182,20 +222,22 @@ class WanModel(nn.Module):
             raise ValueError(f"expected latents [B, {self.in_dim}, F, H, W], got {tuple(x.shape)}")
         if any(s % p for s, p in zip(x.shape[2:], self.patch_size)):
             raise ValueError(f"latent size {tuple(x.shape[2:])} is not a multiple of the patch {self.patch_size}")
-        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        weight = self.patch_embedding.weight
+        tokens = self.patch_embedding(cast_like(x, weight))
         grid = tuple(tokens.shape[2:])
-        return tokens.flatten(2).transpose(1, 2).to(self.patch_embedding.weight.dtype), grid
+        # contiguous once here, or every op of the residual stream inherits the transposed layout
+        return cast_like(tokens.flatten(2).transpose(1, 2), weight).contiguous(), grid
 
     def embed_time(self, t):
         """t [B, F] -> e [B, F, D] and e0 [B, F, 6, D], fp32 (autocast off)."""
         weight = self.time_embedding[0].weight
         with torch.autocast(weight.device.type, enabled=False):
-            e = self.time_embedding(sinusoidal_embedding(t, self.freq_dim).to(weight.dtype)).float()
-            e0 = self.time_projection(e.to(weight.dtype)).float().unflatten(-1, (6, self.dim))
+            e = fp32(self.time_embedding(cast_like(sinusoidal_embedding(t, self.freq_dim), weight)))
+            e0 = fp32(self.time_projection(cast_like(e, weight))).unflatten(-1, (6, self.dim))
         return e, e0
 
     def embed_text(self, context):
-        """[B, L <= text_len, text_dim] -> [B, text_len, D]; zero rows are appended before the MLP (SPEC §1.3)."""
+        """[B, L <= text_len, text_dim] -> [B, text_len, D]; zero rows are appended before the MLP (as Wan2.1)."""
         if context.ndim != 3 or context.shape[1] > self.text_len:
             raise ValueError(f"expected context [B, L <= {self.text_len}, text_dim], got {tuple(context.shape)}")
         context = nn.functional.pad(context, (0, 0, 0, self.text_len - context.shape[1]))
@@ -234,7 +276,7 @@ class WanModel(nn.Module):
         return self.unpatchify(tokens, e, grid)
 
 
-# ---- conversion to / from diffusers' WanTransformer3DModel (SPEC §1.2) ----
+# ---- conversion to / from diffusers' WanTransformer3DModel (diffusers' convert_wan_to_diffusers.py) ----
 _BLOCK_RENAMES = [  # (original, diffusers), applied as substring replacements inside blocks.{i}.
     ("self_attn.q.", "attn1.to_q."), ("self_attn.k.", "attn1.to_k."), ("self_attn.v.", "attn1.to_v."),
     ("self_attn.o.", "attn1.to_out.0."), ("self_attn.norm_", "attn1.norm_"),

@@ -2,7 +2,8 @@
 
 score(videos, prompts) -> VQ (visual quality), MQ (motion quality), TA (text alignment), each [B].
 The rubric prompt puts one special token at the end of each section; the head is applied to the final hidden
-state at those positions (SPEC §11). The decoder always gets explicit sequential positions arange(L) on all
+state at those positions (as KwaiVGI/VideoAlign trained it). The decoder always gets explicit sequential
+positions arange(L) on all
 three M-RoPE axes, as VideoAlign trained it (it passed inputs_embeds only, so no M-RoPE was ever used).
 
 CLI: python -m reward_forcing.rewards.videoalign --checkpoint_dir checkpoints/VideoReward \
@@ -169,7 +170,7 @@ class VideoReward(nn.Module):
         k = ids.index(self.video_token_id)
         return ids[:k] + [self.video_token_id] * num_video_tokens + ids[k + 1:]
 
-    def prepare(self, videos, prompts, input_range="[-1,1]", fps=16.0, sample="fps", size=None) -> dict:
+    def prepare(self, videos, prompts, input_range="[-1,1]", fps=16.0, sample="fps", size=None, quantise=True) -> dict:
         """Model inputs for videos [B, 3, T, H, W] and B prompts; text right-padded with the pad token."""
         if not torch.is_tensor(videos) or videos.ndim != 5 or videos.shape[1] != 3:
             shape = tuple(videos.shape) if torch.is_tensor(videos) else type(videos).__name__
@@ -182,7 +183,7 @@ class VideoReward(nn.Module):
         patches, grids, ids = [], [], []
         for video, prompt in zip(pixels, prompts):
             p, grid = qwen_video.preprocess_video(video, self.spec, fps, self.sample_fps if sample == "fps" else None,
-                                                  size)
+                                                  size, quantise)
             patches.append(p)
             grids.append(grid)
             ids.append(self._prompt_ids(prompt, grid[0] * grid[1] * grid[2] // self.spec.merge_size**2))
@@ -221,16 +222,18 @@ class VideoReward(nn.Module):
         return logits[..., 0]
 
     def score(self, videos, prompts, input_range="[-1,1]", fps=16.0, sample="fps", size=None,
-              differentiable=False) -> dict:
+              differentiable=False, quantise=True) -> dict:
         """Per-video scores: VQ, MQ, TA, Overall (= VQ+MQ+TA) and the same normalised (`*_norm`), each [B].
 
         input_range: '[-1,1]' (generator pixels), '[0,1]' or '[0,255]'. fps: the video's frame rate.
         sample: 'fps' samples frames at VideoAlign's training rate (model_config fps); 'all' keeps every frame
             (the Reward-Forcing code path). size: (H, W) resize target; None = smart resize to the pixel budget.
         differentiable: keep the graph so gradients reach `videos` (reward fine-tuning); no_grad otherwise.
+        quantise: resize on uint8 levels, clamped to 0..255, as VideoAlign was trained; False resizes the floats as
+            given (the Reward-Forcing code path).
         """
         with contextlib.nullcontext() if differentiable else torch.no_grad():
-            raw = self(**self.prepare(videos, prompts, input_range, fps, sample, size)).float()
+            raw = self(**self.prepare(videos, prompts, input_range, fps, sample, size, quantise)).float()
         return self.outputs(raw)
 
     def outputs(self, raw: torch.Tensor) -> dict:

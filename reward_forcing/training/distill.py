@@ -1,23 +1,24 @@
 """DMD (Self Forcing) and Re-DMD (Reward Forcing) distillation: `train.py` with `trainer: distill`.
 
-Per optimiser step (reward_forcing.training.schedule): on generator steps, `grad_accum` micro-steps of
-rollout (grad at the exit steps) -> [decode -> reward -> w] -> teacher/critic scores -> DMD loss; then
-`grad_accum` critic micro-steps of a fresh no-grad rollout -> flow-matching loss. Every random draw is
-keyed by (seed, purpose, step, global sample index) (reward_forcing.training.rng), so runs resume exactly
-and 1 rank with batch 2 draws what 2 ranks with batch 1 draw.
+Per loop step (reward_forcing.training.schedule, `schedule: corrected`): on generator steps, `grad_accum`
+micro-steps of rollout (grad at the exit steps) -> [reward (reward_forcing/rewards) -> w] -> teacher/critic
+scores -> DMD loss; then `grad_accum` critic micro-steps of a fresh no-grad rollout -> flow-matching loss.
+`schedule: upstream` runs upstream's loop instead (one micro-step per network per iteration, its double steps).
+Every random draw is keyed by (seed, purpose, step, global sample index) (reward_forcing.training.rng), so runs
+resume exactly and 1 rank with batch 2 draws what 2 ranks with batch 1 draw.
 """
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_wan_folder, read_wan_config
 from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import latent_size
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.models.wan import WanModel
+from reward_forcing.rewards.registry import build_reward, check_reward_config
 from reward_forcing.sampling import FlowMatchSchedule
 from reward_forcing.training.data import PromptStream, read_prompts
 from reward_forcing.training.ema import EMA
@@ -29,18 +30,24 @@ from reward_forcing.training.losses import (
     reward_weight,
     score_timesteps,
 )
-from reward_forcing.training.metrics import MetricsLogger, reduce_across_ranks
+from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
 from reward_forcing.training.parallel import (
     compute_dtype,
     init_distributed,
     load_sharded,
-    on_main,
     resolve_seed,
     shutdown,
 )
+from reward_forcing.training.reward_feedback import FrameReward, check_frame_choice, choose_frames
 from reward_forcing.training.rng import keyed_randint
 from reward_forcing.training.rollout import exit_steps, rollout, sample_noise, training_sampler
-from reward_forcing.training.schedule import Updater, optimiser_step
+from reward_forcing.training.schedule import (
+    Updater,
+    check_schedule,
+    micro_batches_before,
+    optimiser_step,
+    upstream_iteration,
+)
 from reward_forcing.training.state import (
     ModelState,
     OptimizerState,
@@ -59,6 +66,10 @@ LOSSES = ("dmd", "re_dmd")
 def run(cfg, logdir, args) -> None:
     if cfg.distill_loss not in LOSSES:
         raise ConfigError(f"distill_loss must be one of {', '.join(LOSSES)}; got '{cfg.distill_loss}'")
+    check_schedule(cfg.schedule)
+    check_frame_choice(cfg.reward_frame)
+    if cfg.distill_loss == "re_dmd":
+        check_reward_config(cfg)
     info = init_distributed(cfg.fsdp_replicate)
     try:
         Distiller(cfg, Path(logdir), args, info).train()
@@ -75,7 +86,7 @@ class Distiller:
         self.cfg, self.logdir, self.args, self.info = cfg, logdir, args, info
         self.resumed = resume_folder(logdir, args.resume)
         meta = read_meta(self.resumed) if self.resumed is not None else {}
-        # A resumed run keeps its seed: every draw is keyed by it (SPEC §9.1: seed 0 = random, shared).
+        # A resumed run keeps its seed: every draw is keyed by it (seed 0 = random, shared by the ranks, as upstream).
         self.seed = int(meta["seed"]) if meta else resolve_seed(int(cfg.seed))
         torch.manual_seed(self.seed + info.rank)
         self.dtype = compute_dtype(cfg.mixed_precision, info.device)
@@ -118,7 +129,9 @@ class Distiller:
             model.gradient_checkpointing = bool(cfg.gradient_checkpointing)
             model.train()
         self.text_encoder = self._text_encoder()
-        self.reward = _RewardScorer(cfg, info, self.dtype) if cfg.distill_loss == "re_dmd" else None
+        self.reward = build_reward(cfg, info, self.dtype) if cfg.distill_loss == "re_dmd" else None
+        # DMD / Re-DMD + reward_feedback_weight * (-mean ImageReward of a decoded frame) (arXiv 2601.16933)
+        self.feedback = FrameReward.imagereward(cfg, info, self.dtype) if cfg.reward_feedback_weight else None
 
         self.sampler = training_sampler(self.generator, cfg)
         self.score_schedule = FlowMatchSchedule(cfg.score_timestep_shift, sigma_lookup=cfg.sigma_lookup)
@@ -155,7 +168,7 @@ class Distiller:
         return list(range(first, first + self.cfg.batch_size))
 
     def _noisy(self, x, purpose, step, ids):
-        """x_t at a DMD / critic timestep t ~ U{0..N-1}, shifted and clamped (SPEC §9.3), per sample."""
+        """x_t at a DMD / critic timestep t ~ U{0..N-1}, shifted and clamped (upstream model/re_dmd.py), per sample."""
         cfg = self.cfg
         draws = torch.tensor([keyed_randint(1000, self.seed, purpose, "t", step, i) for i in ids])
         t = score_timesteps(draws, cfg.timestep_shift, cfg.min_score_timestep, cfg.max_score_timestep)
@@ -171,7 +184,7 @@ class Distiller:
                            self.seed, purpose, step, micro)
         return rollout(self.sampler, context, frames, self.latent_hw, exits, self.seed, (purpose, step), ids,
                        self.dtype, float(cfg.context_noise), with_grad=with_grad,
-                       checkpoint=bool(cfg.gradient_checkpointing))
+                       checkpoint=bool(cfg.gradient_checkpointing), cache_grad=str(cfg.rollout_cache_grad))
 
     def _encode(self, prompts):
         return self.text_encoder.encode(prompts).to(self.dtype)
@@ -179,17 +192,16 @@ class Distiller:
     def generator_micro(self, step: int, micro: int) -> dict:
         cfg = self.cfg
         ids = self._sample_ids(micro)
-        base = (step // cfg.dfake_gen_update_ratio) * cfg.grad_accum * self.global_batch
+        base = self._micro_batches_before(step)[0] * self.global_batch
         prompts = [self.generator_prompts[base + i] for i in ids]
         context = self._encode(prompts)
         x = self._rollout("generator", step, micro, ids, context, with_grad=True)
         row, weight = {}, None
         if self.reward is not None:
             scores = self.reward(x.detach(), prompts)
-            weight = reward_weight(scores["MQ_norm"], cfg.reward_beta, cfg.reward_weight_clip)
-            row.update(reward_vq=scores["VQ"].mean(), reward_mq=scores["MQ"].mean(), reward_ta=scores["TA"].mean(),
-                       reward_mq_norm=scores["MQ_norm"].mean(), reward_weight=weight.mean(),
-                       reward_weight_min=weight.min(), reward_weight_max=weight.max())
+            weight = reward_weight(scores[cfg.reward.score_key], cfg.reward_beta, cfg.reward_weight_clip)
+            row.update({f"reward_{key.lower()}": value.mean() for key, value in scores.items()})
+            row.update(reward_weight=weight.mean(), reward_weight_min=weight.min(), reward_weight_max=weight.max())
         x_t, _, t = self._noisy(x.detach(), "generator", step, ids)
         with torch.no_grad():
             x_fake = self.score_schedule.flow_to_x0(self.critic(x_t, t, context), x_t, t)
@@ -199,6 +211,11 @@ class Distiller:
             x_real = classifier_free_guidance(cond, uncond, cfg.guidance_scale)
             grad = dmd_gradient(x.detach().float(), x_real.float(), x_fake.float())
         loss = re_dmd_loss(x, grad, weight) / cfg.grad_accum
+        if self.feedback is not None:
+            frames = choose_frames(cfg.reward_frame, self.feedback.num_pixel_frames(x.shape[2]), self.seed, step, ids)
+            scores = self.feedback(x, prompts, frames)
+            loss = loss - cfg.reward_feedback_weight * scores.mean() / cfg.grad_accum
+            row.update(reward=scores.detach().mean())
         loss.backward()
         row.update(loss=loss.detach(), dmd_grad_norm=grad.abs().mean())
         return row
@@ -206,7 +223,8 @@ class Distiller:
     def critic_micro(self, step: int, micro: int) -> dict:
         cfg = self.cfg
         ids = self._sample_ids(micro)
-        prompts = [self.critic_prompts[step * cfg.grad_accum * self.global_batch + i] for i in ids]
+        base = self._micro_batches_before(step)[1] * self.global_batch
+        prompts = [self.critic_prompts[base + i] for i in ids]
         context = self._encode(prompts)
         x = self._rollout("critic", step, micro, ids, context, with_grad=False)
         x_t, noise, t = self._noisy(x, "critic", step, ids)
@@ -217,8 +235,18 @@ class Distiller:
         return {"loss": loss.detach()}
 
     # ---- loop ----
+    def _micro_batches_before(self, step: int) -> tuple[int, int]:
+        cfg = self.cfg
+        return micro_batches_before(cfg.schedule, step, cfg.grad_accum, cfg.dfake_gen_update_ratio)
+
     def _after_generator_step(self, step: int) -> None:
-        if self.cfg.ema_decay is None or step < self.cfg.ema_start:
+        if self.cfg.ema_decay is None:
+            return
+        if self.cfg.schedule == "upstream":  # made at the end of iteration ema_start - 1 (train), then follows
+            if self.ema is not None:         # every generator optimiser step
+                self.ema.update(self.generator)
+            return
+        if step < self.cfg.ema_start:
             return
         if self.ema is None:
             self.ema = EMA(self.generator, self.cfg.ema_decay)
@@ -231,16 +259,20 @@ class Distiller:
         cfg, info = self.cfg, self.info
         generator = Updater("generator", self.generator, self.generator_optimizer, cfg.grad_clip)
         critic = Updater("critic", self.critic, self.critic_optimizer, cfg.grad_clip)
+        run_step = upstream_iteration if cfg.schedule == "upstream" else optimiser_step
         bar = tqdm(range(self.start, cfg.max_steps), initial=self.start, total=cfg.max_steps, disable=not info.is_main,
                    desc="distill")
         for step in bar:
             began = time.perf_counter()
-            row = optimiser_step(step, cfg.grad_accum, cfg.dfake_gen_update_ratio, generator, critic,
-                                 partial(self.generator_micro, step), partial(self.critic_micro, step),
-                                 partial(self._after_generator_step, step))
+            row = run_step(step, cfg.grad_accum, cfg.dfake_gen_update_ratio, generator, critic,
+                           partial(self.generator_micro, step), partial(self.critic_micro, step),
+                           partial(self._after_generator_step, step))
             row = reduce_across_ranks(row, info.device)
             row["step_time"] = time.perf_counter() - began
+            row.update(learning_rates(generator=self.generator_optimizer, critic=self.critic_optimizer))
             done = step + 1
+            if cfg.schedule == "upstream" and cfg.ema_decay is not None and self.ema is None and done >= cfg.ema_start:
+                self.ema = EMA(self.generator, cfg.ema_decay)  # upstream creates it at the end of the iteration
             self.logger.log(done, row)
             bar.set_postfix(critic=f"{row['critic_loss']:.4g}")
             if not self.args.no_save and (done % cfg.save_every == 0 or done == cfg.max_steps):
@@ -248,9 +280,10 @@ class Distiller:
         self.logger.close()
 
     def save(self, done: int) -> None:
+        generator_batches, critic_batches = self._micro_batches_before(done)
         meta = {"seed": self.seed, "has_ema": self.ema is not None,
-                "generator_prompt_position": -(-done // self.cfg.dfake_gen_update_ratio) * self.cfg.grad_accum
-                * self.global_batch, "critic_prompt_position": done * self.cfg.grad_accum * self.global_batch}
+                "generator_prompt_position": generator_batches * self.global_batch,
+                "critic_prompt_position": critic_batches * self.global_batch}
         save_checkpoint(self.logdir, done, self._parts(), meta, keep=self.cfg.keep_checkpoints)
         sections = {"generator": full_state_dict(self.generator)}
         if self.ema is not None:
@@ -258,51 +291,3 @@ class Distiller:
             sections["generator_ema"] = dict(sections["generator"], **ema) if self.info.is_main else {}
         if self.info.is_main:
             export_weights(self.logdir / "generator", sections)
-
-
-class _RewardScorer:
-    """Decode rollouts and score them with VideoReward. `reward_placement: rank0` gathers the decoded videos
-    to rank 0, scores them there and scatters the scores back, so only one rank holds the reward model;
-    `every_rank` scores locally. Returns per-sample VQ, MQ, TA and MQ_norm tensors [B]."""
-
-    KEYS = ("VQ", "MQ", "TA", "MQ_norm")
-
-    def __init__(self, cfg, info, dtype):
-        from reward_forcing.models.vae import WanVAE
-        from reward_forcing.rewards.videoalign import VideoReward
-
-        if cfg.reward_placement not in ("rank0", "every_rank"):
-            raise ConfigError(f"reward_placement must be rank0 or every_rank; got '{cfg.reward_placement}'")
-        self.cfg, self.info = cfg, info
-        self.central = cfg.reward_placement == "rank0" and info.world_size > 1
-        self.vae = WanVAE.from_file(asset_path(cfg, Path(cfg.model_name) / "Wan2.1_VAE.pth"), cfg.vae,
-                                    device=info.device, dtype=dtype)
-
-        def load():
-            return VideoReward.from_checkpoint(asset_path(cfg, cfg.reward_dir), asset_path(cfg, cfg.reward_base_dir),
-                                               device=info.device, dtype=dtype,
-                                               verify_template=bool(cfg.reward_check_template))
-
-        self.model = on_main(load, info) if self.central else load()
-
-    def _score(self, videos, prompts) -> torch.Tensor:
-        out = self.model.score(videos, prompts, input_range="[-1,1]", fps=float(self.cfg.fps))
-        return torch.stack([out[k].float() for k in self.KEYS], dim=1)  # [B, 4]
-
-    @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, prompts: list[str]) -> dict:
-        videos = self.vae.decode(latents).clamp(-1, 1)
-        if not self.central:
-            scores = self._score(videos, prompts)
-        else:
-            world, main = self.info.world_size, self.info.is_main
-            gathered = [torch.empty_like(videos) for _ in range(world)] if main else None
-            dist.gather(videos.contiguous(), gathered, dst=0)
-            all_prompts = [None] * world if main else None
-            dist.gather_object(prompts, all_prompts, dst=0)
-            scores = torch.empty(len(prompts), len(self.KEYS), device=videos.device)
-            chunks = None
-            if main:  # one rank's batch at a time, so rank 0's activations do not grow with the world size
-                chunks = [self._score(v, p).to(videos.device) for v, p in zip(gathered, all_prompts)]
-            dist.scatter(scores, chunks, src=0)
-        return {key: scores[:, i] for i, key in enumerate(self.KEYS)}

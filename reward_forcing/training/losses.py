@@ -1,4 +1,5 @@
-"""Distribution-matching losses (SPEC §9.3-9.4) as pure functions of tensors.
+"""Distribution-matching losses as pure functions of tensors: DMD (arXiv 2311.18828), as Self Forcing uses it
+(arXiv 2506.08009), and Re-DMD (arXiv 2512.04678 §3.3).
 
 Latents are [B, C, F, H, W]. x is the generator's rollout, x_real / x_fake the teacher's (with CFG)
 and critic's x0 predictions at the same noisy input.
@@ -27,9 +28,10 @@ def dmd_gradient(x: torch.Tensor, x_real: torch.Tensor, x_fake: torch.Tensor) ->
     return torch.nan_to_num((x_fake - x_real) / normaliser)
 
 
-def reward_weight(mq_norm: torch.Tensor, beta: float, clip=None) -> torch.Tensor:
-    """Per-sample Re-DMD weight w = exp(beta * MQ_norm), optionally capped at `clip`."""
-    weight = torch.exp(beta * mq_norm.double())
+def reward_weight(score: torch.Tensor, beta: float, clip=None) -> torch.Tensor:
+    """Per-sample Re-DMD weight w = exp(beta * score) (upstream's score: VideoReward's MQ_norm), optionally
+    capped at `clip`."""
+    weight = torch.exp(beta * score.double())
     return weight if clip is None else weight.clamp(max=float(clip))
 
 

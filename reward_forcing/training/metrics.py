@@ -1,8 +1,19 @@
-"""Per-optimiser-step metrics: `<logdir>/metrics.jsonl` and wandb (online / offline / disabled), rank 0 only."""
+"""What a training run records, rank 0 only: per-optimiser-step metrics in `<logdir>/metrics.jsonl` and
+wandb (online / offline / disabled), the merged `<logdir>/config.yaml`, and one-line notices (resume, done)."""
 import json
 import math
 import secrets
+import time
 from pathlib import Path
+
+SAVED_CONFIG = "config.yaml"
+
+
+def notice(message: str) -> None:
+    """A one-line message that does not break a tqdm progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message)
 
 _WANDB_MODES = ("online", "offline", "disabled")
 
@@ -11,7 +22,9 @@ class MetricsLogger:
     def __init__(self, logdir, is_main: bool, wandb_mode: str = "disabled", config=None,
                  project: str = "reward-forcing", run_name=None, resume_step=None):
         """resume_step: the step of the checkpoint the run resumes from; rows after it (written by the
-        interrupted run past its last checkpoint) are dropped so the file reads as one uninterrupted run."""
+        interrupted run past its last checkpoint) are dropped so the file reads as one uninterrupted run.
+        `config` (the merged run config) is saved as `<logdir>/config.yaml`; a resumed run says so, and says
+        when it is already at `config.max_steps`."""
         from reward_forcing.errors import ConfigError
 
         if wandb_mode not in _WANDB_MODES:
@@ -23,6 +36,15 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate(resume_step)
+        if config is not None:
+            from reward_forcing.config import save_config
+
+            save_config(config, self.path.with_name(SAVED_CONFIG))
+        if resume_step is not None:
+            notice(f"resumed from step {resume_step} ({Path(logdir)})")
+            max_steps = config.get("max_steps") if config is not None else None
+            if max_steps is not None and resume_step >= max_steps:
+                notice(f"already at max_steps={max_steps}, nothing to do")
         if wandb_mode != "disabled":
             self.wandb = _init_wandb(Path(logdir), wandb_mode, config, project, run_name)
 
@@ -41,9 +63,10 @@ class MetricsLogger:
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, step: int, row: dict) -> None:
+        """Append `row` for optimiser step `step`, with `wall_time` (Unix seconds when it was logged)."""
         if not self.is_main:
             return
-        clean = {"step": int(step)}
+        clean = {"step": int(step), "wall_time": round(time.time(), 3)}
         for key, value in row.items():
             clean[key] = float(value) if not isinstance(value, (str, bool, int)) else value
         with self.path.open("a") as handle:
@@ -67,6 +90,11 @@ def _init_wandb(logdir: Path, mode: str, config, project: str, run_name):
     config_dict = OmegaConf.to_container(config, resolve=True) if config is not None else None
     return wandb.init(project=project, name=run_name, id=run_id, resume="allow", mode=mode,
                       dir=str(logdir), config=config_dict)
+
+
+def learning_rates(**optimizers) -> dict:
+    """{'lr_<name>': current learning rate} of each optimiser's first parameter group."""
+    return {f"lr_{name}": optimizer.param_groups[0]["lr"] for name, optimizer in optimizers.items()}
 
 
 def reduce_across_ranks(row: dict, device) -> dict:

@@ -1,16 +1,34 @@
-"""ODE-regression initialisation of the causal student (SPEC §10).
+"""ODE-regression initialisation of the causal student (CausVid, arXiv 2412.07772 §4.3; upstream's
+model/ode_regression.py).
 
 Each training pair holds K recorded states of one teacher trajectory, noisiest first. Per sample,
 every chunk of frames draws one state index; the student sees that state labelled with the
-matching entry of `ode_timesteps` (a K-entry list ending in 0), runs its block-causal training
+matching entry of `state_timesteps(cfg)` (a K-entry list ending in 0), runs its block-causal training
 forward, and regresses its x0 prediction onto the clean (last) state on the frames whose label is
-not 0.
+not 0. The label t is both the model's timestep input and, through the schedule's sigma(t), the sigma
+of x0 = x_t - sigma * v, as upstream's wrapper converts with the sigma of the timestep it fed.
 """
 from pathlib import Path
 
 import torch
 
 from reward_forcing.errors import ConfigError
+from reward_forcing.sampling import FlowMatchSchedule, warped_steps
+
+
+def state_timesteps(cfg) -> list[float]:
+    """The timestep label of each recorded state: `ode_timesteps`, warped at `ode_shift` when `ode_warp_timesteps`
+    (upstream's `warp_denoising_step` on its ODE generator's scheduler, WanDiffusionWrapper's default shift 8).
+    Warped, [1000, 750, 500, 250, 0] becomes 1000 * (1, 0.96, 0.889, 0.727, 0): the recorded sigmas of the
+    pairs (48 Euler steps at shift 8, kept at steps 0, 12, 24, 36, 48). Unwarped (upstream's default config), a
+    state at sigma 0.96 is labelled 750 and converted with sigma 0.75."""
+    steps = [float(t) for t in cfg.ode_timesteps]
+    return warped_steps(steps, cfg.ode_shift) if cfg.ode_warp_timesteps else steps
+
+
+def state_schedule(cfg) -> FlowMatchSchedule:
+    """The sigma(t) of the x0 conversion: the grid the labels were warped on (the pairs' shift)."""
+    return FlowMatchSchedule(cfg.ode_shift, sigma_lookup=cfg.sigma_lookup)
 
 
 def sample_state_indices(batch_size: int, num_frames: int, frames_per_block: int, num_states: int,
@@ -65,9 +83,10 @@ def ode_loss(model, schedule, ode_latent: torch.Tensor, context: torch.Tensor, t
 
 # --- the training loop (`train.py` with `trainer: ode`) -----------------------------------------
 
-def load_student(cfg, info, dtype):
+def load_student(cfg, info, dtype, per_block: bool = True):
     """The causal student, sharded: architecture from the base Wan folder, weights from `generator_ckpt`
-    when given (strict), else the base folder's. Only rank 0 reads the full weights."""
+    when given (strict), else the base folder's. Only rank 0 reads the full weights. per_block=False gathers
+    the whole model per forward (the streaming forward needs it; parallel.shard_model)."""
     from functools import partial
 
     from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_wan_folder, read_wan_config
@@ -79,7 +98,7 @@ def load_student(cfg, info, dtype):
     build = partial(CausalWanModel.from_config, read_wan_config(base), num_frame_per_block=cfg.num_frame_per_block,
                     local_attn_size=cfg.local_attn_size)
     weights = (lambda: load_generator_state_dict(init)) if init else (lambda: load_wan_folder(base)[1])
-    return load_sharded(build, weights, info, dtype, str(init or base))
+    return load_sharded(build, weights, info, dtype, str(init or base), per_block=per_block)
 
 
 def load_text_encoder(cfg, info, dtype):
@@ -126,8 +145,7 @@ class PairBatches:
 
 def run(cfg, logdir, args) -> None:
     """ODE-regression training; checkpoints resume, and `<logdir>/ode_init.pt` holds {"generator": ...}."""
-    from reward_forcing.sampling import FlowMatchSchedule
-    from reward_forcing.training.metrics import MetricsLogger, reduce_across_ranks
+    from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
     from reward_forcing.training.ode_data import OdePairDataset
     from reward_forcing.training.parallel import compute_dtype, init_distributed, resolve_seed, shutdown
     from reward_forcing.training.rng import keyed_generator
@@ -146,14 +164,15 @@ def run(cfg, logdir, args) -> None:
         seed = resolve_seed(cfg.seed) if resumed is None else int(read_meta(resumed)["seed"])
         dtype = compute_dtype(cfg.mixed_precision, info.device)
         model = load_student(cfg, info, dtype).train()
-        check_pairs(dataset, model, cfg.ode_timesteps, cfg.num_frame_per_block)
+        labels = state_timesteps(cfg)
+        check_pairs(dataset, model, labels, cfg.num_frame_per_block)
         model.gradient_checkpointing = cfg.gradient_checkpointing
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.adam_betas),
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         updater = Updater("generator", model, optimizer, cfg.grad_clip)
         parts = {"generator": ModelState(model), "generator_optimizer": OptimizerState(model, optimizer)}
         text_encoder = load_text_encoder(cfg, info, dtype)
-        schedule = FlowMatchSchedule(cfg.timestep_shift, sigma_lookup=cfg.sigma_lookup)
+        schedule = state_schedule(cfg)
         batches = PairBatches(dataset, seed, cfg.batch_size, cfg.grad_accum, info.rank, info.world_size)
 
         start = 0 if resumed is None else load_checkpoint(resumed, parts)["step"]
@@ -164,7 +183,7 @@ def run(cfg, logdir, args) -> None:
             prompts, ode_latent = batches(step, micro)
             context = text_encoder.encode(prompts)
             generator = keyed_generator(seed, "ode_state_index", step, micro, info.rank)
-            loss = ode_loss(model, schedule, ode_latent.to(info.device), context, cfg.ode_timesteps,
+            loss = ode_loss(model, schedule, ode_latent.to(info.device), context, labels,
                             cfg.num_frame_per_block, generator)
             (loss / cfg.grad_accum).backward()
             return {"loss": loss.detach() / cfg.grad_accum}
@@ -179,7 +198,8 @@ def run(cfg, logdir, args) -> None:
             out = updater.accumulate(cfg.grad_accum, lambda micro: micro_step(step, micro))
             grad_norm = updater.step(out["loss"])
             done = step + 1
-            logger.log(done, {**reduce_across_ranks(out, info.device), "grad_norm": grad_norm})
+            logger.log(done, {**reduce_across_ranks(out, info.device), "grad_norm": grad_norm,
+                              **learning_rates(generator=optimizer)})
             if not args.no_save and (done % cfg.save_every == 0 or done == cfg.max_steps):
                 save(done)
         logger.close()

@@ -1,9 +1,20 @@
-"""Self-forcing rollout of the causal student (SPEC §9.2), on the inference sampler's schedule and cache.
+"""Self-forcing rollout of the causal student (Self Forcing, arXiv 2506.08009, Algorithm 1), on the inference
+sampler's schedule and cache.
 
-Each chunk runs the denoising steps of the inference sampler up to a random exit step; only the exit
-step's forward carries gradient, and every input to it (noisy latent, cached K/V, re-noising) is
-detached, so no gradient crosses chunks or steps. Then a context pass refreshes the chunk's cache
-slots, exactly as at inference (clean x0 at t = 0 unless `context_noise` > 0).
+Each chunk runs the denoising steps of the inference sampler up to a random exit step; only the exit step's
+forward carries gradient, and its noisy input and re-noising are detached. Then a context pass refreshes the
+chunk's cache slots, exactly as at inference (clean x0 at t = 0 unless `context_noise` > 0).
+
+Gradient across chunks (`rollout_cache_grad`):
+- `straight_through` (what trained the released Self Forcing and Reward Forcing checkpoints): a later chunk
+  attends to the context-pass K/V of earlier frames while their gradient flows into the K/V that those frames'
+  exit step computed, i.e. it attends to `k_ctx + (k_exit - k_exit.detach())`, through sink and window
+  alike. Upstream gets this by writing the exit step's K/V into its cache buffer in place under autograd and
+  overwriting the values in the no-grad context pass (pipeline/self_forcing_training.py with
+  wan/modules/causal_model.py in JaydenLyh/Reward-Forcing). A sink frame's gradient goes to the exit step of
+  the chunk that first wrote it; an EMA-Sink blend (`window` mode) changes its value only.
+- `detached` (the Algorithm 1 of the paper): cached K/V are constants, so no gradient crosses chunks.
+Both give identical forward values, with or without activation checkpointing.
 
 Cache modes: `full` attends like upstream training (the window slides but the sink stays the clean
 first chunk: sink_mode static), `window` uses the configured sink policy (EMA-Sink fires on
@@ -17,16 +28,23 @@ from reward_forcing.inference.generator import StreamingGenerator, check_num_fra
 from reward_forcing.training.rng import keyed_randint, keyed_randn
 
 CACHE_MODES = ("full", "window")
+CACHE_GRADS = ("straight_through", "detached")
 
 
 def training_sampler(model, cfg) -> StreamingGenerator:
     """The inference sampler configured for training rollouts (`rollout_cache` picks the sink policy)."""
     if cfg.rollout_cache not in CACHE_MODES:
         raise ConfigError(f"rollout_cache must be one of {', '.join(CACHE_MODES)}; got '{cfg.rollout_cache}'")
+    check_cache_grad(cfg.rollout_cache_grad)
     sampler = StreamingGenerator.from_config(model, cfg)
     if cfg.rollout_cache == "full":
         sampler.sink_mode = "static" if sampler.sink_frames > 0 else "none"
     return sampler
+
+
+def check_cache_grad(cache_grad: str) -> None:
+    if cache_grad not in CACHE_GRADS:
+        raise ConfigError(f"rollout_cache_grad must be one of {', '.join(CACHE_GRADS)}; got '{cache_grad}'")
 
 
 def exit_steps(cfg, num_steps: int, num_chunks: int, *key) -> list[int]:
@@ -43,52 +61,79 @@ def sample_noise(shape, seed, *key, sample_ids, dtype, device) -> torch.Tensor:
     return torch.stack([keyed_randn(shape, seed, *key, i, dtype=dtype, device=device) for i in sample_ids])
 
 
-class _ReplayLayer:
-    """One layer's cache as the exit step saw it: the first update writes the real cache and keeps the detached
-    context K/V it returned; a recomputation (activation checkpointing, during backward, when the cache has
-    moved on) gets that same context with its own live K/V appended and writes nothing."""
+class _ExitLayer:
+    """One layer's cache as an exit-step forward sees it. The first update writes the real cache and keeps the
+    (detached) context K/V it returned; a recomputation (activation checkpointing, during backward, when the
+    cache has moved on) gets that same context with its own live K/V appended and writes nothing.
 
-    def __init__(self, layer):
-        self.layer, self.saved = layer, None
+    live: None (detached), or {frame: (k, v)} of the exit-step K/V of earlier frames, which the attended
+    context K/V take their gradient from (straight-through); this update adds its own chunk's frames to it."""
+
+    def __init__(self, layer, live):
+        self.layer, self.live, self.saved = layer, live, None
+
+    def _first_update(self, k, v, start_frame: int, frame_tokens: int):
+        n, frames = k.shape[1], k.shape[1] // frame_tokens
+        keys, values, query_start = self.layer.update(k, v, start_frame, frame_tokens)
+        old = self.layer.attended_frames[:len(self.layer.attended_frames) - frames]
+        exits = None
+        if self.live is not None:
+            exits = [self.live[frame] for frame in old]
+            for index in range(frames):
+                tokens = slice(index * frame_tokens, (index + 1) * frame_tokens)
+                self.live[start_frame + index] = (k[:, tokens], v[:, tokens])
+            for frame in set(self.live) - set(self.layer.attended_frames):  # out of every later window
+                del self.live[frame]
+        return keys[:, :keys.shape[1] - n].detach(), values[:, :values.shape[1] - n].detach(), query_start, exits
 
     def update(self, k, v, start_frame: int, frame_tokens: int):
-        n = k.shape[1]
         if self.saved is None:
-            keys, values, query_start = self.layer.update(k, v, start_frame, frame_tokens)
-            self.saved = (keys[:, :keys.shape[1] - n].detach(), values[:, :values.shape[1] - n].detach(), query_start)
-            return keys, values, query_start
-        old_keys, old_values, query_start = self.saved
+            self.saved = self._first_update(k, v, start_frame, frame_tokens)
+        old_keys, old_values, query_start, exits = self.saved
+        if exits:
+            old_keys = _straight_through(old_keys, torch.cat([k_exit for k_exit, _ in exits], dim=1))
+            old_values = _straight_through(old_values, torch.cat([v_exit for _, v_exit in exits], dim=1))
         return torch.cat([old_keys, k], dim=1), torch.cat([old_values, v], dim=1), query_start
 
 
-class _ReplayCache:
-    """A KV cache view for one checkpointed forward (SPEC §2.6: snapshot the K/V that the gradient step saw).
-    The snapshot holds the attended context K/V of every layer (1.3B, 9 frames, bf16: about 2.6 GB per chunk),
-    far less than the chunk's activations that checkpointing frees."""
+def _straight_through(value: torch.Tensor, grad_path: torch.Tensor) -> torch.Tensor:
+    """`value` forward, gradient into `grad_path` (same shape)."""
+    return value + (grad_path - grad_path.detach())
 
-    def __init__(self, cache):
-        self.layers = [_ReplayLayer(layer) for layer in cache.layers]
+
+class _ExitCache:
+    """A KV cache view for one exit-step forward (see _ExitLayer). Under checkpointing the snapshot holds the
+    attended context K/V of every layer (1.3B, 9 frames, bf16: about 2.6 GB per chunk), far less than the
+    chunk's activations that checkpointing frees."""
+
+    def __init__(self, cache, live):
+        self.layers = [_ExitLayer(layer, None if live is None else live[i]) for i, layer in enumerate(cache.layers)]
         self.cross = cache.cross
 
 
-def _exit_forward(sampler, cache, context, x, t, start, checkpoint: bool):
-    if not (checkpoint and torch.is_grad_enabled()):
-        return _predict_x0(sampler, cache, context, x, t, start)
-    replay = _ReplayCache(cache)
-    return torch.utils.checkpoint.checkpoint(_predict_x0, sampler, replay, context, x, t, start, use_reentrant=False)
+def _exit_forward(sampler, cache, live, context, x, t, start, checkpoint: bool):
+    if not torch.is_grad_enabled() or (live is None and not checkpoint):
+        return _predict_x0(sampler, cache, context, x, t, start)  # the cache's own K/V are detached
+    view = _ExitCache(cache, live)
+    if not checkpoint:
+        return _predict_x0(sampler, view, context, x, t, start)
+    return torch.utils.checkpoint.checkpoint(_predict_x0, sampler, view, context, x, t, start, use_reentrant=False)
 
 
 def rollout(sampler: StreamingGenerator, context: torch.Tensor, num_frames: int, latent_hw, exits: list[int],
             seed: int, key: tuple, sample_ids: list[int], dtype, context_noise: float = 0.0,
-            with_grad: bool = True, checkpoint: bool = False) -> torch.Tensor:
+            with_grad: bool = True, checkpoint: bool = False, cache_grad: str = "detached") -> torch.Tensor:
     """Generate [B, C, num_frames, h, w]; with_grad keeps each chunk's exit-step graph. checkpoint: keep only
-    the exit step's inputs and recompute its activations during backward (one chunk at a time)."""
+    the exit step's inputs and recompute its activations during backward (one chunk at a time). cache_grad:
+    `straight_through` or `detached` gradient across chunks (module docstring)."""
+    check_cache_grad(cache_grad)
     chunk = sampler.chunk_frames
     check_num_frames(num_frames, chunk)
     model, schedule, timesteps = sampler.model, sampler.schedule, sampler.timesteps
     device, batch = context.device, context.shape[0]
     chunk_shape = (model.in_dim, chunk, *latent_hw)
     cache = sampler.new_cache(batch)
+    live = [{} for _ in cache.layers] if cache_grad == "straight_through" else None
     chunks = []
     for index, start in enumerate(range(0, num_frames, chunk)):
         def noise(*step):
@@ -101,7 +146,7 @@ def rollout(sampler: StreamingGenerator, context: torch.Tensor, num_frames: int,
                 x0 = _predict_x0(sampler, cache, context, x, timesteps[step], start)
                 x = schedule.add_noise(x0, noise(step), _frame_t(x0, timesteps[step + 1]))
         with torch.set_grad_enabled(with_grad):
-            x0 = _exit_forward(sampler, cache, context, x, timesteps[exits[index]], start, checkpoint)
+            x0 = _exit_forward(sampler, cache, live, context, x, timesteps[exits[index]], start, checkpoint)
         with torch.no_grad():
             clean = x0.detach()
             if context_noise > 0:

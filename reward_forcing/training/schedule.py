@@ -1,8 +1,15 @@
-"""The optimiser-step schedule of two-network distillation (SPEC §9.5, the intended one).
+"""The update schedule of two-network distillation (`schedule: corrected | upstream`).
 
-One optimiser step of a network = `grad_accum` micro-steps (each loss already divided by
-`grad_accum`) -> clip -> step -> zero_grad. The critic steps on every optimiser step; the generator
-on every `gen_every`-th one (step 0 included), before the critic, as upstream orders them.
+`corrected` (the intended one; one loop step = one optimiser step of each network that steps): one
+optimiser step = `grad_accum` micro-steps (each loss already divided by `grad_accum`) -> clip -> step ->
+zero_grad. The critic steps on every optimiser step; the generator on every `gen_every`-th one (step 0
+included), before the critic, as upstream orders them.
+
+`upstream` (one loop step = one iteration of upstream's loop, trainer/rewarded_distillation.py `train()` in
+JaydenLyh/Reward-Forcing, which trained the released weights): every `gen_every * grad_accum`-th iteration one
+generator micro-step, clip, step; then one critic micro-step onto the critic's unzeroed gradient, clip (a
+partial sum), step; and on every `grad_accum`-th iteration both networks step again on the same gradient and
+are zeroed. The generator thus makes two steps per event on one micro-batch's 1/grad_accum-scaled gradient.
 """
 import math
 
@@ -15,8 +22,23 @@ class TrainingDiverged(UserError):
     """A loss became NaN / inf; the run stops before touching the last good checkpoint."""
 
 
+SCHEDULES = ("corrected", "upstream")
+
+
+def check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got '{schedule}'")
+
+
 def is_generator_step(step: int, gen_every: int) -> bool:
     return step % gen_every == 0
+
+
+def micro_batches_before(schedule: str, step: int, grad_accum: int, gen_every: int) -> tuple[int, int]:
+    """(generator, critic) micro-batches run by the loop steps before `step` (each is world * batch samples)."""
+    if schedule == "corrected":
+        return -(-step // gen_every) * grad_accum, step * grad_accum
+    return -(-step // (gen_every * grad_accum)), step
 
 
 def _set_gradient_sync(model, enabled: bool) -> None:
@@ -62,8 +84,8 @@ class Updater:
                     totals[key] = totals.get(key, 0.0) + scale * value
         return totals
 
-    def step(self, loss: float) -> float:
-        """Clip, step and zero the gradients; refuses to step on a non-finite loss or gradient."""
+    def clip(self, loss: float) -> float:
+        """Clip the gradient held now; refuses a non-finite loss or gradient. Returns the norm before clipping."""
         if not _finite_everywhere(loss, self.model):
             raise TrainingDiverged(f"{self.name} loss is {loss} (on this or another rank); stopping "
                                    "(the last saved checkpoint is intact)")
@@ -72,6 +94,11 @@ class Updater:
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not math.isfinite(norm):
             raise TrainingDiverged(f"{self.name} gradient norm is {norm}; stopping (the last saved checkpoint is intact)")
+        return norm
+
+    def step(self, loss: float) -> float:
+        """Clip, step and zero the gradients; refuses to step on a non-finite loss or gradient."""
+        norm = self.clip(loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -97,3 +124,35 @@ def optimiser_step(step: int, grad_accum: int, gen_every: int, generator: Update
     row["critic_loss"] = out.pop("loss")
     row.update(out)
     return row
+
+
+def upstream_iteration(step: int, grad_accum: int, gen_every: int, generator: Updater, critic: Updater,
+                       generator_micro, critic_micro, after_generator_step=None) -> dict:
+    """One iteration of upstream's loop (module docstring), arguments as optimiser_step's; `step` counts
+    iterations. generator_micro / critic_micro are called with micro index 0 and still divide by grad_accum."""
+    row = {}
+    generator_event = step % (gen_every * grad_accum) == 0
+    if generator_event:
+        out = generator.accumulate(1, generator_micro)
+        row["generator_grad_norm"] = generator.clip(out["loss"])
+        row["generator_loss"] = out.pop("loss")
+        row.update(out)
+        _optimizer_step(generator, after_generator_step)
+    out = critic.accumulate(1, critic_micro)  # onto the critic's unzeroed gradient sum
+    row["critic_grad_norm"] = critic.clip(out["loss"])
+    row["critic_loss"] = out.pop("loss")
+    row.update(out)
+    _optimizer_step(critic)
+    if step % grad_accum == 0:  # upstream's "accumulation boundary": a second step on the same gradient
+        if generator_event:
+            _optimizer_step(generator, after_generator_step)
+            generator.optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(critic)
+        critic.optimizer.zero_grad(set_to_none=True)
+    return row
+
+
+def _optimizer_step(updater: Updater, after=None) -> None:
+    updater.optimizer.step()
+    if after is not None:
+        after()
