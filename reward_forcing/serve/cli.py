@@ -9,7 +9,7 @@ import tempfile
 
 from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError, UserError
-from reward_forcing.inference.cli import apply_flags
+from reward_forcing.inference.cli import apply_flags, validate_model
 from reward_forcing.inference.pipeline import VideoPipeline, resolve_device
 
 POSITIVE_KEYS = ("max_prompt_chars", "max_queue", "max_frames", "keep_videos")
@@ -35,6 +35,7 @@ def load_serve_config(argv=None):
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config_path, args.overrides)
     apply_flags(cfg, args)
+    validate_model(cfg)
     for key in POSITIVE_KEYS:
         value = cfg.serve[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

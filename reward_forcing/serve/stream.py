@@ -76,9 +76,13 @@ class Stream:
             self._next_frame = start + chunk_frames
         return due[-1] if due else None
 
-    def wait_while_paused(self, frame: int) -> None:
+    def wait_while_paused(self) -> None:
+        """Hold here while paused; the events name the boundary where the video goes on (and a switch applies).
+        With overlap_decode the chunk after the last one sent is already made, so that boundary is one chunk on."""
         if self._running.is_set():
             return
+        with self._lock:
+            frame = self._next_frame
         self.emit({"type": "paused", "frame": frame})
         self._running.wait()
         if not self.cancelled:
@@ -153,7 +157,7 @@ class StreamRunner:
                         stream.emit(jpeg(frame, self.jpeg_quality))
                     frames_sent += len(frames)
                     start_frame += self.chunk_frames
-                    stream.wait_while_paused(start_frame)
+                    stream.wait_while_paused()
                     if stream.cancelled:
                         raise Cancelled
                     if stream.stopping:
