@@ -127,14 +127,48 @@ all_present() {
   return 0
 }
 
-# hf_get REPO REVISION DIR [FILES or --include PATTERN ...]: resumable download into DIR.
+# check_hub: one quick request to the Hub before the first hf download, so that an unreachable Hub is one
+# line at once (hf itself retries each file five times, then prints an unrelated hint).
+HUB_CHECKED=0
+check_hub() {
+  [[ $HUB_CHECKED == 1 ]] && return 0
+  local endpoint=${HF_ENDPOINT:-https://huggingface.co}
+  if command -v curl >/dev/null 2>&1; then
+    curl --silent --head --max-time 20 --output /dev/null "$endpoint" \
+      || die "cannot reach $endpoint (offline, or a proxy blocks it?); nothing more was downloaded"
+  fi
+  HUB_CHECKED=1
+}
+
+# first_missing DIR: the outermost folder of DIR that does not exist yet ('' when DIR exists).
+first_missing() {
+  local dir=$1 missing=""
+  while [[ -n "$dir" && "$dir" != "." && "$dir" != "/" && ! -e "$dir" ]]; do missing=$dir; dir=$(dirname "$dir"); done
+  echo "$missing"
+}
+
+# remove_if_no_data DIR: delete DIR when it holds nothing resumable (only hf's empty bookkeeping).
+remove_if_no_data() {
+  local dir=$1
+  [[ -n "$dir" && -d "$dir" ]] || return 0
+  [[ -z "$(find "$dir" -type f -size +0c ! -name .gitignore ! -name CACHEDIR.TAG ! -name '*.lock' -print -quit)" ]] \
+    && rm -rf "$dir"
+  return 0
+}
+
+# hf_get REPO REVISION DIR [FILES or --include PATTERN ...]: resumable download into DIR; a failed first
+# attempt removes the folders it created unless they hold partial data to resume.
 hf_get() {
-  local repo=$1 revision=$2 dir=$3; shift 3
+  local repo=$1 revision=$2 dir=$3 created; shift 3
   require_tool hf 'install the huggingface_hub CLI: pip install "huggingface_hub>=0.34"'
+  check_hub
+  created=$(first_missing "$dir")
   mkdir -p "$dir"
   say "hf download $repo (revision $revision) -> $dir"
-  hf download "$repo" "$@" --revision "$revision" --local-dir "$dir" \
-    || die "hf download $repo failed; re-run this script to resume"
+  if ! hf download "$repo" "$@" --revision "$revision" --local-dir "$dir"; then
+    remove_if_no_data "$created"
+    die "hf download $repo failed; re-run this script to resume"
+  fi
 }
 
 sha256_of() {
@@ -247,7 +281,7 @@ part_train-prompts() {
   from_staging gdhe17/Self-Forcing vidprom_filtered_extended.txt "$PROMPT_DIR/vidprom_filtered_extended.txt"
 }
 
-# SPEC §14 checksums; the files are not part of this repository.
+# sha256 of Self-Forcing's prompt files at the pinned commit; the files are not part of this repository.
 part_bench-prompts() {
   local base="https://raw.githubusercontent.com/guandeh17/Self-Forcing/$SELF_FORCING_COMMIT/prompts"
   url_get "$base/MovieGenVideoBench.txt" "$PROMPT_DIR/MovieGenVideoBench.txt" \

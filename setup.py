@@ -18,6 +18,7 @@ setup(
     install_requires=requirements,
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=7", "peft>=0.13"],
+        "miniworld": ["matplotlib>=3.7"],  # scripts/miniworld.py's plots
+        "test": ["pytest>=7", "peft>=0.13", "matplotlib>=3.7"],  # the suite runs scripts/miniworld.py --quick
     },
 )

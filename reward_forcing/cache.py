@@ -1,9 +1,10 @@
-"""Streaming KV cache for the causal student: attention sink + sliding window, at frame granularity (SPEC §2.3).
+"""Streaming KV cache for the causal student: attention sink + sliding window, at frame granularity
+(the EMA-Sink of Reward Forcing, arXiv 2512.04678).
 
 Each layer stores the first `sink_frames` frames in a sink buffer and the later frames in a window store:
 a fixed ring of `window_frames - sink_frames` frames when windowed (constant memory), or a growing buffer
 when unbounded. Keys are stored pre-RoPE, so the caller ropes the returned keys at window-relative frame
-positions 0..N/L-1 and the EMA blends position-free keys (SPEC §2.3 "Consequences").
+positions 0..N/L-1 and the EMA blends position-free keys, so the sink stays position-consistent however long the video.
 
 Two ways to read the cache, one stored state:
 - `update(k, v, ...)` returns freshly concatenated (sink, window, live chunk) K/V each call; only the live chunk

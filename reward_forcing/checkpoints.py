@@ -1,6 +1,6 @@
 """Every released or own checkpoint layout -> a plain state dict with original Wan2.1 keys.
 
-Formats (SPEC §8):
+Formats:
 - a Wan folder: `config.json` + `diffusion_pytorch_model.safetensors`, or shards listed in
   `diffusion_pytorch_model.safetensors.index.json`;
 - a generator file: flat `{param: tensor}` (the released `rewardforcing.pt`), or sectioned

@@ -8,7 +8,7 @@
                                   unmerged LoRA), checkpoint-<step>/tokenizer/
 
 Load it with VideoReward.from_checkpoint(root / "VideoReward", root / "Qwen2-VL-tiny", verify_template=False).
-Sizes follow SPEC §16.10 (186,688 parameters); the code paths are the real model's.
+Sizes are tiny (186,688 parameters in all); the code paths are the real model's.
 """
 import json
 from pathlib import Path
@@ -91,7 +91,7 @@ def _save_tokenizer(tokenizer, folder: Path):
 
 
 def tiny_qwen_config(tokenizer, vocab_size=512) -> dict:
-    """SPEC §16.10's tiny Qwen2-VL, written flat like the released Qwen2-VL-2B-Instruct config.json."""
+    """The tiny Qwen2-VL, written flat like the released Qwen2-VL-2B-Instruct config.json."""
     ids = dict(zip(VISION_TOKENS, tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))))
     pad = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     return {

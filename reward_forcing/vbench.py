@@ -1,11 +1,11 @@
-"""VBench score aggregation (SPEC §13): parse VBench's `*_eval_results.json` files and compute Total/Quality/Semantic.
+"""VBench score aggregation: parse VBench's `*_eval_results.json` files and compute Total/Quality/Semantic.
 
 VBench itself stays an external step (it pins old transformers/numpy and needs CUDA + detectron2). Its
 `VBench.evaluate` writes `{name}_eval_results.json`, a dict mapping each evaluated dimension name (spelled
 `subject_consistency`, `aesthetic_quality`, ...) to `[score, per-video results]`; only the first element is used.
 
 Accepted scales. VBench writes every dimension as a fraction in [0, 1] (LAION aesthetic / 10, and MUSIQ imaging
-quality / 100 since VBench commit f8a6bd1, 2023-12). SPEC §13 lists aesthetic and imaging quality as "score/100",
+quality / 100 since VBench commit f8a6bd1, 2023-12). Leaderboards list aesthetic and imaging quality as "score/100",
 so for those two only a value in (1, 100] is read as a percentage and divided by 100 (older VBench wrote the raw
 MUSIQ score; leaderboards print percentages). A value <= 1 is always a fraction. Anything that fits neither scale
 (negative, above 100, above 1 for the other dimensions, not a finite number) is refused, as is one dimension
@@ -50,7 +50,7 @@ def _dims(names, lo, hi, weight, group):
     return [Dimension(name, lo, hi, weight, group) for name in names.split()]
 
 
-# SPEC §13 aggregation table (the same values as VBench's scripts/constant.py NORMALIZE_DIC / DIM_WEIGHT).
+# Aggregation table (VBench's scripts/constant.py NORMALIZE_DIC / DIM_WEIGHT).
 DIMENSIONS = {d.name: d for d in (
     _dims("subject_consistency", 0.1462, 1.0, 1, QUALITY)
     + _dims("background_consistency", 0.2615, 1.0, 1, QUALITY)

@@ -2,7 +2,9 @@
 
 Each measurement runs in a fresh process: peak RSS (ru_maxrss) is read after the model is built and one warm-up
 chunk is decoded, then again after the whole video is streamed through `decode_chunk` with every chunk of
-frames consumed and dropped (as a video writer would). The growth should not depend on the video's length.
+frames consumed and dropped (as a video writer would). The growth should not depend on the video's length:
+the summary gives the ratio of the two peaks and the long video's extra growth in MiB (a ratio of growths
+would divide by ~0 when the short video adds nothing).
 `--full` adds the same measurement for a one-shot `decode` of the whole video, for contrast.
 
   python scripts/benchmark_decoder.py --decoder vae --short 6 --long 60
@@ -84,14 +86,14 @@ def main(argv=None):
     modes = [False, True] if args.full else [False]
     print(f"decoder={args.decoder} latents 16x{h}x{w} chunk={args.chunk} (tiny random weights, CPU, 1 thread)")
     for full in modes:
-        growth = {}
+        peak, growth = {}, {}
         for frames in (args.short, args.long):
             before, after, n_px, secs = measure(args.decoder, frames, h, w, args.chunk, full)
-            growth[frames] = after - before
+            peak[frames], growth[frames] = after, after - before
             print(f"  {'full  ' if full else 'stream'} {frames:4d} latents -> {n_px:4d} frames: peak RSS "
-                  f"{before:7.1f} -> {after:7.1f} MiB (+{after - before:6.1f}) in {secs:6.2f} s")
-        ratio = max(growth[args.long], 0.1) / max(growth[args.short], 0.1)
-        print(f"  {'full  ' if full else 'stream'} peak growth ratio long/short = {ratio:.2f} "
+                  f"{before:7.1f} -> {after:7.1f} MiB (+{after - before:6.1f}) in {secs:6.2f} s", flush=True)
+        print(f"  {'full  ' if full else 'stream'} peak RSS long/short = {peak[args.long] / peak[args.short]:.3f}, "
+              f"growth long - short = {growth[args.long] - growth[args.short]:+.1f} MiB "
               f"(video length ratio {args.long / args.short:.1f})")
 
 

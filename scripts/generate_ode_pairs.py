@@ -1,4 +1,4 @@
-"""Generate ODE pairs for the student's ODE-regression initialisation (SPEC §10).
+"""Generate ODE pairs for the student's ODE-regression initialisation (CausVid, arXiv 2412.07772 §4.3).
 
     torchrun --nproc_per_node=8 scripts/generate_ode_pairs.py --config_path configs/ode_init.yaml \
         --data_path prompts.txt --output_dir ode_pairs [key=value ...]

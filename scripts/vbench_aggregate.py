@@ -1,4 +1,4 @@
-"""Aggregate VBench `*_eval_results.json` files into the Total / Quality / Semantic scores (SPEC §13).
+"""Aggregate VBench `*_eval_results.json` files into the Total / Quality / Semantic scores.
 
     python scripts/vbench_aggregate.py RESULTS [RESULTS ...] [--json OUT]
 

@@ -1,4 +1,4 @@
-"""Streaming KV cache (SPEC §2.3, §2.5, §2.6): hand-computed timelines, the EMA closed form, errors, gradients."""
+"""Streaming KV cache: hand-computed timelines, the EMA closed form, errors, gradients."""
 import pytest
 import torch
 
@@ -33,7 +33,7 @@ def run_chunk(layer, chunk, chunk_frames=3, calls=4):
 
 
 SINK = [0, 1, 2]
-# §2.5, chunk = sink = 3 frames: absolute frames attended, query start, frames evicted on the chunk's first call.
+# Chunk = sink = 3 frames: absolute frames attended, query start, frames evicted on the chunk's first call.
 INFERENCE_WINDOW_9 = [
     (SINK, 0, []),
     (SINK + [3, 4, 5], 3, []),
@@ -111,13 +111,15 @@ def test_ring_wraparound_returns_frames_in_temporal_order(window, sink, mode, ch
 
 
 def test_ema_evicts_the_oldest_non_sink_frames():
-    layer = LayerKVCache(window_frames=9, sink_frames=3, sink_mode="ema", ema_alpha=0.5)
+    """Bugs caught: evicting the newest frames instead of the oldest; alpha and 1 - alpha exchanged (alpha 0.75 is
+    asymmetric and exact in binary, so the hand values below are exact)."""
+    layer = LayerKVCache(window_frames=9, sink_frames=3, sink_mode="ema", ema_alpha=0.75)
     for chunk in range(5):
         keys, _, _ = run_chunk(layer, chunk)
-    # by hand: chunk 3 blends frames 3,4,5 -> 0.5*[0,1,2] + 0.5*[3,4,5]; chunk 4 blends frames 6,7,8.
-    # Evicting the newest frames instead (pre-4317f5a) would give 0.5*[0,1,2] + 0.5*[6,7,8] first.
-    after3 = [1.5, 2.5, 3.5]
-    after4 = [0.5 * a + 0.5 * e for a, e in zip(after3, [6, 7, 8])]
+    # by hand: chunk 3 blends frames 3,4,5 -> 0.75*[0,1,2] + 0.25*[3,4,5]; chunk 4 blends frames 6,7,8.
+    # Evicting the newest frames instead (pre-4317f5a) would give 0.75*[0,1,2] + 0.25*[6,7,8] first.
+    after3 = [0.75, 1.75, 2.75]
+    after4 = [2.0625, 3.0625, 4.0625]  # 0.75 * after3 + 0.25 * [6, 7, 8]
     assert frames_of(layer.sink[0]) == after4
     assert frames_of(keys)[:3] == after4
     assert frames_of(layer.sink[1]) == [-x for x in after4]

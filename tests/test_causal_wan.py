@@ -1,4 +1,4 @@
-"""CausalWanModel (SPEC §2, §16.2-3): masks vs the §2.2 formula, streaming vs full, cache vs teacher forcing,
+"""CausalWanModel: masks vs the block-causal formula, streaming vs full, cache vs teacher forcing,
 per-frame timesteps vs diffusers' per-token timesteps. fp32, all parameters randomised, tiny config."""
 import pytest
 import torch
@@ -27,7 +27,7 @@ def inputs(frames, seed=0):
 
 
 def formula_mask(frames, block, window, teacher):
-    """SPEC §2.2 table, token by token: q may see kv iff kv < (k+1)bL (and kv >= (k+1)bL - wL with a window);
+    """The block-causal rule, token by token: q may see kv iff kv < (k+1)bL (and kv >= (k+1)bL - wL with a window);
     teacher forcing: noisy block i sees noisy block i and clean blocks < i."""
     n = frames * L
     q = torch.arange(n).view(-1, 1)
@@ -54,7 +54,7 @@ def test_attention_plan_matches_mask_formula(frames, block, window, teacher):
 
 
 def test_single_chunk_equals_bidirectional():
-    """§16.2: chunk 0 through an empty cache with uniform t is the bidirectional forward on those frames."""
+    """Chunk 0 through an empty cache with uniform t is the bidirectional forward on those frames."""
     model = causal(num_frame_per_block=3)
     teacher = WanModel(**TINY).eval()
     teacher.load_state_dict(model.state_dict(), strict=True)
@@ -101,8 +101,71 @@ def test_window_limits_context():
     assert (a[:, :, 4:6] - b[:, :, 4:6]).abs().max() > 1e-4
 
 
+def sink_window_mask(frames, chunk, window, sink):
+    """[F, F] frame mask of streaming with a window of `window` frames (sink included) and `sink` sink frames:
+    the queries of the chunk ending at frame e see the sink frames [0, sink) and the last window - sink frames
+    before e, nothing later."""
+    q = torch.arange(frames).view(-1, 1)
+    kv = torch.arange(frames).view(1, -1)
+    end = (q // chunk + 1) * chunk
+    return (kv < end) & ((kv < sink) | (kv >= end - (window - sink)))
+
+
+def masked_reference(model, x, t, context, mask, chunk):
+    """Block-causal forward over all frames with an explicit frame mask. For each query chunk the visible frames
+    are numbered 0, 1, ... in temporal order (the sink first) and keys and queries are roped at those numbers,
+    the cache's window-relative positions; attention is a plain masked softmax."""
+    tokens, grid = model.embed_video(x)
+    frames, L = grid[0], grid[1] * grid[2]
+    e, e0 = model.embed_time(t)
+    ctx = model.embed_text(context)
+    frame_of_token = torch.arange(frames).repeat_interleave(L)
+
+    def rope_at(z, positions):  # z [B, F*L, H, D], one RoPE frame position per frame
+        return torch.cat([model.rope(z[:, f * L:(f + 1) * L], (1, grid[1], grid[2]), int(p))
+                          for f, p in enumerate(positions)], dim=1)
+
+    def attend(q, k, v):
+        out = torch.empty_like(q)
+        for first in range(0, frames, chunk):
+            visible = mask[first]
+            positions = (visible.cumsum(0) - 1).clamp(min=0)  # rank among the visible frames
+            keys, queries = rope_at(k, positions), rope_at(q, positions)[:, first * L:(first + chunk) * L]
+            scores = torch.einsum("bqhd,bkhd->bhqk", queries.double(), keys.double()) / q.shape[-1] ** 0.5
+            scores = scores.masked_fill(~visible[frame_of_token].view(1, 1, 1, -1), float("-inf"))
+            out[:, first * L:(first + chunk) * L] = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1),
+                                                                 v.double()).to(q.dtype)
+        return out
+
+    for i in range(len(model.blocks)):
+        tokens = model.run_block(i, tokens, e0, ctx, attend)
+    return model.unpatchify(tokens, e, grid)
+
+
+@pytest.mark.parametrize("window,sink", [(4, 0), (6, 2), (5, 1)])
+def test_streaming_after_eviction_equals_the_sink_window_mask(window, sink):
+    """Bug caught: queries (or keys) roped at the wrong frame position once the window has evicted frames, a window
+    that keeps the wrong frames, or a static sink that moves. 7 chunks of 2 frames evict 4-5 times; each chunk
+    goes through the cache once (per-frame t), and the result equals one masked forward over all 14 frames."""
+    chunk, frames = 2, 14
+    model = causal(num_frame_per_block=chunk)
+    x, context = inputs(frames, seed=3)
+    t = torch.linspace(990.0, 30.0, frames).view(1, frames)
+    mask = sink_window_mask(frames, chunk, window, sink)
+    with torch.no_grad():
+        want = masked_reference(model, x, t, context, mask, chunk)
+        cache = model.new_cache(B, window_frames=window, sink_frames=sink, sink_mode="static" if sink else "none")
+        got = torch.cat([model(x[:, :, s:s + chunk], t[:, s:s + chunk], context, cache=cache, start_frame=s)
+                         for s in range(0, frames, chunk)], dim=2)
+        unbounded = model(x, t, context)
+    assert cache.layers[0].num_evictions >= 4
+    assert (got - want).abs().max() <= 1e-5
+    # the window is real: once frames are evicted the output differs from unbounded block-causal attention
+    assert (got[:, :, window:] - unbounded[:, :, window:]).abs().max() > 1e-3
+
+
 def test_cache_with_context_passes_equals_teacher_forcing():
-    """§16.3: <= 9 frames, window 9 / sink 3 (no eviction): each chunk denoised through the cache, then a clean
+    """<= 9 frames, window 9 / sink 3 (no eviction): each chunk denoised through the cache, then a clean
     context pass at t = 0 rewrites its slots; this equals the teacher-forcing forward with aug_t = 0."""
     model = causal(num_frame_per_block=3, local_attn_size=9)
     noisy, context = inputs(9, seed=1)

@@ -130,6 +130,8 @@ def test_use_ema_says_which_file_was_read(tmp_path, source):
     model, _ = source
     export_weights(tmp_path / "run" / "generator", {"generator": dict(model.state_dict()),
                                                     "generator_ema": dict(model.state_dict())})
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert len(modes) == 3 and len(set(modes.values())) == 1, modes  # the .pt and both .safetensors alike
     save_file(dict(model.state_dict()), str(tmp_path / "generator.safetensors"))  # no EMA file beside it
     flat = write_file(tmp_path, "rewardforcing.pt", dict(model.state_dict()))
     described = {name: str(load_generator_weights(tmp_path / name, use_ema=True)[1])

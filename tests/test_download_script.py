@@ -171,7 +171,8 @@ def test_default_run_builds_the_upstream_layout(tmp_path, env):
     assert arg(hf["KlingTeam/VideoReward"], "--revision") == "b8e421fe21aec3dde5f61fdd1dc44e1d603b9727"
     assert arg(hf["Qwen/Qwen2-VL-2B-Instruct"], "--revision") == "895c3a49bc3fa70a340399125c650a463535e71c"
     assert arg(hf["KlingTeam/VideoReward"], "--local-dir") == "checkpoints/VideoReward"
-    curls = [call[-1] for call in calls if call[0] == "curl"]
+    curls = [call[-1] for call in calls if call[0] == "curl" and "--head" not in call]
+    assert [call[-1] for call in calls if "--head" in call] == ["https://huggingface.co"]  # one reachability check
     prompt_base = "https://raw.githubusercontent.com/guandeh17/Self-Forcing/33593df3e81fa3ec10239271dd2c100facac6de1/prompts/"
     template = ("https://raw.githubusercontent.com/KwaiVGI/VideoAlign/"
                 "219ab9db64c045e5181a2202d11f686439351292/prompt_template.py")
@@ -232,11 +233,20 @@ def test_failures_name_the_part_and_stop(tmp_path, env):
     assert result.stderr.strip().endswith(
         "error: hf download KlingTeam/VideoReward failed; re-run this script to resume")
     assert hf_repos(calls) == ["Wan-AI/Wan2.1-T2V-1.3B", "KlingTeam/VideoReward"]
+    assert not (tmp_path / "checkpoints/VideoReward").exists()  # created by the failed call, held no data
 
     result, _ = run(tmp_path, env | {"FAKE_CURL_FAIL": "1"}, "--only", "taehv")
     assert result.returncode == 1 and "download of https://github.com/madebyollin/taehv/raw/main/taew2_1.pth failed" \
         in result.stderr
     assert not (tmp_path / "checkpoints/taew2_1.pth").exists()
+
+
+def test_unreachable_hub_is_one_line_and_creates_nothing(tmp_path, env):
+    result, calls = run(tmp_path, env | {"FAKE_CURL_FAIL": "1"}, "--only", "wan-1.3b,reward-forcing")
+    assert result.returncode == 1 and hf_repos(calls) == []
+    assert result.stderr == "error: cannot reach https://huggingface.co (offline, or a proxy blocks it?); " \
+        "nothing more was downloaded\n"
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_missing_hf_cli_is_explained(tmp_path, env):
@@ -250,7 +260,8 @@ def test_missing_hf_cli_is_explained(tmp_path, env):
 
 def test_revision_can_be_overridden(tmp_path, env):
     result, calls = run(tmp_path, env | {"QWEN2_VL_REVISION": "main"}, "--only", "qwen2-vl")
-    assert result.returncode == 0 and arg(calls[0], "--revision") == "main"
+    (qwen,) = [call for call in calls if call[0] == "hf"]
+    assert result.returncode == 0 and arg(qwen, "--revision") == "main"
 
 
 @pytest.mark.skipif(os.name != "posix", reason="bash script")

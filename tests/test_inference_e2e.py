@@ -183,7 +183,9 @@ def test_readme_tiny_demo(tmp_path, capsys):
                           "--num_output_frames", "6", f"checkpoint_dir={checkpoints}"]) == 0
     frames, fps = read_video(tmp_path / "videos" / "a cat walks on the grass-0.mp4")
     assert frames.shape == (1 + 4 * 5, cfg.height, cfg.width, 3) and fps == 16
-    assert capsys.readouterr().out.count("holds no separate EMA weights") == 1  # said once
+    captured = capsys.readouterr()
+    assert captured.out.count("holds no separate EMA weights") == 1  # said once
+    assert "a cat walks on the grass-0.mp4: 100%" in captured.err and "2/2" in captured.err  # per-chunk bar
 
 
 def test_frames_are_yielded_chunk_by_chunk(assets):

@@ -102,7 +102,8 @@ def _metrics(logdir):
 @pytest.fixture(scope="module")
 def trained(tiny, pairs):
     logdir = tiny / "run"
-    # seed 1: seed 0 would draw a fresh run seed (SPEC §9.1); seeds 1-3 measured last/first 0.32-0.39
+    # seed 1: seed 0 would draw a fresh run seed (training/parallel.py resolve_seed); seeds 1-3 measured
+    # last/first 0.32-0.39
     train.main(["--config_path", str(CONFIG), "--logdir", str(logdir), "--disable-wandb",
                 f"data_path={pairs}", f"checkpoint_dir={tiny / 'ckpt'}", "seed=1"])
     return logdir

@@ -44,7 +44,7 @@ def test_add_noise_and_flow_round_trip_per_frame_timesteps():
 
 
 def test_ode_states_sigmas_shift8_48_steps():
-    # SPEC: keeping indices [0, 12, 24, 36, 48] of a 48-step shift-8 trajectory gives these sigmas
+    # Keeping indices [0, 12, 24, 36, 48] of a 48-step shift-8 trajectory gives these sigmas
     base = torch.linspace(1, 0, 49, dtype=torch.float64)
     from reward_forcing.sampling import shift_sigma
 

@@ -11,7 +11,7 @@ from reward_forcing.tiny_assets import randomise_
 
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=16, text_len=8, freq_dim=16)
 CHUNK, HW = 3, (4, 6)
-# sigma = 5u / (1 + 4u) for u = 1, 0.75, 0.5, 0.25 (SPEC §3), as timesteps
+# sigma = 5u / (1 + 4u) for u = 1, 0.75, 0.5, 0.25 (shift 5), as timesteps
 SIGMAS = [1.0, 0.9375, 5 / 6, 0.625]
 
 

@@ -1,4 +1,4 @@
-"""TAEHV (SPEC §7, §16.11): sizes of taew2_1, temporal layer semantics, parallel == streaming, file round trip."""
+"""TAEHV (madebyollin/taehv): sizes of taew2_1, temporal layer semantics, parallel == streaming, file round trip."""
 import pytest
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ def test_temporal_layers_hand_computed():
 
 def test_shapes(tiny_file):
     model = TAEHV.from_file(tiny_file[0])
-    pixels = model.decode(torch.randn(1, 16, 5, 8, 12))  # NTCHW 1x5x16x8x12 in SPEC terms
+    pixels = model.decode(torch.randn(1, 16, 5, 8, 12))  # NTCHW 1x5x16x8x12 in taehv.py's NTCHW order
     assert pixels.shape == (1, 3, 17, 64, 96)
     assert pixels.min() >= -1 and pixels.max() <= 1
     assert model.encode(pixels).shape == (1, 16, 5, 8, 12)  # 17 frames -> 5 latents

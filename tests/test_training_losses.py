@@ -1,4 +1,4 @@
-"""DMD / Re-DMD / critic losses against closed forms (SPEC §9.3-9.4, §16 item 6)."""
+"""DMD / Re-DMD / critic losses against closed forms."""
 import math
 
 import pytest
@@ -37,8 +37,20 @@ def test_dmd_gradient_per_sample_normaliser():
 
 
 def test_dmd_gradient_nan_to_num_when_x_equals_real():
-    x = torch.randn(SHAPE)
-    assert torch.isfinite(dmd_gradient(x, x.clone(), torch.randn(SHAPE))).all()
+    """Upstream's torch.nan_to_num on a zero normaliser: a sample whose x equals x_real gets +-float max where
+    x_fake != x_real and 0 where they are equal; the other samples keep their ordinary value.
+    Bug caught: a normaliser shared across the batch (sample 0's zero would not stay in sample 0), or a missing
+    nan_to_num (inf / nan reach the loss)."""
+    x, real, fake = torch.randn(SHAPE), torch.randn(SHAPE), torch.randn(SHAPE)
+    real[0] = x[0]
+    fake[0, 0, 0, 0, 0] = real[0, 0, 0, 0, 0]
+    g = dmd_gradient(x, real, fake)
+    big = torch.finfo(torch.float32).max
+    expected0 = torch.sign(fake[0] - real[0]) * big
+    assert torch.equal(g[0], expected0) and g[0, 0, 0, 0, 0] == 0
+    for b in range(1, SHAPE[0]):
+        norm = (x[b].double() - real[b].double()).abs().mean()
+        torch.testing.assert_close(g[b].double(), (fake[b].double() - real[b].double()) / norm, rtol=1e-6, atol=1e-6)
 
 
 def test_re_dmd_autograd_is_w_times_g_over_n():

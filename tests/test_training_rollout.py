@@ -1,4 +1,5 @@
 """Self-forcing rollout: train/test parity with the inference sampler, the cache switch, exit steps, gradients."""
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.training.rollout import exit_steps, rollout, sample_noise, training_sampler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _closed_forms import grid_sigma  # noqa: E402
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 HW = (4, 4)
@@ -41,11 +45,61 @@ def test_last_step_rollout_equals_the_inference_sampler(mode):
     assert torch.equal(x, reference)
 
 
+@pytest.mark.parametrize("mode", ["full", "window"])
+def test_four_step_rollout_equals_the_inference_sampler_with_the_same_step_noise(mode):
+    """Bug caught: the rollout re-noising the wrong tensor between denoising steps (x instead of x0), at the wrong
+    timestep, or with noise of another step / chunk. The reference is StreamingGenerator.stream fed the same
+    initial noise and, between steps, the same per-step noise in the order it draws them (chunk by chunk)."""
+    cfg, model, context = _setup(f"rollout_cache={mode}", "compression_alpha=0.7")
+    sampler = training_sampler(model, cfg)
+    steps, chunks, ids = len(sampler.timesteps), 3, [5, 6]
+    assert steps == 4
+    with torch.no_grad():
+        x = rollout(sampler, context, 9, HW, [steps - 1] * chunks, 3, ("g", 0), ids, torch.float32, with_grad=False)
+        shape = (model.in_dim, sampler.chunk_frames, *HW)
+        step_noise = iter([sample_noise(shape, 3, "g", 0, c, s, sample_ids=ids, dtype=torch.float32, device="cpu")
+                           for c in range(chunks) for s in range(steps - 1)])
+        sampler._noise = lambda *args, **kwargs: next(step_noise)  # the sampler's per-step draw
+        reference = torch.cat(list(sampler.stream(context, 9, HW, noise=_initial_noise(sampler, 9, ("g", 0), ids))),
+                              dim=2)
+    assert next(step_noise, None) is None  # the sampler consumed exactly the rollout's re-noising draws
+    assert torch.equal(x, reference)
+
+
+def test_context_noise_noises_the_context_pass():
+    """Bug caught: `context_noise` ignored (the context pass always sees the clean chunk at t = 0). With
+    context_noise c the pass after each chunk runs at t = c on (1 - sigma(c)) x0 + sigma(c) eps, eps ~ N(0, 1),
+    which changes the cache and so every later chunk, never the first."""
+    cfg, model, context = _setup("denoising_step_list=[1000]")
+    sampler = training_sampler(model, cfg)
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append((args[0].clone(), args[1].clone(), out.clone())))
+    outs = {}
+    for c in (0.0, 300.0):
+        calls.clear()
+        with torch.no_grad():
+            outs[c] = rollout(sampler, context, 9, HW, [0, 0, 0], 3, ("g", 0), [0, 1], torch.float32,
+                              context_noise=c, with_grad=False)
+        assert len(calls) == 6  # per chunk: one denoising step, one context pass
+        for chunk in range(3):
+            x0 = outs[c][:, :, 3 * chunk:3 * chunk + 3].double()
+            x_in, t_in, _ = calls[2 * chunk + 1]
+            assert torch.equal(t_in, torch.full_like(t_in, c))
+            if c == 0:
+                assert torch.equal(x_in.double(), x0)
+                continue
+            sigma = float(grid_sigma(c, cfg.timestep_shift))
+            eps = (x_in.double() - (1 - sigma) * x0) / sigma
+            assert abs(float(eps.mean())) < 0.2 and abs(float(eps.std()) - 1) < 0.2
+    assert torch.equal(outs[0.0][:, :, :3], outs[300.0][:, :, :3])
+    assert (outs[0.0][:, :, 3:] - outs[300.0][:, :, 3:]).abs().max() > 1e-3
+
+
 def test_window_cache_runs_the_ema_sink_full_does_not():
     # window 6 frames, sink 3: the third chunk evicts; only `window` then blends the evicted chunk into the sink
     outs = {}
     for mode in ("full", "window"):
-        cfg, model, context = _setup(f"rollout_cache={mode}", "denoising_step_list=[1000]", "compression_alpha=0.5")
+        cfg, model, context = _setup(f"rollout_cache={mode}", "denoising_step_list=[1000]", "compression_alpha=0.7")
         outs[mode] = rollout(training_sampler(model, cfg), context, 9, HW, [0, 0, 0], 3, ("g", 0), [0, 1],
                              torch.float32, with_grad=False)
     assert torch.equal(outs["full"][:, :, :6], outs["window"][:, :, :6])
@@ -97,7 +151,7 @@ def test_checkpointed_exit_forward_gives_the_same_gradients(mode):
     # the recomputation runs after later chunks changed the cache (and, in window mode, evicted into the sink)
     grads = {}
     for checkpoint in (False, True):
-        cfg, model, context = _setup(f"rollout_cache={mode}", "compression_alpha=0.5")
+        cfg, model, context = _setup(f"rollout_cache={mode}", "compression_alpha=0.7")
         calls = []
         model.register_forward_hook(lambda m, args, out: calls.append(out.requires_grad))
         x = rollout(training_sampler(model, cfg), context, 9, HW, [1, 2, 0], 3, ("g", 0), [0, 1], torch.float32,

@@ -1,4 +1,4 @@
-"""Wan VAE: Wan-layout weights through our converter vs diffusers' AutoencoderKLWan (SPEC §6, §16.7)."""
+"""Wan VAE: Wan-layout weights through our converter vs diffusers' AutoencoderKLWan."""
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
@@ -9,7 +9,7 @@ from reward_forcing.tiny_assets import write_vae
 
 CFG4 = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
 CFG16 = dict(CFG4, z_dim=16)
-# SPEC §6 normalisation numbers, typed from the SPEC rather than read from diffusers.
+# Wan2.1's latent normalisation numbers (wan/modules/vae.py), typed here rather than read from diffusers.
 MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
         0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
 STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,

@@ -1,4 +1,5 @@
-"""VBench aggregation (SPEC §13) against the SPEC's check values, the §17 table and hand-computed examples."""
+"""VBench aggregation against the Reward Forcing README's VBench table (Total = (4 Quality + Semantic) / 5)
+and hand-computed examples."""
 import importlib.util
 import json
 import re
@@ -23,7 +24,7 @@ VBENCH_NAMES = {
     "human_action", "temporal_flickering", "motion_smoothness", "dynamic_degree", "appearance_style",
 }
 
-# SPEC §17 README table: method -> (Total, Quality, Semantic), each rounded to 2 decimals.
+# The Reward Forcing README's VBench table: method -> (Total, Quality, Semantic), each rounded to 2 decimals.
 PUBLISHED = {
     "SkyReels-V2": (82.67, 84.70, 74.53), "MAGI-1": (79.18, 82.04, 67.74), "NOVA": (80.12, 80.39, 79.05),
     "Pyramid Flow": (81.72, 84.74, 69.62), "CausVid": (82.88, 83.93, 78.69), "Self Forcing": (83.80, 84.59, 80.64),

@@ -10,7 +10,7 @@ from reward_forcing.video import (Mp4Writer, Prompt, PromptFileError, append_man
                                   read_manifest, read_prompts, to_uint8_frames, unique_by_stem, video_name,
                                   video_stem)
 
-# The longest prompt of VBench's all_dimension.txt (210 characters, SPEC §13) must keep its exact name.
+# The longest prompt of VBench's all_dimension.txt (210 characters) must keep its exact name.
 VBENCH_LONGEST = ("A person is playing with a dog in a park. " * 5)[:210]
 
 

@@ -1,4 +1,4 @@
-"""VideoReward (SPEC §11, §16.10): a tiny random Qwen2-VL in the released layout, checked against hand tables,
+"""VideoReward (KwaiVGI/VideoAlign): a tiny random Qwen2-VL in the released layout, checked against hand tables,
 transformers' own processor pieces, and an unmerged LoRA forward written here (and peft's, when installed)."""
 import hashlib
 import json
@@ -155,7 +155,7 @@ def _reference_qwen(tiny):
 
 
 def _reference_scores(backbone, rm_head, inputs, reward_ids):
-    """Sequential positions arange(L) on all three axes, head read at each reward token (SPEC §11.1)."""
+    """Sequential positions arange(L) on all three axes, head read at each reward token."""
     ids = inputs["input_ids"]
     positions = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, ids.shape[0], -1)
     hidden = backbone(input_ids=ids, attention_mask=inputs["attention_mask"], position_ids=positions,
@@ -219,7 +219,7 @@ def test_released_layout_matches_peft_and_scores_equal_peft_unmerged(tiny, rewar
     state = ckpt.remap_old_layout(torch.load(tiny["step_dir"] / "model.pth", weights_only=True))
     expected_keys = set(wrapped.state_dict())
     state = {k: v for k, v in state.items() if k in expected_keys or k != "base_model.model.lm_head.weight"}
-    assert set(state) == expected_keys  # the tiny writer's names are peft's, after SPEC's two remap rules
+    assert set(state) == expected_keys  # the tiny writer's peft names, after transformers >= 4.52's 2 remaps
     wrapped.load_state_dict(state, strict=True)
     wrapped.eval()
     inputs = reward.prepare(_videos(seed=3), ["a cat", "a slow zoom on a mountain lake"])
@@ -232,7 +232,7 @@ def test_released_layout_matches_peft_and_scores_equal_peft_unmerged(tiny, rewar
 # ---------------- model behaviour ----------------
 def test_tiny_model_size_and_special_token_ids(reward):
     n = sum(p.numel() for p in reward.parameters())
-    assert n == 186_688  # SPEC §16.10 (lm_head is tied, so not counted twice)
+    assert n == 186_688  # the tiny sizes' count (lm_head is tied, so not counted twice)
     assert reward.reward_ids == [505, 506, 507] and reward.video_token_id == 501
 
 
@@ -390,7 +390,7 @@ def test_cli_scores_an_mp4_and_reports_bad_input(tiny, tmp_path, capsys):
 
 
 def test_vq_and_mq_ignore_the_prompt(reward):
-    # Causal decoder + the prompt sitting only in the TA section: VQ and MQ cannot see it (SPEC §11.1).
+    # Causal decoder + the prompt sitting only in the TA section: VQ and MQ cannot see it.
     video = _videos(batch=1, seed=13).expand(2, -1, -1, -1, -1)
     scores = reward.score(video, ["a quiet forest", "an explosion in a busy city street at night"])
     torch.testing.assert_close(scores["VQ"][0], scores["VQ"][1], atol=2e-5, rtol=0)

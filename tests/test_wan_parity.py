@@ -1,4 +1,4 @@
-"""WanModel vs diffusers WanTransformer3DModel (SPEC §16.1), fp32, all parameters randomised."""
+"""WanModel vs diffusers WanTransformer3DModel, fp32, all parameters randomised."""
 import math
 
 import pytest
@@ -15,7 +15,7 @@ HEAD128 = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=1, in_dim=4, out_di
 
 class Fp64Sinusoid(torch.nn.Module):
     """diffusers computes the timestep sinusoid in fp32 while Wan computes it in fp64; at t ~ 1000 the fp32
-    phase error alone moves outputs by ~1e-5 (SPEC §16.1). Swapping in an fp64 sinusoid (closed form
+    phase error alone moves outputs by ~1e-5. Swapping in an fp64 sinusoid (closed form
     [cos(t w_i) | sin(t w_i)], w_i = 10000^(-i/half)) isolates the architecture comparison."""
 
     def __init__(self, dim):
@@ -77,7 +77,7 @@ def test_state_dict_keys_convert_both_ways():
     assert set(wan_to_diffusers_state_dict(dict.fromkeys(ours_keys))) == ref_keys
     assert set(diffusers_to_wan_state_dict(dict.fromkeys(ref_keys))) == ours_keys
     assert "blocks.0.norm3.weight" in ours_keys and "blocks.0.norm2.weight" in ref_keys
-    # 27 tensors per block + 15 top level (SPEC §1.2); no RoPE table in the state dict
+    # 27 tensors per block + 15 top level (Wan2.1's model.py); no RoPE table in the state dict
     assert len(ours_keys) == 27 * TINY["num_layers"] + 15
 
 

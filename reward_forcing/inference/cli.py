@@ -207,7 +207,10 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int, settings: dict) -> list[
             seed = video_seed(int(cfg.seed), job.prompt.index, sample)
             start = time.perf_counter()
             with Mp4Writer(out / name, fps=int(cfg.fps)) as writer:
-                for frames in pipeline.frames(context, num_frames, seed, switch=switch):
+                chunks = tqdm(pipeline.frames(context, num_frames, seed, switch=switch), desc=f"  {name[:40]}",
+                              total=num_frames // int(cfg.num_frame_per_block), unit="chunk", position=1,
+                              leave=False, disable=rank != 0, dynamic_ncols=True)
+                for frames in chunks:
                     writer.append(frames)
             elapsed = time.perf_counter() - start
             if writer.frames != expected:

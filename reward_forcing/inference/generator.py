@@ -1,4 +1,6 @@
-"""StreamingGenerator: text embeddings in, clean latent chunks out (SPEC §4).
+"""StreamingGenerator: text embeddings in, clean latent chunks out.
+
+Upstream counterpart: pipeline/causal_inference.py of Self-Forcing.
 
 Per chunk: a few denoising steps on the warped schedule (predict x0, re-noise it with fresh noise
 at the next step), then one context pass on the clean chunk at t = 0 that only refreshes the KV

@@ -8,7 +8,7 @@ import torch
 from reward_forcing.checkpoints import (WeightsSource, asset_path, load_generator_weights, load_into, load_wan_folder,
                                         read_wan_config)
 from reward_forcing.errors import CheckpointError, ConfigError
-from reward_forcing.inference.generator import StreamingGenerator, latent_size
+from reward_forcing.inference.generator import StreamingGenerator, check_num_frames, latent_size
 from reward_forcing.inference.overlap import overlapped
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.video import to_uint8_frames
@@ -72,7 +72,37 @@ def compile_if_configured(model, cfg, device):
     return model
 
 
+RELEASED_CHECKPOINT = "Reward-Forcing-T2V-1.3B/rewardforcing.pt"  # where download_checkpoints.sh puts it
+
+
+def _existing_dir(checkpoint_dir) -> Path:
+    """`checkpoint_dir` as an absolute folder; a relative one is resolved against the working directory."""
+    path = Path(checkpoint_dir).expanduser()
+    absolute = path if path.is_absolute() else Path.cwd() / path
+    if not absolute.is_dir():
+        raise CheckpointError(f"checkpoint_dir {str(checkpoint_dir)!r} not found: looked for {absolute} (relative "
+                              f"paths are resolved against the working directory, {Path.cwd()})")
+    return absolute.resolve()
+
+
+def _checkpoint_file(checkpoint_dir: Path, checkpoint_path) -> Path:
+    """None: the released student under checkpoint_dir. Relative: under checkpoint_dir, else the working directory."""
+    given = Path(checkpoint_path if checkpoint_path is not None else RELEASED_CHECKPOINT).expanduser()
+    candidates = [given] if given.is_absolute() else [checkpoint_dir / given, Path.cwd() / given]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise CheckpointError(f"checkpoint {str(given)!r} not found: looked for {' and '.join(map(str, candidates))}")
+
+
 class VideoPipeline:
+    """Text to video frames, chunk by chunk. From Python:
+
+        pipe = VideoPipeline.from_pretrained("checkpoints")
+        video = pipe("a red fox", num_frames=21, seed=0)      # uint8 [81, 480, 832, 3]
+        for frames in pipe.stream("a red fox", num_frames=21, seed=0): ...
+    """
+
     def __init__(self, text_encoder, generator: StreamingGenerator, decoder, latent_hw, device, dtype, weights=None,
                  overlap=False):
         """overlap: decode each chunk on a worker (CUDA side stream on GPU) while the next one is generated."""
@@ -98,6 +128,39 @@ class VideoPipeline:
         return cls(load_text_encoder(cfg, device, dtype), StreamingGenerator.from_config(model, cfg),
                    load_decoder(cfg, device, dtype), latent_hw, device, dtype, weights,
                    overlap=bool(cfg.overlap_decode))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir, checkpoint_path=None, use_ema=False, config_path=None,
+                        device=None) -> "VideoPipeline":
+        """Load the student, text encoder and decoder as inference.py does.
+
+        checkpoint_dir: the folder download_checkpoints.sh fills (Wan2.1-T2V-1.3B/, ...); a relative path is
+            resolved against the working directory (once, here: later `os.chdir` does not matter).
+        checkpoint_path: student weights (a file of any layout inference.py reads); None = the released
+            Reward-Forcing-T2V-1.3B/rewardforcing.pt. A relative path is looked up under checkpoint_dir, then
+            in the working directory.
+        use_ema: as inference.py --use_ema. config_path: a YAML merged over the packaged defaults (None: the
+            packaged defaults, which are the released model's settings). device: "cpu", "cuda[:n]" or None
+            (CUDA when available).
+        """
+        from reward_forcing.config import load_config
+
+        cfg = load_config(config_path)
+        folder = _existing_dir(checkpoint_dir)
+        cfg.checkpoint_dir = str(folder)
+        device = resolve_device("auto" if device is None else str(device))
+        return cls.from_config(cfg, _checkpoint_file(folder, checkpoint_path), use_ema, device)
+
+    def __call__(self, prompt: str, num_frames: int = 21, seed: int = 0) -> np.ndarray:
+        """The whole video: uint8 [1 + 4 * (num_frames - 1), H, W, 3]. num_frames counts latent frames (21 -> 81
+        video frames), a multiple of num_frame_per_block; seed is the video's own seed (manifest.jsonl's `seed`:
+        inference.py makes the same frames for a video with that seed)."""
+        return np.concatenate(list(self.stream(prompt, num_frames, seed)))
+
+    def stream(self, prompt: str, num_frames: int = 21, seed: int = 0) -> Iterator[np.ndarray]:
+        """The same frames as `__call__`, yielded as each latent chunk is generated and decoded."""
+        check_num_frames(num_frames, self.generator.chunk_frames)
+        yield from self.frames(self.encode(prompt), num_frames, seed)
 
     def encode(self, text: str) -> torch.Tensor:
         return self.text_encoder.encode([text]).to(device=self.device, dtype=self.dtype)

@@ -1,4 +1,6 @@
-"""Causal Wan2.1 student (SPEC §2): per-frame timesteps, block-causal attention, streaming through a KV cache.
+"""Causal Wan2.1 student: per-frame timesteps, block-causal attention, streaming through a KV cache.
+
+Upstream counterpart: wan/modules/causal_model.py of Self-Forcing.
 
 Same parameters and state-dict keys as WanModel, so teacher weights load unchanged. Three self-attention
 patterns share the blocks:
@@ -39,7 +41,8 @@ def frame_timesteps(t, batch: int, frames: int) -> torch.Tensor:
 
 @lru_cache(maxsize=32)
 def attention_plan(frames: int, frame_tokens: int, block: int, window: int, teacher: bool):
-    """Block-causal pattern (SPEC §2.2) as, per query chunk, its token range and the key token ranges it sees.
+    """Block-causal pattern (chunk k sees chunks 0..k) as, per query chunk, its token range and the key token
+    ranges it sees.
 
     Within a chunk attention is bidirectional and a chunk sees whole earlier frames, so every row of the mask is
     a union of contiguous key ranges: attending range by range is exact, needs no N x N mask, and keeps the

@@ -1,4 +1,5 @@
-"""3-axis rotary position embedding of Wan2.1 (SPEC §1.5): interleaved pairs, tables built in fp64.
+"""3-axis rotary position embedding of Wan2.1: interleaved pairs, tables built in fp64
+(rope_params / rope_apply in Wan2.1's wan/modules/model.py).
 
 The head dimension is split t:h:w = d - 4*(d//6) : 2*(d//6) : 2*(d//6) real dims; each axis has its own
 frequencies theta^(-2j/dim_axis). Positions start at 0 on every axis and the spatial ones restart in each

@@ -1,4 +1,4 @@
-"""TAEHV: a tiny causal video autoencoder for Wan latents (fast preview decoder; SPEC §7).
+"""TAEHV: a tiny causal video autoencoder for Wan latents (fast preview decoder; madebyollin/taehv, taehv.py).
 
 Every layer works on single frames except three kinds of temporal layer: MemBlock (sees its own input at the
 previous frame), TPool (stacks s frames on channels, 1x1 conv) and TGrow (1x1 conv to s*C, split into s frames).

@@ -1,9 +1,11 @@
 """umT5 text encoder: Wan's `models_t5_umt5-xxl-enc-bf16.pth` run through transformers' UMT5EncoderModel.
 
-Output rows past each prompt's true length (its `</s>` included) are zero-filled, as Wan does (SPEC §5).
+Output rows past each prompt's true length (its `</s>` included) are zero-filled, as Wan does
+(wan/modules/t5.py of Wan2.1).
 """
 import html
 import re
+import warnings
 from pathlib import Path
 
 import ftfy
@@ -15,7 +17,7 @@ from reward_forcing.errors import CheckpointError
 TOKENIZER_SUBDIR = "google/umt5-xxl"
 WEIGHTS_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
 
-# Per-block renames, Wan -> transformers (SPEC §5 table).
+# Per-block renames, Wan -> transformers' UMT5EncoderModel.
 _BLOCK_KEYS = {
     "norm1.weight": "layer.0.layer_norm.weight",
     "attn.q.weight": "layer.0.SelfAttention.q.weight",
@@ -128,6 +130,7 @@ class TextEncoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.model = model
         self.text_len = text_len
+        self._warned = set()  # prompts already reported as cut
 
     @classmethod
     def from_wan_folder(cls, folder, te_cfg, device="cpu", dtype=torch.float32):
@@ -141,9 +144,21 @@ class TextEncoder(torch.nn.Module):
 
     def tokenize(self, prompts):
         """Ids and mask [B, text_len]: `</s>` appended, truncation keeps text_len - 1 tokens + `</s>`."""
-        batch = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
+        cleaned = [clean_prompt(p) for p in prompts]
+        self._warn_truncated(cleaned)
+        batch = self.tokenizer(cleaned, padding="max_length", truncation=True,
                                max_length=self.text_len, add_special_tokens=True, return_tensors="pt")
         return batch.input_ids, batch.attention_mask
+
+    def _warn_truncated(self, prompts) -> None:
+        """One warning per prompt longer than text_len tokens (its `</s>` included): the rest is not seen."""
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=True).input_ids]
+        for prompt, length in zip(prompts, lengths):
+            if length > self.text_len and prompt not in self._warned:
+                self._warned.add(prompt)
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                warnings.warn(f"prompt of {length} tokens is cut to the text encoder's text_len={self.text_len} "
+                              f"({length - self.text_len} dropped): {shown!r}", stacklevel=3)
 
     @torch.no_grad()
     def encode(self, prompts) -> torch.Tensor:

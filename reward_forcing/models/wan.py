@@ -1,6 +1,7 @@
-"""Bidirectional Wan2.1 text-to-video DiT (SPEC §1) with the original Wan2.1 state-dict keys.
+"""Bidirectional Wan2.1 text-to-video DiT with the original Wan2.1 state-dict keys (wan/modules/model.py of
+Wan-Video/Wan2.1).
 
-dtype policy (SPEC §1.4): weights may be fp32 under bf16 autocast or plain bf16. The time embedding, the
+dtype policy (as Wan2.1's model.py): weights may be fp32 under bf16 autocast or plain bf16. The time embedding, the
 modulation arithmetic, the residual adds, the norms and the head run in fp32 ("fp32 islands"); the linear
 layers and attention run in whatever autocast / the weights choose. In fp32 everything is fp32.
 """
@@ -182,7 +183,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps)
                                     for _ in range(num_layers))
         self.head = Head(dim, out_dim * math.prod(self.patch_size), eps)
-        # Plain attributes, not buffers: module.to(bf16) must not cast the fp64-built tables (SPEC §1.5).
+        # Plain attributes, not buffers: module.to(bf16) must not cast the fp64-built tables (as Wan2.1 builds them).
         self._rope = {}
         self._rope_cos_sin = {}
 
@@ -236,7 +237,7 @@ class WanModel(nn.Module):
         return e, e0
 
     def embed_text(self, context):
-        """[B, L <= text_len, text_dim] -> [B, text_len, D]; zero rows are appended before the MLP (SPEC §1.3)."""
+        """[B, L <= text_len, text_dim] -> [B, text_len, D]; zero rows are appended before the MLP (as Wan2.1)."""
         if context.ndim != 3 or context.shape[1] > self.text_len:
             raise ValueError(f"expected context [B, L <= {self.text_len}, text_dim], got {tuple(context.shape)}")
         context = nn.functional.pad(context, (0, 0, 0, self.text_len - context.shape[1]))
@@ -275,7 +276,7 @@ class WanModel(nn.Module):
         return self.unpatchify(tokens, e, grid)
 
 
-# ---- conversion to / from diffusers' WanTransformer3DModel (SPEC §1.2) ----
+# ---- conversion to / from diffusers' WanTransformer3DModel (diffusers' convert_wan_to_diffusers.py) ----
 _BLOCK_RENAMES = [  # (original, diffusers), applied as substring replacements inside blocks.{i}.
     ("self_attn.q.", "attn1.to_q."), ("self_attn.k.", "attn1.to_k."), ("self_attn.v.", "attn1.to_v."),
     ("self_attn.o.", "attn1.to_out.0."), ("self_attn.norm_", "attn1.norm_"),

@@ -2,7 +2,8 @@
 
 score(videos, prompts) -> VQ (visual quality), MQ (motion quality), TA (text alignment), each [B].
 The rubric prompt puts one special token at the end of each section; the head is applied to the final hidden
-state at those positions (SPEC §11). The decoder always gets explicit sequential positions arange(L) on all
+state at those positions (as KwaiVGI/VideoAlign trained it). The decoder always gets explicit sequential
+positions arange(L) on all
 three M-RoPE axes, as VideoAlign trained it (it passed inputs_embeds only, so no M-RoPE was ever used).
 
 CLI: python -m reward_forcing.rewards.videoalign --checkpoint_dir checkpoints/VideoReward \

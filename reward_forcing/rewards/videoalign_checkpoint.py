@@ -1,6 +1,6 @@
 """Reading a released VideoReward checkpoint: step folder, model_config.json, state dict, rubric template.
 
-model.pth is the full PEFT-wrapped state dict saved by transformers <= 4.51 (SPEC §11.2): old key layout,
+model.pth is the full PEFT-wrapped state dict saved by transformers <= 4.51: old key layout,
 LoRA A/B beside `base_layer` weights. It is remapped to the current layout and the LoRA is folded into the
 base weights, so neither peft nor the old transformers is needed.
 """

@@ -1,4 +1,5 @@
-"""Distribution-matching losses (SPEC §9.3-9.4) as pure functions of tensors.
+"""Distribution-matching losses as pure functions of tensors: DMD (arXiv 2311.18828), as Self Forcing uses it
+(arXiv 2506.08009), and Re-DMD (arXiv 2512.04678 §3.3).
 
 Latents are [B, C, F, H, W]. x is the generator's rollout, x_real / x_fake the teacher's (with CFG)
 and critic's x0 predictions at the same noisy input.

@@ -1,4 +1,4 @@
-"""ODE pairs: recorded teacher trajectories that the causal student regresses onto (SPEC §10).
+"""ODE pairs: recorded teacher trajectories that the causal student regresses onto (CausVid, arXiv 2412.07772 §4.3).
 
 Our format, written by scripts/generate_ode_pairs.py, is a directory holding
   manifest.json                  {"format": "reward_forcing.ode_pairs", "version": 1, "num_prompts": N,

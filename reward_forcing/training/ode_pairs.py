@@ -1,4 +1,5 @@
-"""Making ODE pairs: the bidirectional teacher's Euler trajectories with classifier-free guidance (SPEC §10).
+"""Making ODE pairs: the bidirectional teacher's Euler trajectories with classifier-free guidance
+(CausVid, arXiv 2412.07772 §4.3).
 
 From pure noise, `num_steps` Euler steps on the shifted sigma grid
     sigma_k = warp(1 - k / num_steps), k = 0 .. num_steps - 1, then sigma_num_steps = 0,

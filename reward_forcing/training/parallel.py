@@ -159,7 +159,7 @@ def broadcast_object(obj, src: int = 0):
 
 
 def resolve_seed(seed: int) -> int:
-    """seed 0 means: rank 0 draws one in [0, 1e7) and everyone uses it (SPEC §9.1)."""
+    """seed 0 means: rank 0 draws one in [0, 1e7) and everyone uses it (as Self-Forcing's trainer/distillation.py)."""
     if seed == 0:
         seed = random.SystemRandom().randrange(1, 10_000_000)
     return int(broadcast_object(seed))

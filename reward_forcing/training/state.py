@@ -9,6 +9,7 @@ writing, so `latest_checkpoint` never returns a partial one. meta.json holds the
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -161,15 +162,28 @@ def export_weights(stem, sections: dict) -> None:
     torch.save(sections, tmp)
     os.replace(tmp, stem.with_name(stem.name + ".pt"))
     written = [stem.name + ".pt"]
+    mode = stat.S_IMODE(stem.with_name(stem.name + ".pt").stat().st_mode)  # safetensors writes 0600; match .pt
     for index, (name, state) in enumerate(sections.items()):
         path = stem.with_name((stem.name if index == 0 else name) + ".safetensors")
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
         written.append(path.name)
     from reward_forcing.training.metrics import notice
 
     notice(f"exported the generator to {stem.parent}: {', '.join(written)}")
+
+
+def export_generator(stem, generator, ema, is_main: bool) -> None:
+    """Collective: export `<stem>.pt` with the generator and, when there is an EMA, `generator_ema` (the EMA
+    shadow over the generator's buffers); rank 0 writes."""
+    sections = {"generator": full_state_dict(generator)}
+    if ema is not None:
+        shadow = full_tensors(ema.state_dict(), keep=is_main)
+        sections["generator_ema"] = dict(sections["generator"], **shadow) if is_main else {}
+    if is_main:
+        export_weights(stem, sections)
 
 
 def resume_folder(logdir, explicit=None):

@@ -1,0 +1,93 @@
+"""The miniature world (reward_forcing/miniworld): its videos, the detector that reads them back, and the
+latent_motion reward, checked against the world's own drawing parameters and closed forms."""
+import math
+
+import pytest
+import torch
+
+from reward_forcing.errors import ConfigError
+from reward_forcing.miniworld.detector import detect_frames, video_stats
+from reward_forcing.miniworld.reward import LatentMotionReward
+from reward_forcing.miniworld.world import World, WorldSpec
+
+SPEC = WorldSpec(seed=3, channels=16, frames=12, height=8, width=8)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(SPEC)
+
+
+@pytest.fixture(scope="module")
+def samples(world):
+    return [world.sample(i) for i in range(48)]
+
+
+def test_colour_signatures_are_orthogonal_with_unit_rms(world):
+    gram = world.signatures @ world.signatures.T
+    torch.testing.assert_close(gram, SPEC.channels * torch.eye(len(SPEC.colours)), atol=1e-4, rtol=0)
+
+
+def test_a_sample_is_its_index_and_moves_in_a_straight_line_on_the_torus(world):
+    a, b = world.sample(5), world.sample(5)
+    assert torch.equal(a["latent"], b["latent"]) and a["prompt"] == b["prompt"]
+    assert a["prompt"] == f"a {SPEC.colours[a['colour']]} ball" and world.colour_of(a["prompt"]) == a["colour"]
+    assert 0 <= a["speed"] <= SPEC.max_speed
+    steps = world.wrap(a["positions"][1:] - a["positions"][:-1])
+    expected = torch.tensor([math.sin(a["direction"]), math.cos(a["direction"])]) * a["speed"]
+    torch.testing.assert_close(steps, expected.expand_as(steps).float(), atol=1e-5, rtol=0)
+    assert a["latent"].shape == (SPEC.channels, SPEC.frames, SPEC.height, SPEC.width)
+
+
+def test_a_blob_peaks_at_its_position_and_wraps_around_the_edges(world):
+    blob = world.blob(torch.tensor([[0.0, 7.0]]))[0]
+    assert blob[0, 7] == 1.0
+    # one pixel away across the edges (row 7 and column 0 are neighbours of row 0 and column 7)
+    assert blob[7, 7] == pytest.approx(math.exp(-0.5)) and blob[0, 0] == pytest.approx(math.exp(-0.5))
+
+
+def test_detector_reads_back_what_the_world_drew(world, samples):
+    latents = torch.stack([s["latent"] for s in samples])
+    frames = detect_frames(world, latents)
+    truth = torch.stack([s["positions"] for s in samples])
+    assert world.wrap(frames["position"] - truth).norm(dim=-1).max() < 0.05
+    stats = video_stats(world, latents, [s["colour"] for s in samples])
+    assert stats["color_correct"].min() == 1 and stats["validity"].min() == 1
+    speeds = torch.tensor([s["speed"] for s in samples], dtype=torch.float32)
+    torch.testing.assert_close(stats["speed"], speeds, atol=0.01, rtol=0)
+    moving = speeds > 0.1
+    assert stats["straightness"][moving].min() > 0.98
+
+
+def test_noise_and_a_missing_blob_are_not_valid(world, samples):
+    noise = torch.randn(8, SPEC.channels, SPEC.frames, SPEC.height, SPEC.width, generator=torch.Generator().manual_seed(0))
+    assert video_stats(world, noise)["validity"].max() == 0
+    empty = world.background[None, :, None].expand(1, -1, SPEC.frames, -1, -1)
+    assert video_stats(world, empty)["validity"].max() == 0
+    # the same blob twice as bright is out of the contrast range
+    bright = world.background[None, :, None] + 2 * (samples[0]["latent"][None] - world.background[None, :, None])
+    assert video_stats(world, bright)["validity"].max() == 0
+
+
+def test_latent_motion_is_validity_times_speed_over_max_speed(world, samples):
+    reward = LatentMotionReward(world)
+    assert reward.input == "latents" and not reward.differentiable
+    latents = torch.stack([s["latent"] for s in samples[:6]])
+    still = world.render(samples[0]["colour"], samples[0]["positions"][:1].expand(SPEC.frames, 2))[None]
+    scores = reward(torch.cat([latents, still]), [s["prompt"] for s in samples[:6]] + [samples[0]["prompt"]])
+    speeds = torch.tensor([s["speed"] for s in samples[:6]] + [0.0])
+    torch.testing.assert_close(scores["motion"], speeds.float() / SPEC.max_speed, atol=0.02, rtol=0)
+    assert scores["motion"][-1] == 0 and scores["validity"].min() == 1
+
+
+def test_world_spec_round_trips_and_bad_specs_are_one_line(world, tmp_path):
+    world.save(tmp_path / "world.json")
+    again = World.from_file(tmp_path / "world.json")
+    assert again.spec == SPEC and torch.equal(again.background, world.background)
+    (tmp_path / "bad.json").write_text('{"seed": 1, "colour": ["red"]}')
+    with pytest.raises(ConfigError, match="unknown key"):
+        World.from_file(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="at most 4 colours"):
+        World(WorldSpec(channels=4))
+    with pytest.raises(ConfigError, match="not a prompt of this world"):
+        world.colour_of("a red cube")

@@ -1,0 +1,99 @@
+"""The public Python API: `from reward_forcing import VideoPipeline`, the README example, the same frames as
+inference.py for the manifest's seed, and checkpoint_dir resolution."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reward_forcing import VideoPipeline
+from reward_forcing.config import load_config
+from reward_forcing.errors import CheckpointError, run_cli
+from reward_forcing.inference import cli
+from reward_forcing.tiny_assets import (RELEASE_FILE, RELEASE_FOLDER, TINY_WAN_CONFIG, random_wan_state_dict, write_t5,
+                                        write_tokenizer, write_vae, write_wan_folder)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """checkpoints/tiny as scripts/make_tiny_checkpoints.py lays it out, limited to what generation reads."""
+    root = tmp_path_factory.mktemp("api")
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    out = root / "checkpoints" / "tiny"
+    base = write_wan_folder(out / cfg.model_name, TINY_WAN_CONFIG, random_wan_state_dict(TINY_WAN_CONFIG, 0))
+    write_tokenizer(base, cfg.text_encoder.vocab_size)
+    write_t5(base / "models_t5_umt5-xxl-enc-bf16.pth", cfg.text_encoder, 0)
+    write_vae(base / "Wan2.1_VAE.pth", cfg.vae, 0)
+    (out / RELEASE_FOLDER).mkdir()
+    torch.save({f"model.{k}": v for k, v in random_wan_state_dict(TINY_WAN_CONFIG, 2).items()},
+               out / RELEASE_FOLDER / RELEASE_FILE)
+    shutil.copytree(REPO / "configs", root / "configs")
+    return root
+
+
+def readme_example() -> str:
+    text = (REPO / "README.md").read_text()
+    return re.search(r"## Python\n.*?```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_readme_example_runs(tiny_dir, monkeypatch, capsys):
+    code = readme_example()
+    assert len(code.strip().splitlines()) == 5
+    monkeypatch.chdir(tiny_dir)
+    namespace = {}
+    exec(code, namespace)
+    video = namespace["video"]
+    assert video.dtype == np.uint8 and video.shape == (1 + 4 * 5, 64, 96, 3)  # configs/tiny.yaml: 64x96
+    assert capsys.readouterr().out.splitlines() == ["(9, 64, 96, 3)", "(12, 64, 96, 3)"]
+
+
+class RecordingWriter(cli.Mp4Writer):
+    """inference.py's writer, keeping the frames it is given."""
+    frames_seen = []
+
+    def append(self, frames):
+        RecordingWriter.frames_seen.append(frames.copy())
+        super().append(frames)
+
+
+def test_same_frames_as_inference_py_for_the_manifest_seed(tiny_dir, tmp_path, monkeypatch):
+    checkpoints = tiny_dir / "checkpoints" / "tiny"
+    (tmp_path / "p.txt").write_text("a dog\na red fox running through snow\n")
+    monkeypatch.setattr(cli, "Mp4Writer", RecordingWriter)
+    RecordingWriter.frames_seen = []
+    assert run_cli(cli.main, ["--config_path", str(REPO / "configs" / "tiny.yaml"), "--data_path",
+                              str(tmp_path / "p.txt"), "--output_folder", str(tmp_path / "out"), "--seed", "5",
+                              "--checkpoint_path", str(checkpoints / RELEASE_FOLDER / RELEASE_FILE),
+                              "--num_output_frames", "6", f"checkpoint_dir={checkpoints}"]) == 0
+    encoded = np.concatenate(RecordingWriter.frames_seen[2:])  # the second prompt's two chunks
+    seed = [json.loads(line)["seed"] for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()][1]
+    monkeypatch.chdir(tiny_dir)
+    pipe = VideoPipeline.from_pretrained("checkpoints/tiny", config_path="configs/tiny.yaml", device="cpu")
+    video = pipe("a red fox running through snow", num_frames=6, seed=seed)
+    np.testing.assert_array_equal(video, encoded)
+    assert not np.array_equal(pipe("a red fox running through snow", num_frames=6, seed=seed + 1), encoded)
+
+
+def test_relative_checkpoint_dir_is_resolved_against_the_working_directory(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        VideoPipeline.from_pretrained("checkpoints/tiny", config_path=tiny_dir / "configs" / "tiny.yaml")
+    message = str(err.value)
+    assert "'checkpoints/tiny'" in message and str(tmp_path / "checkpoints" / "tiny") in message
+    assert f"working directory, {tmp_path}" in message
+    with pytest.raises(CheckpointError, match="'nothing.pt' not found: looked for .*tiny/nothing.pt and "):
+        VideoPipeline.from_pretrained(tiny_dir / "checkpoints" / "tiny", "nothing.pt",
+                                      config_path=tiny_dir / "configs" / "tiny.yaml")
