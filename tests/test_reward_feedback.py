@@ -77,6 +77,19 @@ def test_last_frame_decode_has_the_gradient_of_a_full_differentiable_decode(trai
         torch.testing.assert_close(reward.decode_latent(latents, 2), video[:, :, 5:], atol=1e-5, rtol=0)
 
 
+def test_chosen_frames_score_as_those_frames_of_the_whole_decoded_video(trainer):
+    reward = trainer.reward
+    latents = torch.randn(3, 16, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    prompts = ["a cat walks on grass", "a red car at night", "waves on a beach"]
+    frames = [8, 0, 6]  # latents 2, 0 and 2: decoded in two groups, scattered back to their rows
+    with torch.no_grad():
+        got = reward(latents, prompts, frames)
+        video = reward.reward.decoder.decode(latents)  # the whole video, one stream
+        want = reward.reward.model.score(torch.stack([video[b, :, f] for b, f in enumerate(frames)]), prompts)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert len(set(got.tolist())) == 3
+
+
 def test_reward_gradient_reaches_every_generator_parameter(trainer):
     trainer.optimizer.zero_grad(set_to_none=True)
     row = trainer.micro_step(0, 0)

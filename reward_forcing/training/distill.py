@@ -51,9 +51,7 @@ from reward_forcing.training.schedule import (
 from reward_forcing.training.state import (
     ModelState,
     OptimizerState,
-    export_weights,
-    full_state_dict,
-    full_tensors,
+    export_generator,
     load_checkpoint,
     read_meta,
     resume_folder,
@@ -285,9 +283,4 @@ class Distiller:
                 "generator_prompt_position": generator_batches * self.global_batch,
                 "critic_prompt_position": critic_batches * self.global_batch}
         save_checkpoint(self.logdir, done, self._parts(), meta, keep=self.cfg.keep_checkpoints)
-        sections = {"generator": full_state_dict(self.generator)}
-        if self.ema is not None:
-            ema = full_tensors(self.ema.state_dict(), keep=self.info.is_main)
-            sections["generator_ema"] = dict(sections["generator"], **ema) if self.info.is_main else {}
-        if self.info.is_main:
-            export_weights(self.logdir / "generator", sections)
+        export_generator(self.logdir / "generator", self.generator, self.ema, self.info.is_main)
