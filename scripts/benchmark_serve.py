@@ -34,7 +34,7 @@ def parse_args(argv):
     p.add_argument("--config_path", help="as for the server (default with --tiny: configs/tiny.yaml)")
     p.add_argument("--checkpoint_path", help="as for the server")
     p.add_argument("--use_ema", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="write random tiny checkpoints to a temporary folder and use them")
+    p.add_argument("--tiny", action="store_true", help="use random tiny checkpoints, written to a temporary folder")
     p.add_argument("--runs", type=int, default=3, help="streams measured one after another")
     p.add_argument("--chunks", type=int, default=8, help="chunks per stream")
     p.add_argument("--switch_after", type=int, default=4, help="chunks received before the switch message is sent")
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     ttff = [run["ttff"] for run in runs]
     switch = [run["switch"] for run in runs if run["switch"] is not None]
     print(f"server: {hello['width']}x{hello['height']}, {hello['chunk_frames']} latent frames per chunk, decoder "
-          f"{hello['decoder']}, switch_sink {hello['switch_sink']}; ready {ready:.1f} s after launch")
+          f"{hello['decoder']} (overlap_decode {hello['overlap_decode']}), switch_sink {hello['switch_sink']}; "
+          f"ready {ready:.1f} s after launch")
     print(f"{args.runs} streams x {args.chunks} chunks, switch after chunk {args.switch_after}")
     print(f"time to first frame      p50 {percentile_ms(ttff, 50)} ms   max {1000 * max(ttff):.0f} ms")
     print(f"between chunks (client)  p50 {percentile_ms(between, 50)} ms   p99 {percentile_ms(between, 99)} ms")
