@@ -13,12 +13,13 @@ setup(
     version="0.1.0",
     description="Reward Forcing: streaming causal text-to-video generation with EMA-Sink and Re-DMD",
     packages=find_packages(include=["reward_forcing", "reward_forcing.*"]),
-    package_data={"reward_forcing": ["defaults/*.yaml"]},
+    package_data={"reward_forcing": ["defaults/*.yaml", "serve/static/*"]},
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "miniworld": ["matplotlib>=3.7"],  # scripts/miniworld.py's plots
-        "test": ["pytest>=7", "peft>=0.13", "matplotlib>=3.7"],  # the suite runs scripts/miniworld.py --quick
+        # the suite runs scripts/miniworld.py --quick; tests/test_serve.py also needs Debian chromium + chromium-driver
+        "test": ["pytest>=7", "peft>=0.13", "matplotlib>=3.7", "httpx>=0.27", "selenium>=4.20"],
     },
 )

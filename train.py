@@ -1,8 +1,9 @@
 """Train the streaming student: `[torchrun ...] train.py --config_path CFG --logdir DIR [key=value ...]`.
 
 The config key `trainer` picks the loop: `distill` (DMD / Re-DMD, reward_forcing.training.distill), `ode`
-(ODE-regression initialisation, reward_forcing.training.ode) or `diffusion` (flow-matching training of the
-bidirectional Wan model on a latent dataset, reward_forcing.training.diffusion). Each is called as
+(ODE-regression initialisation, reward_forcing.training.ode), `diffusion` (flow-matching training of the
+bidirectional Wan model on a latent dataset, reward_forcing.training.diffusion) or `reward_feedback`
+(ImageReward on a decoded frame, reward_forcing.training.reward_feedback). Each is called as
 `run(config, logdir, args)` with args.disable_wandb, args.no_save and args.resume (None or a folder).
 Re-running with the same --logdir resumes from its latest complete checkpoint.
 """
@@ -15,7 +16,8 @@ from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError, run_cli
 
 TRAINERS = {"distill": "reward_forcing.training.distill", "ode": "reward_forcing.training.ode",
-            "diffusion": "reward_forcing.training.diffusion"}
+            "diffusion": "reward_forcing.training.diffusion",
+            "reward_feedback": "reward_forcing.training.reward_feedback"}
 
 
 def parse_args(argv):

@@ -1,18 +1,29 @@
-"""Streaming cost per chunk, EMA vs static sink, DiT calls per chunk, and peak memory versus video length.
+"""Streaming speed: DiT-only and end-to-end FPS, time to first frame, chunk latency, memory, compile and overlap.
 
-Runs the StreamingGenerator (the same core as inference.py) on a small randomly initialised causal Wan
-model, so it needs no checkpoint. Examples:
+Runs the same StreamingGenerator / VideoPipeline as inference.py on randomly initialised weights (speed does not
+depend on weight values), so no download is needed. Examples:
 
-    python scripts/benchmark.py                       # latency: 32 chunks, window 9, sink 3
-    python scripts/benchmark.py --memory              # peak memory of the streaming pipeline, T=21 vs T=120
-    python scripts/benchmark.py --device cuda --dim 1536 --num_layers 30 --num_heads 12 --height 480 --width 832
+    python scripts/benchmark.py                                  # ~1 min on a laptop CPU: small model, 12 chunks
+    python scripts/benchmark.py --compile --compare --json out.json    # eager vs compiled, sequential vs overlapped
+    python scripts/benchmark.py --config configs/tiny.yaml --random_weights --compare    # needs config.json from
+                                                       # scripts/make_tiny_checkpoints.py for the tiny architecture
+    python scripts/benchmark.py --config configs/reward_forcing.yaml --random_weights --device cuda --compile
+                                                       # the 1.3B student at 832x480 (the paper's setting)
+    python scripts/benchmark.py --ema_vs_static                  # per-chunk latency, EMA vs static sink
+    python scripts/benchmark.py --memory                         # peak memory of the streaming pipeline, T=21 vs 120
 
-Targets: last/early chunk latency <= 1.10, EMA/static <= 1.03, exactly 5 DiT forwards per chunk.
+--json writes: dit_fps, e2e_fps, ttff_s, chunk_p50_s, chunk_p99_s, peak_memory_mb, compiled_graphs, recompiles,
+env, aten_ops_per_chunk, copy_ops_per_chunk, and with --compare eager_vs_compiled (with --compile) and
+sequential_vs_overlapped (ratios > 1: the fast path is faster). FPS counts output video frames.
 """
 import argparse
+import collections
+import hashlib
 import itertools
 import json
+import math
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -25,8 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from reward_forcing.checkpoints import asset_path, read_wan_config  # noqa: E402
 from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.inference.generator import StreamingGenerator, latent_size  # noqa: E402
+from reward_forcing.errors import UserError  # noqa: E402
+from reward_forcing.inference.generator import StreamingGenerator, latent_size, vae_strides  # noqa: E402
+from reward_forcing.inference.pipeline import VideoPipeline, compile_if_configured  # noqa: E402
 from reward_forcing.models.causal_wan import CausalWanModel  # noqa: E402
 
 WARMUP_CHUNKS = 3  # chunks 0..2 attend to 3/6/9 frames; from chunk 3 on the window is full and evicts
@@ -34,24 +48,47 @@ WARMUP_CHUNKS = 3  # chunks 0..2 attend to 3/6/9 frames; from chunk 3 on the win
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--chunks", type=int, default=32, help="chunks streamed per run (>= 30 for the targets)")
-    p.add_argument("--repeats", type=int, default=5, help="runs per sink mode; per chunk the fastest run counts")
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--ffn_dim", type=int, default=512)
-    p.add_argument("--num_heads", type=int, default=4)
-    p.add_argument("--num_layers", type=int, default=4)
-    p.add_argument("--text_len", type=int, default=32)
-    p.add_argument("--height", type=int, default=128, help="pixels (latent = /8)")
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--window", type=int, default=9, help="local_attn_size, frames including the sink")
-    p.add_argument("--sink", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--memory", action="store_true", help="measure peak memory for --memory_frames instead")
-    p.add_argument("--memory_frames", type=int, nargs="+", default=[21, 120])
-    p.add_argument("--memory_child", type=int, help=argparse.SUPPRESS)  # one measurement in a fresh process
-    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
-                   help="memory mode: also stream-decode with a random tiny Wan VAE and write the mp4")
-    return p.parse_args(argv)
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--config", help="a config YAML (model, size, window, decoder); default: a small model from the "
+                                    "size flags below with a small random Wan VAE")
+    p.add_argument("--random_weights", action="store_true",
+                   help="with --config: build the configured model at its real size with random weights (the "
+                        "architecture from the model folder's config.json if present, else the released "
+                        "Wan2.1-T2V-1.3B one) instead of loading checkpoints")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the steady streaming step (config key compile)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the slow paths: eager vs compiled (with --compile), sequential vs overlapped decode")
+    p.add_argument("--chunks", type=int, default=12, help="chunks streamed per run (the first fill the window)")
+    p.add_argument("--dit_only", action="store_true", help="skip the end-to-end passes (e2e_fps, ttff_s are null)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. height=96 width=160")
+    small = p.add_argument_group("the small default model (ignored with --config)")
+    small.add_argument("--dim", type=int, default=256)
+    small.add_argument("--ffn_dim", type=int, default=512)
+    small.add_argument("--num_heads", type=int, default=4)
+    small.add_argument("--num_layers", type=int, default=4)
+    small.add_argument("--text_len", type=int, default=32)
+    small.add_argument("--height", type=int, default=128, help="pixels (latent = /8)")
+    small.add_argument("--width", type=int, default=208)
+    small.add_argument("--window", type=int, default=9, help="local_attn_size, frames including the sink")
+    small.add_argument("--sink", type=int, default=3)
+    small.add_argument("--vae_base_dim", type=int, default=4, help="width of the small random Wan VAE")
+    other = p.add_argument_group("other reports")
+    other.add_argument("--ema_vs_static", action="store_true", help="per-chunk latency, EMA vs static sink")
+    other.add_argument("--repeats", type=int, default=5, help="--ema_vs_static: runs per sink mode; per chunk the "
+                                                              "fastest run counts")
+    other.add_argument("--memory", action="store_true", help="peak memory for --memory_frames instead")
+    other.add_argument("--memory_frames", type=int, nargs="+", default=[21, 120])
+    other.add_argument("--memory_child", type=int, help=argparse.SUPPRESS)  # one measurement in a fresh process
+    other.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                       help="memory mode: also stream-decode with a random tiny Wan VAE and write the mp4")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.random_weights and not args.config:
+        p.error("--random_weights goes with --config (the default model is random already)")
+    return args
 
 
 def build_config(args, sink_mode):
@@ -193,11 +230,305 @@ def memory(args):
     return results
 
 
+# ---- the FPS harness -------------------------------------------------------------------------------------------
+COPY_OPS = ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::clone", "aten::contiguous")
+
+
+def progress(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def harness_config(args):
+    """The run's config: --config (+ overrides), or the defaults sized by the small-model flags."""
+    if args.config:
+        return load_config(args.config, [*args.overrides, f"compile={str(args.compile).lower()}"])
+    sizes = [f"height={args.height}", f"width={args.width}", f"local_attn_size={args.window}",
+             f"sink_size={args.sink}", f"sink_mode={'ema' if args.sink else 'none'}",
+             f"vae.base_dim={args.vae_base_dim}"]
+    return load_config(overrides=[*sizes, *args.overrides, f"compile={str(args.compile).lower()}"])
+
+
+def harness_model(args, cfg):
+    """(model, description): the small flag-sized model, random weights at the configured architecture, or the
+    configured checkpoint (VideoPipeline's loader)."""
+    blocks = dict(num_frame_per_block=int(cfg.num_frame_per_block), local_attn_size=int(cfg.local_attn_size))
+    if not args.config:
+        return CausalWanModel(dim=args.dim, ffn_dim=args.ffn_dim, num_heads=args.num_heads, num_layers=args.num_layers,
+                              text_len=args.text_len, **blocks), "small random model"
+    if not args.random_weights:
+        from reward_forcing.inference.pipeline import load_student
+        model, _ = load_student(cfg, cfg.get("inference", {}).get("checkpoint_path"))
+        return model, f"weights of {cfg.model_name}"
+    folder = asset_path(cfg, cfg.model_name)
+    arch = read_wan_config(folder) if (folder / "config.json").is_file() else {}
+    with torch.device("meta"):  # no init work: the weights are filled once below
+        model = CausalWanModel.from_config(arch, **blocks)
+    fill_random_(model.to_empty(device="cpu"))
+    source = f"{folder}/config.json" if arch else "the released Wan2.1-T2V-1.3B architecture"
+    return model, f"random weights, {source}"
+
+
+def fill_random_(module, std=0.02, period=2**20):
+    """Fill every parameter with N(0, std^2) noise (one random block of `period` values, tiled): fast at 1.3B
+    parameters, and GEMM and attention speed does not depend on the values."""
+    block = torch.randn(period, generator=torch.Generator().manual_seed(0)) * std
+    with torch.no_grad():
+        for param in module.parameters():
+            flat = param.view(-1)
+            for start in range(0, flat.numel(), period):
+                piece = flat[start:start + period]
+                piece.copy_(block[:piece.numel()])
+    return module
+
+
+def harness_decoder(cfg, in_dim, device, dtype):
+    """The configured decoder with random weights (its real size for a real config)."""
+    torch.manual_seed(0)
+    if cfg.decoder == "taehv":
+        from reward_forcing.models.taehv import TAEHV
+        decoder = TAEHV(latent_channels=in_dim)
+    else:
+        from reward_forcing.models.vae import WanVAE, build_autoencoder
+        decoder = WanVAE(build_autoencoder(dict(cfg.vae, z_dim=in_dim)))
+    return decoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class Setup:
+    def __init__(self, args):
+        self.args = args
+        self.cfg = harness_config(args)
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" and self.cfg.mixed_precision else torch.float32
+        progress(f"building the model on {self.device} ({self.dtype}) ...")
+        torch.manual_seed(0)
+        model, self.source = harness_model(args, self.cfg)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        self.decoder = None if args.dit_only else harness_decoder(self.cfg, self.model.in_dim, self.device, self.dtype)
+        self.latent_hw = latent_size(self.cfg, self.model.patch_size)
+        text_dim, text_len = self.model.text_embedding[0].in_features, self.model.text_len
+        self.context = torch.randn(1, text_len, text_dim, generator=torch.Generator().manual_seed(0)).to(
+            self.device, self.dtype)
+        chunk = int(self.cfg.num_frame_per_block)
+        window = int(self.cfg.local_attn_size)
+        # chunks until the attended K/V length stops growing (the compiled graph is built on the last of them)
+        self.warmup = min(args.chunks - 1, math.ceil(window / chunk) if window > 0 else 3)
+        self.chunk_frames = chunk
+        self.frames_per_chunk = vae_strides(self.cfg)[0] * chunk  # output video frames of a steady chunk
+
+    def generator(self):
+        return StreamingGenerator.from_config(self.model, self.cfg)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def dit_stream(setup, chunks):
+    return setup.generator().stream(setup.context, setup.chunk_frames * chunks, setup.latent_hw,
+                                    generator=torch.Generator(device=setup.device).manual_seed(0), dtype=setup.dtype)
+
+
+def dit_passes(setup, paths, chunks):
+    """Seconds per chunk of the DiT alone (denoising steps + context pass, synchronised) for each path name ->
+    compiled step (None = eager). The paths stream side by side, one chunk each in turn (alternating who goes
+    first), so that load drifting over time (a shared machine) hits them alike."""
+    streams = {name: dit_stream(setup, chunks) for name in paths}
+    seconds = {name: [] for name in paths}
+    order = list(paths)
+    for index in range(chunks):
+        for name in order if index % 2 == 0 else order[::-1]:
+            setup.model.compiled_step = paths[name]
+            setup.sync()
+            start = time.perf_counter()
+            next(streams[name])
+            setup.sync()
+            seconds[name].append(time.perf_counter() - start)
+            progress(f"[DiT {name}] chunk {index + 1}/{chunks}: {seconds[name][-1] * 1e3:.1f} ms")
+    return seconds
+
+
+def count_ops(setup):
+    """Dispatched ATen ops, and the copy-like ones among them, in the first steady chunk of the eager path (the
+    CPU proxy for kernel launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    compiled, setup.model.compiled_step = setup.model.compiled_step, None
+    stream = dit_stream(setup, setup.warmup + 1)
+    for _ in range(setup.warmup):
+        next(stream)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        next(stream)
+    setup.model.compiled_step = compiled
+    names = collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+    return sum(names.values()), sum(names[name] for name in COPY_OPS)
+
+
+def e2e_pass(setup, label, chunks, overlap):
+    """Frames decoded and written (mp4) chunk by chunk; returns the time each chunk's frames were written
+    (from the start), and a digest of every frame."""
+    from reward_forcing.video import Mp4Writer
+
+    pipeline = VideoPipeline(None, setup.generator(), setup.decoder, setup.latent_hw, setup.device, setup.dtype,
+                             overlap=overlap)
+    stamps, frames, digest = [], [], hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp, Mp4Writer(Path(tmp) / "bench.mp4", fps=int(setup.cfg.fps)) as writer:
+        setup.sync()
+        start = time.perf_counter()
+        for index, chunk in enumerate(pipeline.frames(setup.context, setup.chunk_frames * chunks, seed=0)):
+            writer.append(chunk)
+            stamps.append(time.perf_counter() - start)
+            frames.append(chunk.shape[0])
+            digest.update(chunk.tobytes())
+            progress(f"[{label}] chunk {index + 1}/{chunks}: frames written at {stamps[-1]:.2f} s")
+    return stamps, frames, digest.hexdigest()
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def compile_counters():
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def environment(setup):
+    from reward_forcing.models.attention import _flash_kernel
+    device = setup.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    flash = _flash_kernel() if device.type == "cuda" else None
+    backend = f"{flash.__module__}.flash_attn_func" if flash is not None else "torch scaled_dot_product_attention"
+    hw = setup.latent_hw
+    return {"torch": torch.__version__, "device": f"{device} ({name})", "dtype": str(setup.dtype).replace("torch.", ""),
+            "attention_backend": backend, "threads": torch.get_num_threads(), "model": setup.source,
+            "parameters": sum(p.numel() for p in setup.model.parameters()),
+            "size": f"{setup.cfg.height}x{setup.cfg.width} (latent {hw[0]}x{hw[1]})", "decoder": setup.cfg.decoder,
+            "window": int(setup.cfg.local_attn_size), "sink": int(setup.cfg.sink_size), "chunks": setup.args.chunks,
+            "steady_chunks": setup.args.chunks - setup.warmup, "overlap_decode": bool(setup.cfg.overlap_decode)}
+
+
+def fps_report(args):
+    """The harness: DiT-only and end-to-end passes (and their slow twins with --compare); see the module doc."""
+    setup = Setup(args)
+    warm, steady = setup.warmup, slice(setup.warmup, None)
+    result = {}
+    paths = {}
+    if args.compare or not args.compile:
+        paths["eager"] = None
+    if args.compile:
+        torch._dynamo.reset()
+        before = compile_counters()
+        paths["compiled"] = compile_if_configured(setup.model, setup.cfg, setup.device).compiled_step
+    seconds = dit_passes(setup, paths, args.chunks)
+    fast = seconds["compiled" if args.compile else "eager"]
+    steady_fast = fast[steady]
+    result["dit_fps"] = setup.frames_per_chunk / statistics.median(steady_fast)
+    result["chunk_p50_s"] = statistics.median(steady_fast)
+    result["chunk_p99_s"] = percentile(steady_fast, 0.99)
+    result["e2e_fps"] = result["ttff_s"] = None
+    if not args.dit_only:
+        overlap = bool(setup.cfg.overlap_decode)
+        stamps, frames, digest = e2e_pass(setup, f"end to end, {'overlapped' if overlap else 'sequential'} decode",
+                                          args.chunks, overlap)
+        result["e2e_fps"] = sum(frames[warm:]) / (stamps[-1] - stamps[warm - 1]) if warm else sum(frames) / stamps[-1]
+        result["ttff_s"] = stamps[0]
+    result["peak_memory_mb"] = peak_memory_mb(setup.device)
+    if args.compare and args.compile:
+        result["eager_vs_compiled"] = sum(seconds["eager"][steady]) / sum(fast[steady])
+    if args.compare and not args.dit_only:
+        other, other_frames, other_digest = e2e_pass(setup, f"end to end, {'sequential' if overlap else 'overlapped'}"
+                                                     " decode", args.chunks, not overlap)
+        if other_digest != digest or other_frames != frames:
+            raise SystemExit("error: overlapped and sequential decoding wrote different frames")
+        sequential, overlapped = (other, stamps) if overlap else (stamps, other)
+        result["sequential_vs_overlapped"] = sequential[-1] / overlapped[-1]
+    graphs = compile_counters() - before if args.compile else 0
+    result["compiled_graphs"] = graphs
+    result["recompiles"] = max(0, graphs - 1)  # one graph is the steady step; any further one is a recompile
+    result["env"] = environment(setup)
+    result["aten_ops_per_chunk"], result["copy_ops_per_chunk"] = count_ops(setup)
+    print_report(setup, result, fast)
+    return result
+
+
+def print_report(setup, result, seconds):
+    env = result["env"]
+    print(f"model: {env['model']}, {env['parameters'] / 1e6:.1f} M parameters; {env['size']}; "
+          f"window {env['window']}, sink "
+          f"{env['sink']}; decoder {env['decoder']}; {env['device']}, {env['dtype']}, {env['threads']} threads")
+    print(f"DiT only: {result['dit_fps']:.2f} FPS; steady chunk p50 {result['chunk_p50_s'] * 1e3:.1f} ms, "
+          f"p99 {result['chunk_p99_s'] * 1e3:.1f} ms ({env['steady_chunks']} steady chunks, {setup.frames_per_chunk} "
+          f"frames each)")
+    if result["e2e_fps"] is not None:
+        print(f"end to end (denoise + decode + mp4): {result['e2e_fps']:.2f} FPS; time to first frame "
+              f"{result['ttff_s']:.2f} s (prompt encoding excluded)")
+    allocator = "CUDA allocator" if setup.device.type == "cuda" else "RSS"
+    print(f"peak memory: {result['peak_memory_mb']:.0f} MiB ({allocator})"
+          f"; compiled graphs {result['compiled_graphs']}, recompiles {result['recompiles']}")
+    print(f"eager ATen ops per steady chunk: {result['aten_ops_per_chunk']}, copy-like {result['copy_ops_per_chunk']}")
+    for key, what in (("eager_vs_compiled", "eager / compiled steady-chunk time"),
+                      ("sequential_vs_overlapped", "sequential / overlapped end-to-end time (frames identical)")):
+        if key in result:
+            print(f"{key}: {result[key]:.3f}  ({what})")
+    print_estimates(setup, statistics.median(seconds[setup.warmup:]))
+
+
+def chunk_flops(model, tokens_per_frame, chunk_frames, attended_frames, forwards):
+    """Multiply-adds x 2 of the DiT per chunk (linear layers and attention; the glue is not counted)."""
+    d, ffn = model.dim, model.blocks[0].ffn[0].out_features
+    n, keys = tokens_per_frame * chunk_frames, tokens_per_frame * attended_frames
+    per_block = 2 * n * (6 * d * d + 2 * d * ffn) + 4 * n * keys * d + 4 * n * model.text_len * d
+    return forwards * len(model.blocks) * per_block
+
+
+def matmul_flops_per_s(setup, size=1024, repeats=3):
+    """This device's GEMM rate in the run's dtype (the floor of a real-size chunk is its GEMMs)."""
+    a = torch.randn(size, size, device=setup.device).to(setup.dtype)
+    torch.mm(a, a)
+    setup.sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, a)
+    setup.sync()
+    return repeats * 2 * size ** 3 / (time.perf_counter() - start)
+
+
+def print_estimates(setup, chunk_seconds):
+    """Expected runtimes of heavier settings on this device."""
+    patch = setup.model.patch_size[1] * setup.model.patch_size[2]
+    with torch.device("meta"):
+        released = CausalWanModel()  # the defaults are the released Wan2.1-T2V-1.3B sizes
+    real = chunk_flops(released, (480 // 8) * (832 // 8) // patch, 3, 9, 5)  # 832x480, window 9, 5 calls
+    per_chunk = real / matmul_flops_per_s(setup)
+    print(f"expected on this device: --chunks 64 ~{64 * chunk_seconds:.0f} s of DiT for this model; the 1.3B "
+          f"student at 832x480 (--config configs/reward_forcing.yaml --random_weights) >= {per_chunk:.0f} s per "
+          f"chunk ({real / 1e12:.0f} TFLOP at this device's measured GEMM rate); --compare streams every chunk "
+          f"through 2 DiT and 2 end-to-end passes")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_child is not None:
         return memory_child(args)
-    return memory(args) if args.memory else latency(args)
+    if args.memory:
+        return memory(args)
+    if args.ema_vs_static:
+        return latency(args)
+    try:
+        result = fps_report(args)
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
 
 
 if __name__ == "__main__":

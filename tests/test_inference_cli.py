@@ -1,4 +1,5 @@
 """inference.py argument handling: flags set config keys, and each bad input is one line, exit 2, no files."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,28 @@ def test_switch_prompt_videos_are_named_after_their_first_segment(files):
     jobs, blank = plan_jobs(cfg)
     assert [(j.stem, j.prompt.text, j.num_frames(21)) for j in jobs] == [("0", "a cat", 9), ("1", "a cat", 3)]
     assert [s.prompt for s in jobs[0].segments] == ["a cat", "a dog"] and blank == 0
+
+
+def test_output_folder_check_table(tmp_path):
+    """Which existing videos a run may skip, must regenerate, or must not sit beside."""
+    from reward_forcing.errors import ConfigError
+    from reward_forcing.inference.provenance import check_output_folder, video_record
+
+    old, new = {"height": 480}, {"height": 256}
+    for name in ("a-0.mp4", "b-0.mp4", "mine.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    records = [{"file": "a-0.mp4", "prompt": "a", "extended_prompt": None, "seed": 1, "settings": old},
+               {"file": "gone-0.mp4", "prompt": "g", "seed": 3, "settings": old}]  # deleted since: ignored
+    same = {"a-0.mp4": video_record(old, 1, "a")}
+    check_output_folder(tmp_path, records, same, old, overwrite=False)  # made just so: skipped
+    cases = [  # (planned, settings, overwrite) -> message
+        ({"a-0.mp4": video_record(new, 1, "a")}, new, False, "height 480 -> 256"),
+        ({"a-0.mp4": video_record(old, 2, "a")}, old, False, "seed 1 -> 2"),
+        ({"a-0.mp4": video_record(old, 1, "a cat")}, old, False, "generated_from 'a' -> 'a cat'"),
+        ({"b-0.mp4": video_record(old, 1, "b")}, old, False, "does not say how it was made"),
+        ({"c-0.mp4": video_record(new, 1, "c")}, new, True, "holds a-0.mp4, made with other settings"),
+    ]
+    for planned, settings, overwrite, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_output_folder(tmp_path, records, planned, settings, overwrite)
+    check_output_folder(tmp_path, records, {"a-0.mp4": video_record(new, 1, "a")}, new, overwrite=True)

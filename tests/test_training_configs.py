@@ -33,6 +33,19 @@ def test_upstream_preset_differs_from_the_default_only_by_its_switches():
     assert (up.schedule, up.max_steps, up.ema_start, up.rollout_cache_grad) == ("upstream", 601, 200, "straight_through")
 
 
+def test_reward_feedback_config_has_the_paper_settings():
+    # arXiv 2601.16933: from the ODE init, ImageReward on the last frame; batch 8, AdamW (0, 0.999), wd 0.01,
+    # lr 2e-6, EMA 0.99; no teacher or critic
+    cfg = load_config(ROOT / "configs" / "reward_feedback.yaml")
+    assert (cfg.trainer, cfg.generator_ckpt, cfg.reward.name, cfg.reward_frame) == (
+        "reward_feedback", "ode_init.pt", "imagereward", "last")
+    assert (8 * cfg.batch_size * cfg.grad_accum, cfg.lr_generator, list(cfg.adam_betas), cfg.weight_decay) == (
+        8, 2e-6, [0.0, 0.999], 0.01)
+    assert cfg.ema_decay == 0.99 and cfg.reward_feedback_weight == 0.0
+    tiny = load_config(ROOT / "configs" / "tiny_reward_feedback.yaml")
+    assert (tiny.trainer, tiny.reward.name, tiny.reward.score_key) == ("reward_feedback", "imagereward", "ImageReward")
+
+
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_preset_gives_the_teacher_wans_negative_prompt(preset):
     assert load_config(ROOT / "configs" / preset).negative_prompt == WAN_NEGATIVE_PROMPT
@@ -52,7 +65,7 @@ def test_self_forcing_differs_only_in_loss_and_attention():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["trainer=gan"], "error: trainer must be one of distill, ode, diffusion; got 'gan'"),
+    (["trainer=gan"], "error: trainer must be one of distill, ode, diffusion, reward_feedback; got 'gan'"),
     (["max_stepz=3"], "error: unknown config key 'max_stepz' in command-line overrides"),
     (["--resume", "/nonexistent/ckpt"], "error: --resume folder not found: /nonexistent/ckpt"),
 ])

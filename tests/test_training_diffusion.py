@@ -81,6 +81,7 @@ def test_diffusion_run_exports_wan_folders_and_resumes_exactly(assets, tmp_path)
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     result = _train(assets, straight)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"exported the model to {straight / 'model_ema'}" in result.stdout
     rows = _rows(straight)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 and r["grad_norm"] > 0 for r in rows)
     assert all(r["lr_model"] == 1.0e-3 for r in rows)  # configs/tiny_train.yaml lr_generator

@@ -3,8 +3,8 @@
 A real Distiller is built from tiny random checkpoints (a world of one), then its rollout, teacher, critic and
 reward are replaced by stand-ins whose outputs are known in closed form: the rollout returns a fixed leaf x,
 the teacher predicts a constant flow F_c (conditional) or F_u (unconditional), the critic a linear flow
-a * x_t + b, and the reward fixed per-sample scores. The expectations below follow the method's formulas
-(Self Forcing DMD with upstream's CFG form, arXiv 2512.04678 Sec. 3.3 for the weight):
+a * x_t + b, and the reward fixed per-sample scores. The expectations below follow the method's formulas (DMD as in Self Forcing,
+arXiv 2506.08009, with upstream's CFG form; the weight of Reward Forcing, arXiv 2512.04678 Sec. 3.3):
   x0 = x_t - sigma_score(t) * flow          (teacher / critic x0 predictions, on the score grid)
   x_real = x0_c + s (x0_c - x0_u)
   g = (x_fake - x_real) / mean_{C,F,H,W} |x - x_real|      per sample

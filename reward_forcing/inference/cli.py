@@ -82,12 +82,17 @@ def load_run_config(argv=None):
     if args.i2v:
         raise ConfigError("--i2v is not supported: the Reward Forcing student is text-to-video only")
     cfg = load_config(args.config_path, args.overrides)
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            OmegaConf.update(cfg, key, value, merge=False)
+    apply_flags(cfg, args)
     validate(cfg)
     return cfg
+
+
+def apply_flags(cfg, args) -> None:
+    """Each flag given sets its config key (FLAG_KEYS); the server (reward_forcing.serve) loads the same way."""
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            OmegaConf.update(cfg, key, value, merge=False)
 
 
 def _whole(cfg, key: str) -> int:
@@ -95,6 +100,17 @@ def _whole(cfg, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{key} must be a whole number, got {value!r}")
     return value
+
+
+def validate_model(cfg) -> None:
+    """The checks every user of the loaded model shares (inference.py and the server)."""
+    _whole(cfg, "seed")
+    for key in ("compile", "overlap_decode"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
+    _whole(cfg, "num_frame_per_block")
+    if cfg.inference.checkpoint_path is not None and not Path(cfg.inference.checkpoint_path).exists():
+        raise CheckpointError(f"checkpoint not found: {cfg.inference.checkpoint_path}")
 
 
 def validate(cfg) -> None:
@@ -107,13 +123,8 @@ def validate(cfg) -> None:
         raise ConfigError("--extended_prompt_path pairs with --data_path; --switch_prompts segments hold the prompts")
     if _whole(cfg, "inference.num_samples") < 1:
         raise ConfigError(f"num_samples must be at least 1, got {run.num_samples}")
-    _whole(cfg, "seed")
-    for key in ("compile", "overlap_decode"):
-        if not isinstance(cfg[key], bool):
-            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
+    validate_model(cfg)
     check_num_frames(_whole(cfg, "inference.num_output_frames"), _whole(cfg, "num_frame_per_block"))
-    if run.checkpoint_path is not None and not Path(run.checkpoint_path).exists():
-        raise CheckpointError(f"checkpoint not found: {run.checkpoint_path}")
     if Path(run.output_folder).exists() and not Path(run.output_folder).is_dir():
         raise ConfigError(f"output folder {run.output_folder} exists and is not a directory")
 

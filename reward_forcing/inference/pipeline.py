@@ -126,7 +126,8 @@ class VideoPipeline:
         latent_hw = latent_size(cfg, model.patch_size)
         compile_if_configured(model, cfg, device)
         return cls(load_text_encoder(cfg, device, dtype), StreamingGenerator.from_config(model, cfg),
-                   load_decoder(cfg, device, dtype), latent_hw, device, dtype, weights, overlap=bool(cfg.overlap_decode))
+                   load_decoder(cfg, device, dtype), latent_hw, device, dtype, weights,
+                   overlap=bool(cfg.overlap_decode))
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir, checkpoint_path=None, use_ema=False, config_path=None,

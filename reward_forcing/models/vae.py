@@ -165,14 +165,16 @@ class StreamingVAEDecoder:
         self.feat_map = list(wan_vae.vae._feat_map)  # one empty slot per causal conv, sized by clear_cache()
         self.frames_seen = 0
 
-    @torch.no_grad()
-    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_chunk(self, latents: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
+        """with_grad: keep the graph from these latents to the pixels (reward feedback); the cached features of
+        earlier chunks enter as constants when those were decoded without it."""
         vae = self.wan_vae.vae
-        z = self.wan_vae.denormalise(latents.to(vae.dtype))
-        outs = []
-        for i in range(z.shape[2]):
-            # post_quant_conv frame by frame: its result must not depend on how the video was chunked
-            x = vae.post_quant_conv(z[:, :, i:i + 1])
-            outs.append(vae.decoder(x, feat_cache=self.feat_map, feat_idx=[0], first_chunk=self.frames_seen == 0))
-            self.frames_seen += 1
-        return torch.cat(outs, dim=2).clamp(-1.0, 1.0)
+        with torch.set_grad_enabled(with_grad):
+            z = self.wan_vae.denormalise(latents.to(vae.dtype))
+            outs = []
+            for i in range(z.shape[2]):
+                # post_quant_conv frame by frame: its result must not depend on how the video was chunked
+                x = vae.post_quant_conv(z[:, :, i:i + 1])
+                outs.append(vae.decoder(x, feat_cache=self.feat_map, feat_idx=[0], first_chunk=self.frames_seen == 0))
+                self.frames_seen += 1
+            return torch.cat(outs, dim=2).clamp(-1.0, 1.0)

@@ -65,6 +65,9 @@ def export_wan_folder(folder, config: dict, state_dict: dict) -> None:
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+    from reward_forcing.training.metrics import notice
+
+    notice(f"exported the model to {folder}")
 
 
 def load_model(cfg, info, dtype):

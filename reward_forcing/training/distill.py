@@ -38,6 +38,7 @@ from reward_forcing.training.parallel import (
     resolve_seed,
     shutdown,
 )
+from reward_forcing.training.reward_feedback import FrameReward, check_frame_choice, choose_frames
 from reward_forcing.training.rng import keyed_randint
 from reward_forcing.training.rollout import exit_steps, rollout, sample_noise, training_sampler
 from reward_forcing.training.schedule import (
@@ -50,9 +51,7 @@ from reward_forcing.training.schedule import (
 from reward_forcing.training.state import (
     ModelState,
     OptimizerState,
-    export_weights,
-    full_state_dict,
-    full_tensors,
+    export_generator,
     load_checkpoint,
     read_meta,
     resume_folder,
@@ -66,6 +65,7 @@ def run(cfg, logdir, args) -> None:
     if cfg.distill_loss not in LOSSES:
         raise ConfigError(f"distill_loss must be one of {', '.join(LOSSES)}; got '{cfg.distill_loss}'")
     check_schedule(cfg.schedule)
+    check_frame_choice(cfg.reward_frame)
     if cfg.distill_loss == "re_dmd":
         check_reward_config(cfg)
     info = init_distributed(cfg.fsdp_replicate)
@@ -128,6 +128,8 @@ class Distiller:
             model.train()
         self.text_encoder = self._text_encoder()
         self.reward = build_reward(cfg, info, self.dtype) if cfg.distill_loss == "re_dmd" else None
+        # DMD / Re-DMD + reward_feedback_weight * (-mean ImageReward of a decoded frame) (arXiv 2601.16933)
+        self.feedback = FrameReward.imagereward(cfg, info, self.dtype) if cfg.reward_feedback_weight else None
 
         self.sampler = training_sampler(self.generator, cfg)
         self.score_schedule = FlowMatchSchedule(cfg.score_timestep_shift, sigma_lookup=cfg.sigma_lookup)
@@ -207,6 +209,11 @@ class Distiller:
             x_real = classifier_free_guidance(cond, uncond, cfg.guidance_scale)
             grad = dmd_gradient(x.detach().float(), x_real.float(), x_fake.float())
         loss = re_dmd_loss(x, grad, weight) / cfg.grad_accum
+        if self.feedback is not None:
+            frames = choose_frames(cfg.reward_frame, self.feedback.num_pixel_frames(x.shape[2]), self.seed, step, ids)
+            scores = self.feedback(x, prompts, frames)
+            loss = loss - cfg.reward_feedback_weight * scores.mean() / cfg.grad_accum
+            row.update(reward=scores.detach().mean())
         loss.backward()
         row.update(loss=loss.detach(), dmd_grad_norm=grad.abs().mean())
         return row
@@ -276,9 +283,4 @@ class Distiller:
                 "generator_prompt_position": generator_batches * self.global_batch,
                 "critic_prompt_position": critic_batches * self.global_batch}
         save_checkpoint(self.logdir, done, self._parts(), meta, keep=self.cfg.keep_checkpoints)
-        sections = {"generator": full_state_dict(self.generator)}
-        if self.ema is not None:
-            ema = full_tensors(self.ema.state_dict(), keep=self.info.is_main)
-            sections["generator_ema"] = dict(sections["generator"], **ema) if self.info.is_main else {}
-        if self.info.is_main:
-            export_weights(self.logdir / "generator", sections)
+        export_generator(self.logdir / "generator", self.generator, self.ema, self.info.is_main)

@@ -20,3 +20,14 @@ class EMA:
         with torch.no_grad():
             for name, value in state.items():
                 self.shadow[name].copy_(value)
+
+
+def ema_after_step(ema, model: torch.nn.Module, decay, start: int, step: int):
+    """The EMA after optimiser step `step`: none while `decay` is None or before step `start`, created from the
+    model at `start`, updated on every later step."""
+    if decay is None or step < start:
+        return ema
+    if ema is None:
+        return EMA(model, decay)
+    ema.update(model)
+    return ema

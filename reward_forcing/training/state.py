@@ -175,6 +175,17 @@ def export_weights(stem, sections: dict) -> None:
     notice(f"exported the generator to {stem.parent}: {', '.join(written)}")
 
 
+def export_generator(stem, generator, ema, is_main: bool) -> None:
+    """Collective: export `<stem>.pt` with the generator and, when there is an EMA, `generator_ema` (the EMA
+    shadow over the generator's buffers); rank 0 writes."""
+    sections = {"generator": full_state_dict(generator)}
+    if ema is not None:
+        shadow = full_tensors(ema.state_dict(), keep=is_main)
+        sections["generator_ema"] = dict(sections["generator"], **shadow) if is_main else {}
+    if is_main:
+        export_weights(stem, sections)
+
+
 def resume_folder(logdir, explicit=None):
     """The checkpoint to resume from: `explicit` if given, else the latest complete one in logdir (or None)."""
     if explicit is not None:

@@ -1,0 +1,140 @@
+"""The web app: the page, the websocket that streams video chunks, and finished videos as mp4.
+
+One StreamRunner per device behind a DeviceWorker queue; each websocket is a Session that holds at most one
+stream at a time. A bad message gets one error event and the connection carries on.
+"""
+import asyncio
+import secrets
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.websockets import WebSocketDisconnect
+
+from reward_forcing.serve.protocol import MAX_SEED, Control, Limits, ProtocolError, Start, parse_message
+from reward_forcing.serve.stream import Stream, StreamRunner
+from reward_forcing.serve.videos import VideoStore
+from reward_forcing.serve.worker import DeviceWorker
+
+STATIC = Path(__file__).with_name("static")
+PAGE_FILES = {"/": ("index.html", "text/html"), "/page.js": ("page.js", "text/javascript"),
+              "/page.css": ("page.css", "text/css")}
+
+
+class Session:
+    """One websocket: parses its messages and drives its current stream."""
+
+    def __init__(self, worker: DeviceWorker, limits: Limits, emit):
+        self.worker = worker
+        self.limits = limits
+        self.emit = emit
+        self.stream = None
+
+    @property
+    def busy(self) -> bool:
+        return self.stream is not None and not self.stream.finished.is_set()
+
+    def handle(self, text) -> None:
+        try:
+            self._dispatch(parse_message(text, self.limits))
+        except ProtocolError as err:
+            self.emit({"type": "error", "message": str(err)})
+
+    def _dispatch(self, message) -> None:
+        if isinstance(message, Start):
+            if self.busy:
+                raise ProtocolError("start: a stream is already running on this connection; stop it first")
+            seed = message.seed if message.seed is not None else secrets.randbelow(MAX_SEED + 1)
+            stream = Stream(message, seed, self.emit)
+            self.worker.submit(stream)
+            self.stream = stream
+            return
+        kind = message.action if isinstance(message, Control) else "switch"
+        if not self.busy:
+            raise ProtocolError(f"{kind}: no stream is running on this connection; send start first")
+        if kind == "switch":
+            self.stream.request_switch(message.prompt, message.at_frame)
+        else:
+            getattr(self.stream, kind)()
+
+    def close(self) -> None:
+        """The client left: a waiting stream leaves the queue, a running one stops at its next chunk."""
+        if self.busy:
+            self.worker.withdraw(self.stream)
+            self.stream.cancel()
+
+
+async def _send_events(websocket: WebSocket, outbox: asyncio.Queue) -> None:
+    while True:
+        event = await outbox.get()
+        if isinstance(event, bytes):
+            await websocket.send_bytes(event)
+        else:
+            await websocket.send_json(event)
+
+
+def create_app(pipeline, cfg, video_folder) -> FastAPI:
+    """The app for one loaded VideoPipeline; finished videos are kept under `video_folder`."""
+    serve = cfg.serve
+    limits = Limits(int(serve.max_prompt_chars), int(serve.max_frames), int(cfg.num_frame_per_block))
+    runner = StreamRunner(pipeline, cfg, VideoStore(video_folder, int(serve.keep_videos)))
+    worker = DeviceWorker(runner.run, int(serve.max_queue))
+    hello = {"type": "hello", "chunk_frames": limits.chunk_frames, "fps": int(cfg.fps), "height": int(cfg.height),
+             "width": int(cfg.width), "max_prompt_chars": limits.max_prompt_chars, "max_frames": limits.max_frames,
+             "decoder": str(cfg.decoder), "overlap_decode": bool(cfg.overlap_decode),
+             "switch_sink": str(cfg.switch_sink)}
+    pages = {route: ((STATIC / name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        yield
+        await asyncio.to_thread(worker.close)
+
+    app = FastAPI(title="reward-forcing stream", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+    app.state.video_folder = Path(video_folder)
+
+    def page(route):
+        body, media = pages[route]
+        return lambda: Response(body, media_type=media)
+
+    for route in pages:
+        app.get(route, response_class=HTMLResponse if route == "/" else Response)(page(route))
+
+    @app.get("/video/{token}.mp4")
+    def video(token: str):
+        path = runner.store.path(token)
+        if path is None or not path.is_file():
+            return JSONResponse({"error": "no such video (finished videos are kept for a while only)"}, 404)
+        return FileResponse(path, media_type="video/mp4", filename=f"reward-forcing-{token[:8]}.mp4")
+
+    @app.websocket("/ws")
+    async def stream_socket(websocket: WebSocket):
+        await websocket.accept()
+        loop = asyncio.get_running_loop()
+        outbox = asyncio.Queue()
+
+        def emit(event):  # from any thread
+            try:
+                loop.call_soon_threadsafe(outbox.put_nowait, event)
+            except RuntimeError:  # the loop has closed: the client is gone anyway
+                pass
+
+        session = Session(worker, limits, emit)
+        sender = asyncio.create_task(_send_events(websocket, outbox))
+        emit(hello)
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                session.handle(message.get("text") if message.get("text") is not None else message.get("bytes"))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            session.close()
+            sender.cancel()
+
+    return app

@@ -1,0 +1,182 @@
+// The streaming page: one websocket (protocol in reward_forcing/serve/protocol.py); frames arrive as JPEG
+// messages after each chunk event and are played on the canvas at the video's frame rate.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const view = $("view");
+const ctx = view.getContext("2d");
+
+const state = {
+  socket: null, hello: null, streaming: false, paused: false,
+  pending: [],        // decoded frames waiting for their turn on the canvas
+  started: false, shown: 0, received: 0, arrivals: [], chunkTimes: [], startClicked: 0, firstFrame: false, timer: null,
+};
+
+function setState(name, text) {
+  document.body.dataset.state = name;
+  $("status").textContent = text || name;
+}
+
+function say(text, isError) {
+  $("message").textContent = text;
+  $("message").className = isError ? "error" : "";
+}
+
+function buttons() {
+  const connected = state.socket && state.socket.readyState === WebSocket.OPEN;
+  $("start").disabled = !connected || state.streaming;
+  $("pause").disabled = !state.streaming;
+  $("stop").disabled = !state.streaming;
+  $("switch").disabled = !state.streaming;
+  $("pause").textContent = state.paused ? "Resume" : "Pause";
+  $("frames").disabled = $("endless").checked;
+}
+
+function send(message) {
+  state.socket.send(JSON.stringify(message));
+}
+
+function median(values) {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted.length ? sorted[Math.floor((sorted.length - 1) / 2)] : 0;
+}
+
+function updateFps(frames) {
+  // frames arrive a chunk at a time: the rate is the frames of the last chunks over the time they took
+  state.arrivals.push({ time: performance.now(), frames });
+  state.arrivals = state.arrivals.slice(-9);
+  const [first, last] = [state.arrivals[0], state.arrivals[state.arrivals.length - 1]];
+  const framesAfter = state.arrivals.slice(1).reduce((sum, a) => sum + a.frames, 0);
+  $("fps").textContent = last.time > first.time ? (framesAfter / ((last.time - first.time) / 1000)).toFixed(1) : "–";
+}
+
+function draw() {
+  const frame = state.pending.shift();
+  if (!frame) return;
+  ctx.drawImage(frame, 0, 0, view.width, view.height);
+  frame.close();
+  state.shown += 1;
+  $("frames-shown").textContent = String(state.shown);
+  if (!state.firstFrame) {
+    state.firstFrame = true;
+    $("ttff").textContent = ((performance.now() - state.startClicked) / 1000).toFixed(2) + " s";
+  }
+}
+
+function startPlayback(fps) {
+  clearInterval(state.timer);
+  state.timer = setInterval(draw, 1000 / fps);
+}
+
+async function onFrame(blob) {
+  state.received += 1;
+  state.pending.push(await createImageBitmap(blob));
+}
+
+const handlers = {
+  hello(event) {
+    state.hello = event;
+    view.width = event.width;
+    view.height = event.height;
+    $("model-info").textContent = `${event.width}×${event.height} at ${event.fps} fps · ${event.chunk_frames} latent ` +
+      `frames per chunk · decoder ${event.decoder} · sink on switch: ${event.switch_sink}`;
+    $("prompt").maxLength = event.max_prompt_chars;
+    $("switch-prompt").maxLength = event.max_prompt_chars;
+    startPlayback(event.fps);
+    setState("idle");
+  },
+  queued(event) {
+    $("queue").textContent = String(event.position);
+    setState("queued", event.busy ? `waiting (#${event.position})` : "starting");
+  },
+  started(event) {
+    state.started = true;
+    $("queue").textContent = "–";
+    state.seed = event.seed;
+    $("current-prompt").textContent = `seed ${event.seed} · ${$("current-prompt").textContent}`;
+    setState("streaming");
+  },
+  chunk(event) {
+    updateFps(event.frames);
+    state.chunkTimes.push(event.generate_s);
+    $("chunk").textContent = `${(median(state.chunkTimes) * 1000).toFixed(0)} ms`;
+  },
+  switched(event) {
+    $("current-prompt").textContent = `seed ${state.seed} · Now: ${event.prompt}`;
+    say(`switched at latent frame ${event.start_frame}`);
+    document.body.dataset.switches = String(Number(document.body.dataset.switches || 0) + 1);
+  },
+  paused(event) { state.paused = true; setState("paused"); buttons(); },
+  resumed(event) { state.paused = false; setState("streaming"); buttons(); },
+  done(event) {
+    state.streaming = false;
+    state.paused = false;
+    const link = $("download");
+    link.href = event.video;
+    link.classList.remove("disabled");
+    link.setAttribute("aria-disabled", "false");
+    link.setAttribute("download", "");
+    setState("done", `${event.reason} · ${event.frames} frames`);
+    buttons();
+  },
+  error(event) {
+    say(event.message, true);
+    if (state.streaming && (!state.started || /generation failed/.test(event.message))) {
+      state.streaming = false;
+      setState("error");
+    }
+    buttons();
+  },
+};
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const socket = new WebSocket(`${scheme}://${location.host}/ws`);
+  socket.binaryType = "blob";
+  state.socket = socket;
+  socket.onopen = buttons;
+  socket.onmessage = (message) => {
+    if (typeof message.data !== "string") {
+      onFrame(message.data);
+      return;
+    }
+    const event = JSON.parse(message.data);
+    if (handlers[event.type]) handlers[event.type](event);
+  };
+  socket.onclose = () => {
+    state.streaming = false;
+    setState("disconnected");
+    say("connection lost — reload the page to reconnect", true);
+    buttons();
+  };
+}
+
+$("start").onclick = () => {
+  const message = { type: "start", prompt: $("prompt").value };
+  if ($("seed").value !== "") message.seed = Number($("seed").value);
+  if (!$("endless").checked) message.frames = Number($("frames").value);
+  state.streaming = true;
+  state.started = false;
+  state.paused = false;
+  state.firstFrame = false;
+  state.chunkTimes = [];
+  state.arrivals = [];
+  state.startClicked = performance.now();
+  $("current-prompt").textContent = `Now: ${$("prompt").value.trim()}`;
+  $("download").classList.add("disabled");
+  $("ttff").textContent = "…";
+  say("");
+  setState("queued", "sent");
+  send(message);
+  buttons();
+};
+$("pause").onclick = () => send({ type: state.paused ? "resume" : "pause" });
+$("stop").onclick = () => send({ type: "stop" });
+$("switch").onclick = () => {
+  send({ type: "switch", prompt: $("switch-prompt").value });
+  say("switching at the next chunk…");
+};
+$("endless").onchange = buttons;
+
+connect();
+buttons();

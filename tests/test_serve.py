@@ -1,0 +1,272 @@
+"""The streaming server on tiny random assets: the websocket protocol, prompt switches (against the offline
+--switch_prompts video), bad input, the queue, dropped clients, and the page in a real headless Chromium."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from test_inference_e2e import make_tiny_assets
+
+from reward_forcing.config import load_config
+from reward_forcing.errors import run_cli
+from reward_forcing.inference.cli import main as inference_main
+from reward_forcing.inference.pipeline import VideoPipeline
+from reward_forcing.serve.app import create_app
+from reward_forcing.serve.cli import main as serve_main
+
+REPO = Path(__file__).resolve().parents[1]
+LIMITS = ["serve.max_prompt_chars=64", "serve.max_queue=1", "serve.max_frames=30"]
+A, B = "a cat walks on the grass", "waves crash on a beach"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_tiny_assets(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def app(assets, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = load_config(assets / "tiny.yaml", LIMITS)
+    pipeline = VideoPipeline.from_config(cfg, assets / "model.pt", use_ema=True)
+    yield create_app(pipeline, cfg, tmp_path_factory.mktemp("videos"))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def client(app):
+    with TestClient(app) as client:
+        yield client
+
+
+@contextmanager
+def connected(client):
+    with client.websocket_connect("/ws") as ws:
+        assert ws.receive_json()["type"] == "hello"
+        yield ws
+
+
+def receive_until(ws, kind):
+    """Events up to and including the first of type `kind`, and the JPEG frames received meanwhile."""
+    events, frames = [], []
+    while True:
+        message = ws.receive()
+        if message.get("bytes") is not None:
+            frames.append(message["bytes"])
+            continue
+        events.append(json.loads(message["text"]))
+        if events[-1]["type"] == kind:
+            return events, frames
+
+
+def stream(client, **start):
+    with connected(client) as ws:
+        ws.send_json({"type": "start", **start})
+        return receive_until(ws, "done")
+
+
+def decode(jpeg):
+    return iio.imread(jpeg, extension=".jpeg")
+
+
+def test_a_switching_stream_equals_the_switch_prompts_video(assets, client, tmp_path):
+    segments = [{"prompt": A, "frames": 6}, {"prompt": B, "frames": 3}]
+    (tmp_path / "switch.jsonl").write_text(json.dumps(segments) + "\n")
+    assert run_cli(inference_main, ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path",
+                                    str(assets / "model.pt"), "--use_ema", "--switch_prompts",
+                                    str(tmp_path / "switch.jsonl"), "--output_folder", str(tmp_path / "out")]) == 0
+    seed = json.loads((tmp_path / "out" / "manifest.jsonl").read_text())["seed"]
+
+    with connected(client) as ws:
+        ws.send_json({"type": "start", "prompt": A, "seed": seed, "frames": 9})
+        ws.send_json({"type": "switch", "prompt": B, "at_frame": 6})
+        events, frames = receive_until(ws, "done")
+    chunks = [e for e in events if e["type"] == "chunk"]
+    assert [(c["start_frame"], c["frames"]) for c in chunks] == [(0, 9), (3, 12), (6, 12)]
+    assert len(frames) == 33 and decode(frames[0]).shape == (16, 32, 3)
+    assert "ttff_s" in chunks[0] and "switch_s" in chunks[2] and all(c["generate_s"] > 0 for c in chunks)
+    switched = [e for e in events if e["type"] == "switched"]
+    assert switched == [{"type": "switched", "start_frame": 6, "prompt": B}]
+    assert events[-1]["reason"] == "finished" and events[-1]["frames"] == 33
+
+    download = client.get(events[-1]["video"])
+    assert download.status_code == 200 and download.headers["content-type"] == "video/mp4"
+    online = iio.imread(download.content, extension=".mp4", plugin="FFMPEG")
+    offline = iio.imread(tmp_path / "out" / f"{A}-0.mp4", plugin="FFMPEG")
+    np.testing.assert_array_equal(online, offline)
+    assert client.get("/video/" + "0" * 32 + ".mp4").status_code == 404
+    assert client.get("/video/..%2F..%2Fetc%2Fpasswd.mp4").status_code == 404
+
+
+def test_a_switch_changes_the_frames_from_its_chunk_on_only(client):
+    _, plain = stream(client, prompt=A, seed=5, frames=9)
+    _, again = stream(client, prompt=A, seed=5, frames=9)
+    assert again == plain  # same seed, same JPEG bytes
+    with connected(client) as ws:
+        ws.send_json({"type": "start", "prompt": A, "seed": 5})  # until stopped
+        ws.send_json({"type": "pause"})  # arrives while the first chunk is being made: pauses after it
+        events, frames = receive_until(ws, "paused")
+        paused = events[-1]["frame"]  # the boundary where the video goes on: 3, or 6 when decoding overlaps
+        assert paused in (3, 6)
+        ws.send_json({"type": "switch", "prompt": B})  # while paused: applies at the paused boundary
+        ws.send_json({"type": "resume"})
+        events, more = receive_until(ws, "switched")
+        assert events[-2:] == [{"type": "resumed", "frame": paused}, {"type": "switched", "start_frame": paused,
+                                                                       "prompt": B}]
+        frames += more
+        while events[-1].get("start_frame") != paused or events[-1]["type"] != "chunk":  # the first switched chunk
+            events, more = receive_until(ws, "chunk")
+            frames += more
+        ws.send_json({"type": "stop"})
+        events, more = receive_until(ws, "done")
+        frames += more
+    before = 1 + 4 * (paused - 1)  # frames of latent frames [0, paused)
+    assert events[-1]["reason"] == "stopped" and events[-1]["frames"] == len(frames) >= before + 12
+    assert frames[:before] == plain[:before]
+    assert all(a != b for a, b in zip(frames[before:before + 12], plain[before:before + 12]))
+
+
+BAD = [
+    ("{not json", "malformed JSON"),
+    (b"\x00\x01", "messages must be JSON text, not binary"),
+    ("[1, 2]", 'a JSON object with a "type"'),
+    ('{"type": "dance"}', "unknown message type 'dance'"),
+    ('{"type": "start", "prompt": "x", "colour": 1}', "start: unknown field(s) 'colour'"),
+    ('{"type": "start", "prompt": "   "}', "start: prompt must be a non-empty string"),
+    ('{"type": "start", "prompt": "' + "x" * 65 + '"}', "65 characters, more than serve.max_prompt_chars=64"),
+    ('{"type": "start", "prompt": "x", "seed": -1}', "seed must be a whole number in [0, 2^63)"),
+    ('{"type": "start", "prompt": "x", "frames": 4}', "frames must be a positive multiple of the chunk"),
+    ('{"type": "start", "prompt": "x", "frames": 33}', "more than serve.max_frames=30"),
+    ('{"type": "switch", "prompt": "y"}', "switch: no stream is running on this connection"),
+    ('{"type": "pause"}', "pause: no stream is running"),
+]
+
+
+def send(ws, message):
+    ws.send_bytes(message) if isinstance(message, bytes) else ws.send_text(message)
+
+
+def test_bad_input_gets_one_error_each_and_the_server_serves_the_next_client(app, client):
+    kept = set(app.state.video_folder.iterdir())
+    with ExitStack() as cleanup:
+        first_connection = cleanup.enter_context(ExitStack())
+        first = first_connection.enter_context(connected(client))
+        for message, fragment in BAD:
+            send(first, message)
+            error = first.receive_json()
+            assert error["type"] == "error" and fragment in error["message"], (message, error)
+        first.send_json({"type": "start", "prompt": A})  # until stopped: holds the device
+        receive_until(first, "chunk")
+        receive_until(first, "chunk")  # chunk [3, 6) has begun
+        for message, fragment in [({"type": "start", "prompt": A}, "a stream is already running"),
+                                  ({"type": "switch", "prompt": B, "at_frame": 3}, "frame 3 is already generated")]:
+            first.send_json(message)
+            assert fragment in receive_until(first, "error")[0][-1]["message"]
+
+        second = cleanup.enter_context(connected(client))
+        second.send_json({"type": "start", "prompt": B, "frames": 3})
+        assert second.receive_json() == {"type": "queued", "position": 1, "busy": True}
+        with connected(client) as third:
+            third.send_json({"type": "start", "prompt": B})
+            assert "the queue is full (1 streams waiting, serve.max_queue=1)" in third.receive_json()["message"]
+
+        first_connection.close()  # the first client drops mid-stream: the device goes to the second
+        events, frames = receive_until(second, "done")
+        assert [e["type"] for e in events[:2]] == ["started", "chunk"] and len(frames) == 9
+    deadline = time.monotonic() + 10
+    while app.state.worker.active is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.state.worker.active is None and app.state.worker.queue_length == 0
+    new = set(app.state.video_folder.iterdir()) - kept
+    # the second client's video only: the dropped stream left no file, partial or not
+    assert [p.suffix for p in new] == [".mp4"] and not new.pop().name.startswith(".partial")
+
+
+def test_page_is_served_offline(client):
+    page = client.get("/").text
+    assert "<canvas" in page and 'src="/page.js"' in page
+    for asset in ("/", "/page.js", "/page.css"):
+        text = client.get(asset).text
+        assert "http://" not in text and "https://" not in text  # no CDN: works without a network
+
+
+@pytest.mark.parametrize("args, message", [
+    (["not_a_key=1"], "unknown config key 'not_a_key'"),
+    (["serve.max_queue=0"], "serve.max_queue must be a whole number >= 1"),
+    (["serve.jpeg_quality=101"], "serve.jpeg_quality must be a whole number in [1, 95]"),
+    (["overlap_decode=maybe"], "overlap_decode must be true or false"),
+    (["--port", "70000"], "--port must be in [0, 65535]"),
+    (["--port", "x"], "invalid int value"),
+    (["--checkpoint_path", "{d}/missing.pt"], "checkpoint not found"),
+    (["--port", "{port}"], "cannot listen on 127.0.0.1:"),
+])
+def test_server_bad_arguments_are_one_line(assets, capsys, args, message):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--config_path", str(assets / "tiny.yaml")] + [a.format(d=assets, port=port) for a in args]
+        assert run_cli(serve_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_page_streams_and_switches_in_headless_chromium(assets, tmp_path):
+    """Debian's chromium + chromium-driver (.ci/run installs them), driven by Selenium, against the real server."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert browser and driver_path, "needs Debian's chromium and chromium-driver (apt-get install; .ci/run does it)"
+    server = subprocess.Popen([sys.executable, "-m", "reward_forcing.serve", "--config_path", str(assets / "tiny.yaml"),
+                               "--checkpoint_path", str(assets / "model.pt"), "--use_ema", "--port", "0"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    options = Options()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800"):
+        options.add_argument(flag)
+    driver = None
+    try:
+        url = server.stdout.readline().split()[2]
+        assert url.startswith("http://127.0.0.1:")
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+        driver.get(url)
+        wait = WebDriverWait(driver, 60, poll_frequency=0.1)
+        text = lambda id_: driver.find_element("id", id_).text  # noqa: E731
+        wait.until(lambda d: text("status") == "idle")
+        driver.find_element("id", "start").click()
+        wait.until(lambda d: int(text("frames-shown")) >= 9)
+        painted = driver.execute_script(  # the canvas holds a decoded frame, not the blank initial canvas
+            "const c = document.getElementById('view'); const d = c.getContext('2d').getImageData(0, 0, c.width, "
+            "c.height).data; let lit = 0; for (let i = 0; i < d.length; i += 4) lit += d[i + 3] > 0 && "
+            "(d[i] + d[i + 1] + d[i + 2]) > 0; return lit / (d.length / 4);")
+        assert painted > 0.9
+        driver.find_element("id", "switch").click()
+        wait.until(lambda d: d.find_element("tag name", "body").get_attribute("data-switches") == "1")
+        shown = int(text("frames-shown"))
+        wait.until(lambda d: int(text("frames-shown")) >= shown + 12)  # frames keep coming after the switch
+        assert text("fps") != "–" and text("ttff").endswith(" s") and "switched at latent frame" in text("message")
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        driver.find_element("id", "stop").click()
+        wait.until(lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "done")
+        assert driver.find_element("id", "download").get_attribute("href").endswith(".mp4")
+        assert (tmp_path / "page.png").stat().st_size > 10_000
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(30)
