@@ -253,3 +253,26 @@ def test_cli_scores_an_image_and_a_chosen_video_frame(model, folder, tmp_path, c
     assert run_cli(ir.main, ["--checkpoint_dir", str(tmp_path), str(tmp_path / "image.png"), "p"]) == 2
     assert capsys.readouterr().err.startswith("error: no ImageReward.pt in ")
     assert issubclass(ir.VideoInputError, UserError)
+
+
+def test_released_sizes_build_vit_large_and_bert_base_of_the_published_file_size(folder, monkeypatch):
+    """The released architecture on the meta device (no memory): ViT-L/16 at 224 px (24 layers, 16 heads) and
+    BERT-base with 1024-wide cross-attention; fp32 parameters fill the published ~1.79 GB ImageReward.pt."""
+    from reward_forcing import tiny_imagereward
+
+    monkeypatch.setattr(tiny_imagereward._Random, "normal", lambda self, *shape, **_: torch.empty(shape, device="meta"))
+    med = dict(json.loads((folder / ir.MED_CONFIG_FILE).read_text()), hidden_size=768, num_hidden_layers=12,
+               num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512, vocab_size=30524)
+    state = tiny_imagereward.released_state_dict(med, vision=dict(width=1024, depth=24, patch=16, image_size=224,
+                                                                  mlp=4096), head=(1024, 128, 64, 16, 1), proj_dim=256)
+
+    class BertSizedTokenizer:  # bert-base-uncased (30522) + [DEC] + [ENC]
+        def __len__(self):
+            return 30524
+
+    model = ir.ImageReward.from_state_dict(state, med, BertSizedTokenizer())
+    vision = model.vision.config
+    assert (vision.num_hidden_layers, vision.num_attention_heads, vision.image_size, vision.patch_size) == (24, 16, 224, 16)
+    assert model.text.encoder.layer[0].crossattention.self.key.in_features == 1024
+    size_gb = sum(v.numel() for v in state.values() if v.is_floating_point()) * 4 / 1e9
+    assert size_gb == pytest.approx(1.79, abs=0.01)

@@ -82,7 +82,8 @@ def create_app(pipeline, cfg, video_folder) -> FastAPI:
     worker = DeviceWorker(runner.run, int(serve.max_queue))
     hello = {"type": "hello", "chunk_frames": limits.chunk_frames, "fps": int(cfg.fps), "height": int(cfg.height),
              "width": int(cfg.width), "max_prompt_chars": limits.max_prompt_chars, "max_frames": limits.max_frames,
-             "decoder": str(cfg.decoder), "switch_sink": str(cfg.switch_sink)}
+             "decoder": str(cfg.decoder), "overlap_decode": bool(cfg.overlap_decode),
+             "switch_sink": str(cfg.switch_sink)}
     pages = {route: ((STATIC / name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
 
     @asynccontextmanager

@@ -41,11 +41,13 @@ function median(values) {
   return sorted.length ? sorted[Math.floor((sorted.length - 1) / 2)] : 0;
 }
 
-function updateFps() {
-  const now = performance.now();
-  state.arrivals = state.arrivals.filter((t) => now - t < 3000);
-  const span = state.arrivals.length > 1 ? (now - state.arrivals[0]) / 1000 : 0;
-  $("fps").textContent = span > 0 ? (state.arrivals.length / span).toFixed(1) : "–";
+function updateFps(frames) {
+  // frames arrive a chunk at a time: the rate is the frames of the last chunks over the time they took
+  state.arrivals.push({ time: performance.now(), frames });
+  state.arrivals = state.arrivals.slice(-9);
+  const [first, last] = [state.arrivals[0], state.arrivals[state.arrivals.length - 1]];
+  const framesAfter = state.arrivals.slice(1).reduce((sum, a) => sum + a.frames, 0);
+  $("fps").textContent = last.time > first.time ? (framesAfter / ((last.time - first.time) / 1000)).toFixed(1) : "–";
 }
 
 function draw() {
@@ -68,8 +70,6 @@ function startPlayback(fps) {
 
 async function onFrame(blob) {
   state.received += 1;
-  state.arrivals.push(performance.now());
-  updateFps();
   state.pending.push(await createImageBitmap(blob));
 }
 
@@ -97,6 +97,7 @@ const handlers = {
     setState("streaming");
   },
   chunk(event) {
+    updateFps(event.frames);
     state.chunkTimes.push(event.generate_s);
     $("chunk").textContent = `${(median(state.chunkTimes) * 1000).toFixed(0)} ms`;
   },
@@ -159,6 +160,7 @@ $("start").onclick = () => {
   state.paused = false;
   state.firstFrame = false;
   state.chunkTimes = [];
+  state.arrivals = [];
   state.startClicked = performance.now();
   $("current-prompt").textContent = `Now: ${$("prompt").value.trim()}`;
   $("download").classList.add("disabled");
