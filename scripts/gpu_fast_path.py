@@ -24,7 +24,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reward_forcing.config import load_config  # noqa: E402
 from reward_forcing.inference.generator import latent_size  # noqa: E402
 
 BENCHMARK = ROOT / "scripts" / "benchmark.py"
@@ -117,7 +116,6 @@ def training_memory(args):
     if device.type != "cuda":
         print("training memory: CUDA allocator statistics only (skipped on CPU beyond a functional run)")
     cfg, model = build_models(args)
-    cfg = load_config(args.config, []) if not args.dry_run else cfg
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype).train().requires_grad_(True)
     model.gradient_checkpointing = True
