@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from reward_forcing.errors import ConfigError, run_cli  # noqa: E402
+from reward_forcing.errors import ConfigError, UserError, run_cli  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "miniworld"
 STAGES = ("data", "teacher", "ode_pairs", "ode_init", "distill", "evaluate", "long", "report")
@@ -44,6 +44,10 @@ CURVES = ("validity", "color_drift", "first_chunk_similarity")
 SINKS = {"none": ["sink_size=0", "sink_mode=none"], "static": ["sink_mode=static"], "ema": ["sink_mode=ema"]}
 DATA_SHARD = 256
 EVAL_BATCH = 64
+
+
+class StageFailed(UserError):
+    """A stage's own process (a training run) failed; its log says why."""
 
 
 def parse_args(argv):
@@ -123,10 +127,21 @@ class Run:
         return logdir / "model_ema" if (logdir / "model_ema").is_dir() else logdir / "model"
 
     def arms(self) -> dict:
-        """Distillation arms -> (distill_loss, beta)."""
-        arms = {"dmd": ("dmd", 0.0)}
-        arms.update({f"re_dmd_b{beta:g}": ("re_dmd", float(beta)) for beta in self.settings.betas})
+        """Distillation arms -> train.py overrides: DMD, Re-DMD at each beta, and Re-DMD at `cache_grad_beta` with
+        each further `rollout_cache_grad` mode (the others use the default, straight_through)."""
+        arms = {"dmd": ["distill_loss=dmd"]}
+        arms.update({f"re_dmd_b{beta:g}": ["distill_loss=re_dmd", f"reward_beta={beta}"]
+                     for beta in self.settings.betas})
+        beta = self.settings.cache_grad_beta
+        arms.update({f"re_dmd_b{beta:g}_{mode}": ["distill_loss=re_dmd", f"reward_beta={beta}",
+                                                  f"rollout_cache_grad={mode}"]
+                     for mode in self.settings.cache_grad_modes})
         return arms
+
+    def arm_seeds(self, arm: str) -> list[int]:
+        """Every seed for DMD and the beta arms; the first one only for the rollout_cache_grad arms."""
+        seeds = list(self.settings.distill_seeds)
+        return seeds[:1] if arm.endswith(tuple(self.settings.cache_grad_modes)) else seeds
 
     def distill_dir(self, arm: str, seed: int) -> Path:
         return self.out / "distill" / f"{arm}_s{seed}"
@@ -253,19 +268,48 @@ def stage_ode_init(run: Run) -> dict:
 
 
 def stage_distill(run: Run) -> dict:
+    """Every (arm, seed) run of train.py, `distill_jobs` at a time as separate processes of one thread each (small
+    models keep two cores busier as two runs than as two threads of one); each logs to <its logdir>/train.log."""
+    import os
+    import subprocess
+
     config = run.stage_config("distill")
-    runs = {}
-    for arm, (loss, beta) in run.arms().items():
-        for seed in run.settings.distill_seeds:
+    todo, runs = [], {}
+    for arm, arm_overrides in run.arms().items():
+        for seed in run.arm_seeds(arm):
             logdir = run.distill_dir(arm, seed)
-            if not (logdir / "finished").is_file():
-                train(config, logdir, [
-                    f"distill_loss={loss}", f"reward_beta={beta}", f"seed={seed}", f"reward.name={run.reward}",
-                    f"reward.world_path={run.world_path}", f"prompt_path={run.prompts}",
-                    f"generator_ckpt={run.out / 'ode_init' / 'ode_init.pt'}", f"real_name={run.teacher}",
-                    f"fake_name={run.teacher}", *run.overrides("distill")])
-                (logdir / "finished").write_text("")
             runs[f"{arm}_s{seed}"] = str(logdir / "generator.pt")
+            if not (logdir / "finished").is_file():
+                todo.append((logdir, [*arm_overrides, f"seed={seed}", f"reward.name={run.reward}",
+                                      f"reward.world_path={run.world_path}", f"prompt_path={run.prompts}",
+                                      f"generator_ckpt={run.out / 'ode_init' / 'ode_init.pt'}",
+                                      f"real_name={run.teacher}", f"fake_name={run.teacher}",
+                                      *run.overrides("distill")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    running = []
+
+    def wait_one():
+        logdir, process, log = running.pop(0)
+        code = process.wait()
+        log.close()
+        if code != 0:
+            for _, other, _ in running:  # the finished runs are kept; a rerun redoes (resumes) the others
+                other.terminate()
+                other.wait()
+            last = (logdir / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+            raise StageFailed(f"distill run {logdir.name} failed ({last[0]}); see {logdir / 'train.log'}")
+        (logdir / "finished").write_text("")
+
+    for logdir, overrides in todo:
+        if len(running) >= run.settings.distill_jobs:
+            wait_one()
+        logdir.mkdir(parents=True, exist_ok=True)
+        log = (logdir / "train.log").open("w")
+        command = [sys.executable, str(ROOT / "train.py"), "--config_path", str(config), "--logdir", str(logdir),
+                   "--disable-wandb", *overrides]
+        running.append((logdir, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    while running:
+        wait_one()
     return runs
 
 
@@ -274,7 +318,7 @@ def stage_evaluate(run: Run) -> dict:
     prompts = balanced_prompts(world, settings.eval_per_colour)
     students = {"ode_init": [(0, run.out / "ode_init" / "ode_init.pt")]}
     for arm in run.arms():
-        students[arm] = [(seed, run.distill_dir(arm, seed) / "generator.pt") for seed in settings.distill_seeds]
+        students[arm] = [(seed, run.distill_dir(arm, seed) / "generator.pt") for seed in run.arm_seeds(arm)]
     results = {}
     for arm, checkpoints in students.items():
         results[arm] = []

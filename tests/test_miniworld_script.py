@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from reward_forcing.rewards.registry import REWARDS
+
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "miniworld.py"
 STAGES = ["data", "teacher", "ode_pairs", "ode_init", "distill", "evaluate", "long", "report"]
@@ -64,7 +66,7 @@ def test_rerun_skips_finished_stages(quick):
 
 @pytest.mark.parametrize("args, message", [
     (["--stages", "teacher,bake"], "error: unknown stage 'bake'; stages are " + ", ".join(STAGES)),
-    (["--reward", "nope"], "error: --reward must be one of videoalign, latent_motion; got 'nope'"),
+    (["--reward", "nope"], f"error: --reward must be one of {', '.join(REWARDS)}; got 'nope'"),
     (["--reward", "videoalign"], "error: reward 'videoalign' scores decoded pixels; the miniature world has no "
                                  "decoder (use a latent reward such as latent_motion)"),
 ])
