@@ -91,3 +91,12 @@ def test_world_spec_round_trips_and_bad_specs_are_one_line(world, tmp_path):
         World(WorldSpec(channels=4))
     with pytest.raises(ConfigError, match="not a prompt of this world"):
         world.colour_of("a red cube")
+
+
+def test_start_spread_confines_the_first_position_around_the_centre():
+    centred = World(WorldSpec(seed=3, start_spread=0.0))
+    firsts = torch.stack([centred.sample(i)["positions"][0] for i in range(20)])
+    assert torch.equal(firsts, torch.tensor([[SPEC.height / 2, SPEC.width / 2]]).expand(20, 2))
+    boxed = World(WorldSpec(seed=3, start_spread=0.25))
+    firsts = torch.stack([boxed.sample(i)["positions"][0] for i in range(200)])
+    assert ((firsts - 4).abs() <= 1).all() and (firsts - 4).abs().max() > 0.9  # a 2 x 2 pixel box on an 8 x 8 frame

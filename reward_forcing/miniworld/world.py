@@ -34,6 +34,7 @@ class WorldSpec:
     background_amplitude: float = 0.5
     background_smoothing: float = 1.0  # pixels: Gaussian blur of the background's white noise
     max_speed: float = 0.5           # pixels per latent frame
+    start_spread: float = 1.0        # the first position is uniform over this fraction of the frame, centred
     prompt_template: str = "a {} ball"
     # detector: a frame holds one valid blob when its peak response / amplitude lies in `valid_contrast`
     # and what is left after subtracting the detected blob is at most `valid_residual` of the blob's energy
@@ -128,7 +129,8 @@ class World:
         speed *= spec.max_speed
         direction = 2 * math.pi * turn
         step = torch.tensor([math.sin(direction), math.cos(direction)], dtype=torch.float64) * speed
-        start = torch.tensor([y0 * spec.height, x0 * spec.width], dtype=torch.float64)
+        offset = torch.tensor([y0 - 0.5, x0 - 0.5], dtype=torch.float64) * spec.start_spread
+        start = (0.5 + offset) * torch.tensor([spec.height, spec.width], dtype=torch.float64)
         size = torch.tensor([spec.height, spec.width], dtype=torch.float64)
         positions = torch.remainder(start + torch.arange(frames, dtype=torch.float64)[:, None] * step, size).float()
         return {"latent": self.render(colour, positions), "prompt": self.prompt(colour), "colour": colour,
