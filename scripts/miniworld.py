@@ -481,7 +481,8 @@ def write_report(run: Run, metrics: dict, plots: list[str]) -> None:
         for arm, sinks in metrics["long"].items():
             for sink, curves in sinks.items():
                 tail = {c: curves[c][-max(1, len(curves[c]) // 3):] for c in CURVES}
-                lines.append(f"| {arm} | {sink} | " + " | ".join(f"{sum(v) / len(v):.3f}" for v in tail.values()) + " |")
+                means = [f"{sum(v) / len(v):.3f}" for v in tail.values()]
+                lines.append(f"| {arm} | {sink} | " + " | ".join(means) + " |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {entry['seconds']:.1f} |" for stage, entry in metrics["stages"].items()]
     lines += ["", *[f"![{name}]({name})" for name in plots], ""]

@@ -60,7 +60,8 @@ def test_detector_reads_back_what_the_world_drew(world, samples):
 
 
 def test_noise_and_a_missing_blob_are_not_valid(world, samples):
-    noise = torch.randn(8, SPEC.channels, SPEC.frames, SPEC.height, SPEC.width, generator=torch.Generator().manual_seed(0))
+    shape = (8, SPEC.channels, SPEC.frames, SPEC.height, SPEC.width)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     assert video_stats(world, noise)["validity"].max() == 0
     empty = world.background[None, :, None].expand(1, -1, SPEC.frames, -1, -1)
     assert video_stats(world, empty)["validity"].max() == 0
