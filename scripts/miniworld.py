@@ -516,7 +516,7 @@ def main(argv=None):
     if unknown or not stages:
         raise ConfigError(f"unknown stage '{unknown[0] if unknown else args.stages}'; stages are {', '.join(STAGES)}")
     check_reward(args.reward)
-    run = Run(out, experiment_settings(args.quick), args.reward)
+    run = Run(out.resolve(), experiment_settings(args.quick), args.reward)  # absolute: configs name assets by path
     settings_file = out / "settings.yaml"
     if settings_file.is_file() and OmegaConf.load(settings_file) != run.settings:
         raise ConfigError(f"{out} was started with other settings (see {settings_file}); use a new --output_dir")

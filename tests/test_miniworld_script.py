@@ -16,16 +16,16 @@ SCRIPT = ROOT / "scripts" / "miniworld.py"
 STAGES = ["data", "teacher", "ode_pairs", "ode_init", "distill", "evaluate", "long", "report"]
 
 
-def _run(*args):
+def _run(*args, cwd=ROOT):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
+                          cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("miniworld") / "run"
-    result = _run("--output_dir", str(out), "--quick")
+    result = _run("--output_dir", "run", "--quick", cwd=out.parent)  # a relative path, as a user types it
     assert result.returncode == 0, result.stderr[-4000:]
     return out, result.stdout
 
