@@ -44,13 +44,15 @@ FLAG_KEYS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through run_cli instead of usage + exit
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one-line UserErrors (run_cli prints them and exits 2), not usage + exit."""
+
+    def error(self, message):
         raise UserError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Stream text-to-video with the Reward Forcing student.")
+    p = OneLineParser(description="Stream text-to-video with the Reward Forcing student.")
     p.add_argument("--config_path", help="YAML merged over the packaged defaults")
     p.add_argument("--checkpoint_path", help="student weights: flat, or with generator / generator_ema sections")
     p.add_argument("--data_path", help="prompt file, one prompt per line")

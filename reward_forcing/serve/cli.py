@@ -8,20 +8,15 @@ import socket
 import tempfile
 
 from reward_forcing.config import load_config
-from reward_forcing.errors import ConfigError, UserError
-from reward_forcing.inference.cli import apply_flags, validate_model
+from reward_forcing.errors import ConfigError
+from reward_forcing.inference.cli import OneLineParser, apply_flags, validate_model
 from reward_forcing.inference.pipeline import VideoPipeline, resolve_device
 
 POSITIVE_KEYS = ("max_prompt_chars", "max_queue", "max_frames", "keep_videos")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through run_cli instead of usage + exit
-        raise UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Serve real-time streaming text-to-video: a web page and a websocket.")
+    p = OneLineParser(description="Serve real-time streaming text-to-video: a web page and a websocket.")
     p.add_argument("--config_path", help="YAML merged over the packaged defaults (as for inference.py)")
     p.add_argument("--checkpoint_path", help="student weights: flat, or with generator / generator_ema sections")
     p.add_argument("--use_ema", action="store_true", default=None, help="load the generator_ema section")
