@@ -14,6 +14,7 @@ from pathlib import Path
 
 from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError, run_cli
+from reward_forcing.training.lr_schedule import check_lr_schedule
 
 TRAINERS = {"distill": "reward_forcing.training.distill", "ode": "reward_forcing.training.ode",
             "diffusion": "reward_forcing.training.diffusion",
@@ -41,6 +42,7 @@ def main(argv=None):
     config = load_config(args.config_path, args.overrides)
     if config.trainer not in TRAINERS:
         raise ConfigError(f"trainer must be one of {', '.join(TRAINERS)}; got '{config.trainer}'")
+    check_lr_schedule(config)
     if args.resume is not None and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume folder not found: {args.resume}")
     trainer = importlib.import_module(TRAINERS[config.trainer])  # lazily: only the chosen trainer is imported

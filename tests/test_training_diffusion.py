@@ -107,3 +107,16 @@ def test_diffusion_without_data_is_one_line(assets, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: trainer 'diffusion' needs data_path=<latent dataset> (reward_forcing/training/ode_data.py)"]
+
+
+def test_cosine_schedule_with_warmup_follows_its_closed_form_across_a_resume(assets, tmp_path):
+    # warm-up 2 of 4 steps: (s + 1) / 2 for s < 2, then 0.5 * (1 + cos(pi * (s - 2) / 2)): 0.5, 1, 1, 0.5
+    expected = [0.5e-3, 1.0e-3, 1.0e-3, 0.5e-3]
+    schedule = ("lr_schedule=cosine", "lr_warmup_steps=2")
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert _train(assets, straight, *schedule).returncode == 0
+    assert [r["lr_model"] for r in _rows(straight)] == pytest.approx(expected, rel=1e-12)
+    assert _train(assets, crashed, *schedule, "max_steps=2").returncode == 0
+    result = _train(assets, crashed, *schedule)  # resumes at step 2 and continues on the same curve
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _rows(crashed) == _rows(straight)

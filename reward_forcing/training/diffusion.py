@@ -91,6 +91,7 @@ def run(cfg, logdir, args) -> None:
     from reward_forcing.training.ode_data import OdePairDataset
     from reward_forcing.training.parallel import compute_dtype, init_distributed, resolve_seed, shutdown
     from reward_forcing.training.rollout import sample_noise
+    from reward_forcing.training.lr_schedule import ScheduledRate
     from reward_forcing.training.schedule import Updater
     from reward_forcing.training.state import (
         ModelState, OptimizerState, full_state_dict, full_tensors, load_checkpoint, read_meta, resume_folder,
@@ -118,6 +119,7 @@ def run(cfg, logdir, args) -> None:
         # which costs more than the forward of a small model
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.adam_betas),
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps, foreach=True)
+        rate = ScheduledRate(optimizer, cfg)
         updater = Updater("model", model, optimizer, cfg.grad_clip)
         ema = EMA(model, cfg.ema_decay) if meta.get("has_ema") else None
 
@@ -162,6 +164,7 @@ def run(cfg, logdir, args) -> None:
                          desc="diffusion"):
             began = time.perf_counter()
             out = updater.accumulate(cfg.grad_accum, partial(micro_step, step))
+            rate.set(step)
             grad_norm = updater.step(out["loss"])
             if cfg.ema_decay is not None and step >= cfg.ema_start:
                 if ema is None:

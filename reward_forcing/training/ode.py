@@ -149,6 +149,7 @@ def run(cfg, logdir, args) -> None:
     from reward_forcing.training.ode_data import OdePairDataset
     from reward_forcing.training.parallel import compute_dtype, init_distributed, resolve_seed, shutdown
     from reward_forcing.training.rng import keyed_generator
+    from reward_forcing.training.lr_schedule import ScheduledRate
     from reward_forcing.training.schedule import Updater
     from reward_forcing.training.state import (
         ModelState, OptimizerState, export_weights, full_state_dict, load_checkpoint, read_meta, resume_folder,
@@ -169,6 +170,7 @@ def run(cfg, logdir, args) -> None:
         model.gradient_checkpointing = cfg.gradient_checkpointing
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.adam_betas),
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        rate = ScheduledRate(optimizer, cfg)
         updater = Updater("generator", model, optimizer, cfg.grad_clip)
         parts = {"generator": ModelState(model), "generator_optimizer": OptimizerState(model, optimizer)}
         text_encoder = load_text_encoder(cfg, info, dtype)
@@ -196,6 +198,7 @@ def run(cfg, logdir, args) -> None:
 
         for step in range(start, cfg.max_steps):
             out = updater.accumulate(cfg.grad_accum, lambda micro: micro_step(step, micro))
+            rate.set(step)
             grad_norm = updater.step(out["loss"])
             done = step + 1
             logger.log(done, {**reduce_across_ranks(out, info.device), "grad_norm": grad_norm,

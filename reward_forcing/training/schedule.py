@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from reward_forcing.errors import UserError
+from reward_forcing.errors import ConfigError, UserError
 
 
 class TrainingDiverged(UserError):

@@ -1,0 +1,53 @@
+"""Learning-rate schedules of the supervised trainers (`trainer: diffusion` and `trainer: ode`).
+
+    lr_schedule: constant   the base rate throughout (after the warm-up)
+    lr_schedule: cosine     half a cosine from the base rate down to 0 at max_steps (SGDR, arXiv 1608.03983 §3)
+    lr_warmup_steps: N      a linear ramp over the first N optimiser steps, before either
+
+The factor is a function of the optimiser step only, so a resumed run continues on the same curve and the
+optimiser's state needs nothing extra. The distillation trainers keep the papers' constant rates (Reward
+Forcing, arXiv 2512.04678 §4.1) and refuse a schedule rather than ignore it.
+"""
+import math
+
+from reward_forcing.errors import ConfigError
+
+LR_SCHEDULES = ("constant", "cosine")
+SCHEDULED_TRAINERS = ("diffusion", "ode")
+
+
+def check_lr_schedule(cfg) -> None:
+    """One-line errors for an unknown schedule, a bad warm-up, or a schedule on a trainer that has none."""
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got '{cfg.lr_schedule}'")
+    warmup = cfg.lr_warmup_steps
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ConfigError(f"lr_warmup_steps must be an integer >= 0; got {warmup!r}")
+    scheduled = cfg.lr_schedule != "constant" or warmup > 0
+    if scheduled and cfg.trainer not in SCHEDULED_TRAINERS:
+        raise ConfigError(f"trainer '{cfg.trainer}' uses constant learning rates; lr_schedule / lr_warmup_steps "
+                          f"apply to trainers {', '.join(SCHEDULED_TRAINERS)} only")
+
+
+def lr_factor(schedule: str, step: int, max_steps: int, warmup: int) -> float:
+    """Multiplier of the base learning rate for optimiser step `step` (0-based) of `max_steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class ScheduledRate:
+    """Sets an optimiser's per-group rates to base x lr_factor(step) before each of its steps."""
+
+    def __init__(self, optimizer, cfg):
+        self.optimizer, self.schedule = optimizer, cfg.lr_schedule
+        self.max_steps, self.warmup = int(cfg.max_steps), int(cfg.lr_warmup_steps)
+        self.base = [group["lr"] for group in optimizer.param_groups]
+
+    def set(self, step: int) -> None:
+        factor = lr_factor(self.schedule, step, self.max_steps, self.warmup)
+        for group, base in zip(self.optimizer.param_groups, self.base):
+            group["lr"] = base * factor
