@@ -101,3 +101,16 @@ def test_start_spread_confines_the_first_position_around_the_centre():
     boxed = World(WorldSpec(seed=3, start_spread=0.25))
     firsts = torch.stack([boxed.sample(i)["positions"][0] for i in range(200)])
     assert ((firsts - 4).abs() <= 1).all() and (firsts - 4).abs().max() > 0.9  # a 2 x 2 pixel box on an 8 x 8 frame
+
+
+def test_speed_is_the_tracks_fitted_velocity_so_jitter_in_place_is_not_motion(world, samples):
+    # a blob hopping +-0.5 px about a fixed point: path length 1 px per frame, and over frames t = 0..F-1 the
+    # least-squares slope of 0.5 * (-1)^t is 0.5 * sum((t - tbar) (-1)^t) / sum((t - tbar)^2) = -3 / 143 (F = 12)
+    assert SPEC.frames == 12
+    centre = torch.tensor([4.0, 4.0])
+    hop = torch.tensor([[0.5 * (-1) ** t, 0.0] for t in range(SPEC.frames)])
+    jitter = world.render(0, centre + hop)[None]
+    stats = video_stats(world, jitter)
+    assert stats["path_speed"].item() == pytest.approx(1.0, abs=0.02)
+    assert stats["speed"].item() == pytest.approx(3 / 143, abs=0.01)
+    assert LatentMotionReward(world).score(jitter, [world.prompt(0)])["motion"].item() < 0.1

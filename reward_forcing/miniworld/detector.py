@@ -5,8 +5,10 @@ colour, about amplitude x blob for the blob's own colour and about 0 for the oth
 orthogonal), take the colour with the most positive energy, its peak (contrast), the blob's position as the
 circular centroid of the map above `centroid_floor` x peak on the torus, and whether the frame holds one
 valid blob (contrast in range and little left after subtracting the detected blob). Per video: the majority
-colour, the fraction of valid frames, the speed (mean displacement per frame, on the torus) and the
-straightness of the track (net displacement / path length).
+colour, the fraction of valid frames, the speed (the least-squares velocity of the unwrapped track: the mean
+displacement per frame of the line that fits it best, which frame-to-frame jitter of a wobbling or
+dissolving blob does not inflate), the path speed (mean length of the frame-to-frame steps, which it does)
+and the straightness of the track (net displacement / path length).
 """
 import math
 
@@ -57,17 +59,28 @@ def detect_frames(world: World, latents: torch.Tensor) -> dict:
     return {"colour": colour, "contrast": contrast, "position": position, "residual": residual, "valid": valid}
 
 
+def track_velocity(steps: torch.Tensor) -> torch.Tensor:
+    """Least-squares velocity [B, 2] (pixels per frame) of the tracks whose frame-to-frame steps are [B, F-1, 2]:
+    the slope of the line fitted to the unwrapped positions (cumulative steps) against the frame index."""
+    track = torch.cat([torch.zeros_like(steps[:, :1]), steps.cumsum(dim=1)], dim=1)  # [B, F, 2]
+    time = torch.arange(track.shape[1], dtype=track.dtype, device=track.device)
+    time = time - time.mean()
+    return (track * time[None, :, None]).sum(dim=1) / time.pow(2).sum()
+
+
 def video_stats(world: World, latents: torch.Tensor, target_colours=None) -> dict:
-    """Per-video statistics [B]: colour (majority over frames), validity (fraction of valid frames), speed
-    (mean displacement per frame, pixels), straightness (net / total displacement; 1 for a still blob) and,
-    with target_colours [B], color_correct (1.0 when the majority colour is the target)."""
+    """Per-video statistics [B]: colour (majority over frames), validity (fraction of valid frames), speed (norm of
+    the track's least-squares velocity, pixels per frame), path_speed (mean step length), straightness (net / total
+    displacement; 1 for a still blob) and, with target_colours [B], color_correct (1.0 when the majority colour is
+    the target)."""
     frames = detect_frames(world, latents)
     colour = frames["colour"].mode(dim=1).values
     steps = world.wrap(frames["position"][:, 1:] - frames["position"][:, :-1])  # [B, F-1, 2]
     lengths = steps.norm(dim=-1)
     path = lengths.sum(dim=1)
     net = steps.sum(dim=1).norm(dim=-1)
-    out = {"colour": colour, "validity": frames["valid"].float().mean(dim=1), "speed": lengths.mean(dim=1),
+    out = {"colour": colour, "validity": frames["valid"].float().mean(dim=1),
+           "speed": track_velocity(steps).norm(dim=-1), "path_speed": lengths.mean(dim=1),
            "straightness": torch.where(path > 1e-6, net / path.clamp(min=1e-6), torch.ones_like(path))}
     if target_colours is not None:
         out["color_correct"] = (colour == torch.as_tensor(target_colours, device=colour.device)).float()

@@ -1,6 +1,7 @@
 """`reward: {name: latent_motion}`: the miniature world's motion score, read from latents by its detector.
 
-    speed     mean displacement per frame (pixels per latent frame, reward_forcing/miniworld/detector.py)
+    speed     the track's least-squares velocity, pixels per latent frame (reward_forcing/miniworld/detector.py):
+              a blob that only jitters in place is not paid for the jitter
     validity  fraction of frames that hold one valid blob
     motion    validity x speed / max_speed: the speed as a fraction of the world's fastest data, counted only
               as far as the frames show a valid blob (a student that dissolves the blob into noise, whose

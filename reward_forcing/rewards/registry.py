@@ -12,6 +12,7 @@ from reward_forcing.errors import ConfigError
 REWARDS = {
     "videoalign": "reward_forcing.rewards.videoalign_scorer:VideoAlignReward",
     "latent_motion": "reward_forcing.miniworld.reward:LatentMotionReward",
+    "blob_quality": "reward_forcing.miniworld.blob_reward:BlobQualityReward",
     "imagereward": "reward_forcing.rewards.imagereward_scorer:ImageRewardReward",
 }
 DECODERS = ("vae", "taehv", "none")

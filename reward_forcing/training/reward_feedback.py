@@ -9,9 +9,11 @@ latents before the frame's latent fill its feature cache without gradient and th
 with it (decoder activations for one latent, 4 frames).
 
 `reward_frame`: `last` (the paper's choice), `random` (one frame per video, drawn from a keyed stream, the
-paper's ablation), `all` (every frame, mean score; decodes the whole video with gradient). The same term,
-weighted by `reward_feedback_weight`, can be added to DMD / Re-DMD (`trainer: distill`, the paper's
-"distillation + reward" comparison).
+paper's ablation), `all` (every frame, mean score; decodes the whole video with gradient). A latent reward (no
+decoder, e.g. the miniature world's blob_quality, reward_forcing/miniworld/blob_reward.py) picks among the latent
+frames themselves: the chosen latent frame alone, as a one-frame video, or the whole latent video for `all`.
+The same term, weighted by `reward_feedback_weight`, can be added to DMD / Re-DMD (`trainer: distill`, the
+paper's "distillation + reward" comparison).
 """
 import time
 from functools import partial
@@ -24,6 +26,7 @@ from reward_forcing.errors import ConfigError
 from reward_forcing.training.rng import keyed_randint
 
 FRAME_CHOICES = ("last", "random", "all")
+DIFFERENTIABLE_EXAMPLES = ("imagereward", "blob_quality")  # what the refusals of a non-differentiable reward suggest
 
 
 def check_frame_choice(choice: str) -> None:
@@ -54,15 +57,17 @@ def choose_frames(choice: str, num_pixel_frames: int, seed: int, step: int, samp
 class FrameReward:
     """A differentiable reward (reward_forcing/rewards/base.py) on the frame(s) `reward_frame` picks from normalised
     latents [B, C, F, h, w]; per-sample scores [B] under `score_key`, differentiable in the latents. A pixel
-    reward gets a one-frame video decoded by the Wan VAE (all frames for `all`); a latent reward gets the latents."""
+    reward gets a one-frame video decoded by the Wan VAE (all frames for `all`); a latent reward gets the chosen
+    latent frame as a one-frame video [B, C, 1, h, w] (the whole latents for `all`): its frames are the latents'."""
 
     def __init__(self, reward, score_key: str, vae_cfg):
         if not reward.differentiable:
             raise ConfigError(f"reward feedback needs a differentiable reward; {type(reward).__name__} is not "
-                              "(use reward.name=imagereward)")
+                              f"(use reward.name={' or '.join(DIFFERENTIABLE_EXAMPLES)})")
         if reward.input == "pixels" and not hasattr(reward.decoder, "stream_decoder"):
             raise ConfigError("reward feedback decodes through the Wan VAE's causal decoder: set decoder=vae")
-        self.reward, self.score_key, self.factor = reward, score_key, temporal_factor(vae_cfg)
+        self.reward, self.score_key = reward, score_key
+        self.factor = temporal_factor(vae_cfg) if reward.input == "pixels" else 1  # no decoder, no upsampling
 
     @classmethod
     def from_config(cls, cfg, info, dtype) -> "FrameReward":
@@ -97,7 +102,10 @@ class FrameReward:
 
     def __call__(self, latents: torch.Tensor, prompts: list[str], frames: list | None) -> torch.Tensor:
         if self.reward.input == "latents":
-            return self._score(latents, prompts)
+            if frames is None:
+                return self._score(latents, prompts)
+            chosen = torch.stack([latents[b, :, f] for b, f in enumerate(frames)])[:, :, None]  # [B, C, 1, h, w]
+            return self._score(chosen, prompts)
         if frames is None:
             return self._score(self.reward.decoder.stream_decoder().decode_chunk(latents, with_grad=True), prompts)
         scores = [None] * len(frames)
@@ -118,9 +126,13 @@ def run(cfg, logdir, args) -> None:
     from reward_forcing.rewards.registry import check_reward_config
 
     check_frame_choice(cfg.reward_frame)
-    if not check_reward_config(cfg).differentiable:
+    reward = check_reward_config(cfg)
+    if not reward.differentiable:
         raise ConfigError(f"trainer reward_feedback needs a differentiable reward; '{cfg.reward.name}' is not "
-                          "(use reward.name=imagereward)")
+                          f"(use reward.name={' or '.join(DIFFERENTIABLE_EXAMPLES)})")
+    if reward.input == "pixels" and cfg.decoder != "vae":  # a latent reward loads no decoder at all
+        raise ConfigError(f"reward '{cfg.reward.name}' reads pixels, which reward feedback decodes through the Wan "
+                          f"VAE's causal decoder: set decoder=vae (not '{cfg.decoder}')")
     info = init_distributed(cfg.fsdp_replicate)
     try:
         RewardFeedback(cfg, Path(logdir), args, info).train()
