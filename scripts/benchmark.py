@@ -11,10 +11,16 @@ depend on weight values), so no download is needed. Examples:
                                                        # the 1.3B student at 832x480 (the paper's setting)
     python scripts/benchmark.py --ema_vs_static                  # per-chunk latency, EMA vs static sink
     python scripts/benchmark.py --memory                         # peak memory of the streaming pipeline, T=21 vs 120
+    python scripts/benchmark.py --dit_only --upstream_repo ../Reward-Forcing    # beside upstream's causal DiT
 
 --json writes: dit_fps, e2e_fps, ttff_s, chunk_p50_s, chunk_p99_s, peak_memory_mb, compiled_graphs, recompiles,
 env, aten_ops_per_chunk, copy_ops_per_chunk, and with --compare eager_vs_compiled (with --compile) and
 sequential_vs_overlapped (ratios > 1: the fast path is faster). FPS counts output video frames.
+With --upstream_repo also (upstream's causal DiT with our weights, streamed in the same run, chunks interleaved):
+upstream_chunk_s (its DiT-only steady chunk p50), ratio_vs_upstream (chunk_p50_s / upstream_chunk_s: < 1, ours is
+faster), eager_ratio_vs_upstream (our eager path's, with --compile --compare), upstream_max_abs_diff (largest
+|ours - upstream| over every streamed chunk: same weights, noise and sampling loop), upstream_aten_ops_per_chunk,
+upstream_copy_ops_per_chunk, upstream_repo (path @ commit).
 """
 import argparse
 import collections
@@ -62,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--chunks", type=int, default=12, help="chunks streamed per run (the first fill the window)")
     p.add_argument("--dit_only", action="store_true", help="skip the end-to-end passes (e2e_fps, ttff_s are null)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
+    p.add_argument("--upstream_repo", metavar="DIR",
+                   help="a checkout of JaydenLyh/Reward-Forcing: also stream its causal DiT (wan/modules/"
+                        "causal_model.py) with this model's weights, chunks interleaved with ours "
+                        "(see scripts/upstream_model.py)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. height=96 width=160")
     small = p.add_argument_group("the small default model (ignored with --config)")
     small.add_argument("--dim", type=int, default=256)
@@ -88,6 +98,8 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.random_weights and not args.config:
         p.error("--random_weights goes with --config (the default model is random already)")
+    if args.upstream_repo and (args.memory or args.ema_vs_static or args.memory_child is not None):
+        p.error("--upstream_repo goes with the FPS harness (not --memory or --ema_vs_static)")
     return args
 
 
@@ -323,37 +335,43 @@ class Setup:
             torch.cuda.synchronize(self.device)
 
 
-def dit_stream(setup, chunks):
-    return setup.generator().stream(setup.context, setup.chunk_frames * chunks, setup.latent_hw,
-                                    generator=torch.Generator(device=setup.device).manual_seed(0), dtype=setup.dtype)
+def dit_stream(setup, chunks, model=None):
+    """Chunks of one video streamed by `model` (default: ours) with the run's config, prompt and noise seed."""
+    generator = StreamingGenerator.from_config(model if model is not None else setup.model, setup.cfg)
+    return generator.stream(setup.context, setup.chunk_frames * chunks, setup.latent_hw,
+                            generator=torch.Generator(device=setup.device).manual_seed(0), dtype=setup.dtype)
 
 
-def dit_passes(setup, paths, chunks):
-    """Seconds per chunk of the DiT alone (denoising steps + context pass, synchronised) for each path name ->
-    compiled step (None = eager). The paths stream side by side, one chunk each in turn (alternating who goes
-    first), so that load drifting over time (a shared machine) hits them alike."""
+def dit_passes(setup, paths, chunks, others=None):
+    """Seconds per chunk of the DiT alone (denoising steps + context pass, synchronised) and the chunks produced,
+    for each path name -> compiled step of our model (None = eager) and each name -> other model in `others`. They
+    stream side by side, one chunk each in turn (alternating who goes first), so that load drifting over time (a
+    shared machine) hits them alike."""
+    others = others or {}
     streams = {name: dit_stream(setup, chunks) for name in paths}
-    seconds = {name: [] for name in paths}
-    order = list(paths)
+    streams.update({name: dit_stream(setup, chunks, model) for name, model in others.items()})
+    seconds = {name: [] for name in streams}
+    outputs = {name: [] for name in streams}
+    order = list(streams)
     for index in range(chunks):
         for name in order if index % 2 == 0 else order[::-1]:
-            setup.model.compiled_step = paths[name]
+            setup.model.compiled_step = paths.get(name)
             setup.sync()
             start = time.perf_counter()
-            next(streams[name])
+            outputs[name].append(next(streams[name]))
             setup.sync()
             seconds[name].append(time.perf_counter() - start)
             progress(f"[DiT {name}] chunk {index + 1}/{chunks}: {seconds[name][-1] * 1e3:.1f} ms")
-    return seconds
+    return seconds, outputs
 
 
-def count_ops(setup):
-    """Dispatched ATen ops, and the copy-like ones among them, in the first steady chunk of the eager path (the
-    CPU proxy for kernel launches)."""
+def count_ops(setup, model=None):
+    """Dispatched ATen ops, and the copy-like ones among them, in the first steady chunk of the eager path of
+    `model` (default: ours) (the CPU proxy for kernel launches)."""
     from torch.profiler import ProfilerActivity, profile
 
     compiled, setup.model.compiled_step = setup.model.compiled_step, None
-    stream = dit_stream(setup, setup.warmup + 1)
+    stream = dit_stream(setup, setup.warmup + 1, model)
     for _ in range(setup.warmup):
         next(stream)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -426,7 +444,14 @@ def fps_report(args):
         torch._dynamo.reset()
         before = compile_counters()
         paths["compiled"] = compile_if_configured(setup.model, setup.cfg, setup.device).compiled_step
-    seconds = dit_passes(setup, paths, args.chunks)
+    upstream = {}
+    if args.upstream_repo:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from upstream_model import load_upstream_model
+        progress(f"building upstream's causal model from {args.upstream_repo} with the same weights ...")
+        upstream["upstream"] = load_upstream_model(args.upstream_repo, setup.model, setup.cfg, setup.device,
+                                                   setup.dtype)
+    seconds, outputs = dit_passes(setup, paths, args.chunks, upstream)
     fast = seconds["compiled" if args.compile else "eager"]
     steady_fast = fast[steady]
     result["dit_fps"] = setup.frames_per_chunk / statistics.median(steady_fast)
@@ -454,8 +479,31 @@ def fps_report(args):
     result["recompiles"] = max(0, graphs - 1)  # one graph is the steady step; any further one is a recompile
     result["env"] = environment(setup)
     result["aten_ops_per_chunk"], result["copy_ops_per_chunk"] = count_ops(setup)
+    if upstream:
+        result.update(upstream_report(setup, upstream["upstream"], seconds, outputs, args))
     print_report(setup, result, fast)
     return result
+
+
+def upstream_report(setup, model, seconds, outputs, args):
+    """Upstream's steady chunk, ours over it, how far apart the two streams' chunks are, upstream's op counts."""
+    fast = "compiled" if args.compile else "eager"
+    upstream_s = statistics.median(seconds["upstream"][setup.warmup:])
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outputs[fast], outputs["upstream"]))
+    ops, copies = count_ops(setup, model)
+    report = {"upstream_chunk_s": upstream_s, "ratio_vs_upstream": statistics.median(seconds[fast][setup.warmup:]) /
+              upstream_s, "upstream_max_abs_diff": diff, "upstream_aten_ops_per_chunk": ops,
+              "upstream_copy_ops_per_chunk": copies, "upstream_repo": upstream_checkout(args.upstream_repo)}
+    if fast != "eager" and "eager" in seconds:
+        report["eager_ratio_vs_upstream"] = statistics.median(seconds["eager"][setup.warmup:]) / upstream_s
+    return report
+
+
+def upstream_checkout(repo):
+    """The checkout's path and commit (git), for the record."""
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    commit = head.stdout.strip() if head.returncode == 0 else "commit unknown (not a git checkout)"
+    return f"{Path(repo).resolve()} @ {commit}"
 
 
 def print_report(setup, result, seconds):
@@ -473,6 +521,13 @@ def print_report(setup, result, seconds):
     print(f"peak memory: {result['peak_memory_mb']:.0f} MiB ({allocator})"
           f"; compiled graphs {result['compiled_graphs']}, recompiles {result['recompiles']}")
     print(f"eager ATen ops per steady chunk: {result['aten_ops_per_chunk']}, copy-like {result['copy_ops_per_chunk']}")
+    if "upstream_chunk_s" in result:
+        eager = f", eager {result['eager_ratio_vs_upstream']:.3f}" if "eager_ratio_vs_upstream" in result else ""
+        print(f"upstream ({result['upstream_repo']}), same weights: steady chunk p50 "
+              f"{result['upstream_chunk_s'] * 1e3:.1f} ms; ratio_vs_upstream {result['ratio_vs_upstream']:.3f} "
+              f"(ours / upstream){eager}; max |ours - upstream| over all chunks {result['upstream_max_abs_diff']:.3g}; "
+              f"eager ATen ops {result['upstream_aten_ops_per_chunk']}, copy-like "
+              f"{result['upstream_copy_ops_per_chunk']}")
     for key, what in (("eager_vs_compiled", "eager / compiled steady-chunk time"),
                       ("sequential_vs_overlapped", "sequential / overlapped end-to-end time (frames identical)")):
         if key in result:

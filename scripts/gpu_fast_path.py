@@ -10,6 +10,17 @@ Dry run of the same code on CPU at a tiny size (minutes, no GPU):
 
     python scripts/gpu_fast_path.py --out /tmp/dry --device cpu --dry_run
 
+Beside upstream Reward Forcing (https://github.com/JaydenLyh/Reward-Forcing) in the same run: give a checkout of it
+(only its wan/modules/ is imported, with diffusers and einops installed; see scripts/upstream_model.py):
+
+    git clone https://github.com/JaydenLyh/Reward-Forcing ../Reward-Forcing
+    python scripts/gpu_fast_path.py --out gpu_results --upstream_repo ../Reward-Forcing
+    python scripts/gpu_fast_path.py --out /tmp/dry --device cpu --dry_run --upstream_repo ../Reward-Forcing
+
+This adds the step dit_vs_upstream (our eager and compiled DiT and upstream's causal DiT with the same weights,
+chunks interleaved: upstream_chunk_s, ratio_vs_upstream = our compiled steady chunk / upstream's, and
+upstream_max_abs_diff between the two streams) and upstream's bf16 error to bf16_error.
+
 Writes <out>/<step>.json per step and <out>/summary.json; each step's command is printed before it runs.
 """
 import argparse
@@ -23,7 +34,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # benchmark.py, upstream_model.py
 
+from reward_forcing.errors import UserError  # noqa: E402
 from reward_forcing.inference.generator import latent_size  # noqa: E402
 
 BENCHMARK = ROOT / "scripts" / "benchmark.py"
@@ -40,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--chunks", type=int, default=12)
     p.add_argument("--dry_run", action="store_true", help="tiny sizes, to check the script on CPU")
     p.add_argument("--skip", nargs="*", default=[], help="steps to leave out (names as in summary.json)")
+    p.add_argument("--upstream_repo", metavar="DIR",
+                   help="a checkout of JaydenLyh/Reward-Forcing: also time and check its causal DiT with the same "
+                        "weights (step dit_vs_upstream, and in bf16_error)")
     return p.parse_args(argv)
 
 
@@ -48,11 +64,15 @@ def benchmark_steps(args):
     model = DRY_SIZE if args.dry_run else ["--config", args.config, "--random_weights", "--chunks", str(args.chunks)]
     common = [*model, "--device", args.device]
     vae, taehv = ["decoder=vae"], ["decoder=taehv"]
-    return [
+    steps = [
         ("eager_vs_compiled_vae", [*common, "--compile", "--compare", *vae]),
         ("compiled_taehv", [*common, "--compile", *taehv]),
         ("eager_taehv", [*common, *taehv]),
     ]
+    if args.upstream_repo:
+        steps.append(("dit_vs_upstream", [*common, "--compile", "--compare", "--dit_only", "--upstream_repo",
+                                          str(Path(args.upstream_repo).resolve())]))
+    return steps
 
 
 def run_benchmark(name, arguments, out):
@@ -65,27 +85,41 @@ def run_benchmark(name, arguments, out):
 
 def build_models(args):
     """The configured student at real size (or tiny for --dry_run) in fp32, and a bf16 copy of the same weights."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     import benchmark  # noqa: E402
 
     bench_args = benchmark.parse_args(DRY_SIZE + ["--device", args.device, "--dit_only"] if args.dry_run else
                                       ["--config", args.config, "--random_weights", "--device", args.device,
                                        "--dit_only"])
     cfg = benchmark.harness_config(bench_args)
+    torch.manual_seed(0)  # as benchmark.Setup: the same small-model weights whatever ran before (an upstream import)
     model, _ = benchmark.harness_model(bench_args, cfg)
     return cfg, model.eval().requires_grad_(False)
 
 
 def bf16_error(args):
-    """One steady chunk's flow (window full, EMA active) in bf16 vs fp32, same weights, same inputs."""
-    from reward_forcing.inference.generator import StreamingGenerator
-
+    """One steady chunk's flow (window full, EMA active) in bf16 vs fp32, same weights, same inputs; with
+    --upstream_repo the same for upstream's causal DiT holding the same weights."""
     cfg, model = build_models(args)
-    device = torch.device(args.device)
     hw = latent_size(cfg, model.patch_size)
     gen = torch.Generator().manual_seed(0)
     context = torch.randn(1, model.text_len, model.text_embedding[0].in_features, generator=gen)
     chunks = [torch.randn(1, model.in_dim, 3, *hw, generator=gen) for _ in range(5)]
+    upstream = None
+    if args.upstream_repo:  # built while our weights are still fp32
+        from upstream_model import load_upstream_model
+        upstream = load_upstream_model(args.upstream_repo, model, cfg, args.device, torch.float32)
+    result = steady_flow_error(model, cfg, args.device, context, chunks)
+    if upstream is not None:
+        errors = steady_flow_error(upstream, cfg, args.device, context, chunks)
+        result.update(upstream_max_abs_error=errors["max_abs_error"], upstream_output_scale=errors["output_scale"])
+    return result
+
+
+def steady_flow_error(model, cfg, device, context, chunks):
+    """Flow of the last chunk of `chunks` (each after the context passes of those before it) in bf16 vs fp32."""
+    from reward_forcing.inference.generator import StreamingGenerator
+
+    device = torch.device(device)
     flows = {}
     for dtype in (torch.float32, torch.bfloat16):
         model.to(device=device, dtype=dtype)
@@ -151,6 +185,12 @@ def training_memory(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.upstream_repo:  # before any step runs: a checkout that cannot be imported stops the run at once
+        from upstream_model import import_causal_model
+        try:
+            import_causal_model(args.upstream_repo)
+        except UserError as err:
+            raise SystemExit(f"error: {err}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {}

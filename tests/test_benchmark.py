@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 KEYS = {"dit_fps", "e2e_fps", "ttff_s", "chunk_p50_s", "chunk_p99_s", "peak_memory_mb", "compiled_graphs",
@@ -52,3 +54,12 @@ def test_harness_reports_every_key_and_identical_overlapped_frames(tmp_path):
     assert set(json.loads(out.read_text())) == KEYS | {"sequential_vs_overlapped"}
     assert result["env"]["steady_chunks"] == 1 and result["e2e_fps"] > 0 and 0 < result["ttff_s"]
     assert result["chunk_p50_s"] <= result["chunk_p99_s"] and result["sequential_vs_overlapped"] > 0
+
+
+def test_upstream_repo_that_is_not_an_upstream_checkout_is_a_one_line_error(tmp_path):
+    (tmp_path / "wan").mkdir()  # a folder named like upstream's package, without its causal model
+    with pytest.raises(SystemExit, match=r"^error: --upstream_repo .*: no wan/modules/causal_model\.py there "
+                                         r"\(expected a checkout of https://github\.com/JaydenLyh/Reward-Forcing\)$"):
+        load_script().main(["--dit_only", "--chunks", "1", "--dim", "32", "--ffn_dim", "64", "--num_heads", "2",
+                            "--num_layers", "1", "--text_len", "4", "--height", "16", "--width", "16", "--device",
+                            "cpu", "--upstream_repo", str(tmp_path)])
