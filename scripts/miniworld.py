@@ -39,9 +39,19 @@ from reward_forcing.errors import ConfigError, UserError, run_cli  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "miniworld"
 STAGES = ("data", "teacher", "ode_pairs", "ode_init", "distill", "evaluate", "long", "report")
-METRICS = ("color_accuracy", "validity", "speed", "speed_w1_teacher", "reward", "straightness")
+METRICS = ("color_accuracy", "validity", "speed", "speed_w1_teacher", "reward", "quality", "path_speed",
+           "straightness")
 CURVES = ("validity", "color_drift", "first_chunk_similarity")
 SINKS = {"none": ["sink_size=0", "sink_mode=none"], "static": ["sink_mode=static"], "ema": ["sink_mode=ema"]}
+
+
+def sink_overrides(sink: str) -> list[str]:
+    """A long-rollout sink setting: none / static / ema (the config's compression_alpha) or ema_a<alpha>."""
+    if sink.startswith("ema_a"):
+        return ["sink_mode=ema", f"compression_alpha={float(sink[len('ema_a'):])}"]
+    if sink not in SINKS:
+        raise ConfigError(f"unknown sink '{sink}' (none, static, ema or ema_a<alpha>)")
+    return SINKS[sink]
 DATA_SHARD = 256
 EVAL_BATCH = 64
 
@@ -127,15 +137,18 @@ class Run:
         return logdir / "model_ema" if (logdir / "model_ema").is_dir() else logdir / "model"
 
     def arms(self) -> dict:
-        """Distillation arms -> train.py overrides: DMD, Re-DMD at each beta, and Re-DMD at `cache_grad_beta` with
-        each further `rollout_cache_grad` mode (the others use the default, straight_through)."""
-        arms = {"dmd": ["distill_loss=dmd"]}
-        arms.update({f"re_dmd_b{beta:g}": ["distill_loss=re_dmd", f"reward_beta={beta}"]
+        """Student arms trained from the ODE init -> (stage config, train.py overrides): DMD, Re-DMD at each beta,
+        Re-DMD at `cache_grad_beta` with each further `rollout_cache_grad` mode (the others use the default,
+        straight_through), and reward-only fine-tuning (arXiv 2601.16933) on each `reward_feedback_frames` choice."""
+        arms = {"dmd": ("distill", ["distill_loss=dmd"])}
+        arms.update({f"re_dmd_b{beta:g}": ("distill", ["distill_loss=re_dmd", f"reward_beta={beta}"])
                      for beta in self.settings.betas})
         beta = self.settings.cache_grad_beta
-        arms.update({f"re_dmd_b{beta:g}_{mode}": ["distill_loss=re_dmd", f"reward_beta={beta}",
-                                                  f"rollout_cache_grad={mode}"]
+        arms.update({f"re_dmd_b{beta:g}_{mode}": ("distill", ["distill_loss=re_dmd", f"reward_beta={beta}",
+                                                               f"rollout_cache_grad={mode}"])
                      for mode in self.settings.cache_grad_modes})
+        arms.update({f"rf_{frame}": ("reward_feedback", [f"reward_frame={frame}"])
+                     for frame in self.settings.reward_feedback_frames})
         return arms
 
     def arm_seeds(self, arm: str) -> list[int]:
@@ -164,14 +177,17 @@ def train(config: Path, logdir: Path, overrides: list[str]) -> None:
 # ---- world videos -> statistics ------------------------------------------------------------------
 
 def score_videos(world, latents: torch.Tensor, prompts: list[str]) -> dict:
-    """Per-video lists: color_correct, validity, speed, straightness and reward (the world's motion score)."""
+    """Per-video lists: color_correct, validity, speed, path_speed, straightness, reward (the world's motion score,
+    Re-DMD's) and quality (blob_quality over every frame, reward feedback's)."""
+    from reward_forcing.miniworld.blob_reward import BlobQualityReward
     from reward_forcing.miniworld.detector import video_stats
     from reward_forcing.miniworld.reward import LatentMotionReward
 
     stats = video_stats(world, latents, [world.colour_of(p) for p in prompts])
     reward = LatentMotionReward(world).score(latents, prompts)["motion"]
-    return {key: stats[key].tolist() for key in ("color_correct", "validity", "speed", "straightness")} | {
-        "reward": reward.tolist()}
+    quality = BlobQualityReward(world).score(latents, prompts)["quality"]
+    keys = ("color_correct", "validity", "speed", "path_speed", "straightness")
+    return {key: stats[key].tolist() for key in keys} | {"reward": reward.tolist(), "quality": quality.tolist()}
 
 
 def balanced_prompts(world, per_colour: int) -> list[str]:
@@ -184,7 +200,7 @@ def sample_student(run: Run, checkpoint: Path, prompts: list[str], frames: int, 
     from reward_forcing.inference.generator import StreamingGenerator, latent_size
     from reward_forcing.inference.pipeline import load_student, load_text_encoder
 
-    extra = SINKS[sink] if sink is not None else []
+    extra = sink_overrides(sink) if sink is not None else []
     cfg = load_config(run.stage_config("distill"), [f"checkpoint_dir={run.assets}", *extra])
     model, _ = load_student(cfg, checkpoint)
     encoder = load_text_encoder(cfg, torch.device("cpu"), torch.float32)
@@ -273,18 +289,20 @@ def stage_distill(run: Run) -> dict:
     import os
     import subprocess
 
-    config = run.stage_config("distill")
     todo, runs = [], {}
-    for arm, arm_overrides in run.arms().items():
+    for arm, (stage, arm_overrides) in run.arms().items():
+        config = run.stage_config(stage)
+        # DMD's reward is --reward (it weights Re-DMD); reward feedback's is its own config's differentiable one
+        specific = ([f"reward.name={run.reward}", f"real_name={run.teacher}", f"fake_name={run.teacher}"]
+                    if stage == "distill" else [])
         for seed in run.arm_seeds(arm):
             logdir = run.distill_dir(arm, seed)
             runs[f"{arm}_s{seed}"] = str(logdir / "generator.pt")
             if not (logdir / "finished").is_file():
-                todo.append((logdir, [*arm_overrides, f"seed={seed}", f"reward.name={run.reward}",
-                                      f"reward.world_path={run.world_path}", f"prompt_path={run.prompts}",
-                                      f"generator_ckpt={run.out / 'ode_init' / 'ode_init.pt'}",
-                                      f"real_name={run.teacher}", f"fake_name={run.teacher}",
-                                      *run.overrides("distill")]))
+                todo.append((logdir, config, [*arm_overrides, *specific, f"seed={seed}",
+                                              f"reward.world_path={run.world_path}", f"prompt_path={run.prompts}",
+                                              f"generator_ckpt={run.out / 'ode_init' / 'ode_init.pt'}",
+                                              *run.overrides(stage)]))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     running = []
 
@@ -300,7 +318,7 @@ def stage_distill(run: Run) -> dict:
             raise StageFailed(f"distill run {logdir.name} failed ({last[0]}); see {logdir / 'train.log'}")
         (logdir / "finished").write_text("")
 
-    for logdir, overrides in todo:
+    for logdir, config, overrides in todo:
         if len(running) >= run.settings.distill_jobs:
             wait_one()
         logdir.mkdir(parents=True, exist_ok=True)
@@ -350,12 +368,16 @@ def stage_long(run: Run) -> dict:
     prompts = balanced_prompts(world, settings.long_per_colour)
     seed = settings.distill_seeds[0]
     chunk = OmegaConf.load(CONFIGS / "common.yaml").num_frame_per_block
-    results = {}
+    # the world's own videos of that length: how the curves look when nothing is copied and nothing drifts
+    truth = [world.sample(settings.data_samples + i, frames=settings.long_frames) for i in range(len(prompts))]
+    results = {"data": {"world": long_curves(world, torch.stack([s["latent"] for s in truth]),
+                                             [s["prompt"] for s in truth], chunk)}}
+    sinks = [*settings.sinks, *[f"ema_a{alpha:g}" for alpha in settings.ema_alphas]]
     for arm in settings.long_arms:
         if arm not in run.arms():
             raise ConfigError(f"long_arms names '{arm}', which is not an arm ({', '.join(run.arms())})")
         results[arm] = {}
-        for sink in settings.sinks:
+        for sink in sinks:
             latents = sample_student(run, run.distill_dir(arm, seed) / "generator.pt", prompts,
                                      settings.long_frames, seed=2000, sink=sink)
             results[arm][sink] = long_curves(world, latents, prompts, chunk)

@@ -36,22 +36,24 @@ def test_quick_run_writes_metrics_report_and_plots(quick):
         f"stage {s}" for s in STAGES]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"arms", "long", "stages"}
-    # configs/miniworld/quick.yaml: one seed, beta 4 only; data / teacher / ode_init have one sample set each
-    assert list(metrics["arms"]) == ["data", "teacher", "ode_init", "dmd", "re_dmd_b4"]
+    # configs/miniworld/quick.yaml: one seed, beta 4 only, both reward-feedback frames; data / teacher / ode_init
+    # have one sample set each
+    assert list(metrics["arms"]) == ["data", "teacher", "ode_init", "dmd", "re_dmd_b4", "rf_last", "rf_random"]
     for arm, entry in metrics["arms"].items():
-        assert {"color_accuracy", "validity", "speed", "speed_w1_teacher", "reward"} <= set(entry)
+        assert {"color_accuracy", "validity", "speed", "speed_w1_teacher", "reward", "quality"} <= set(entry)
         for value in entry.values():
             assert len(value["seeds"]) == 1 and value["mean"] == pytest.approx(value["seeds"][0])
     assert metrics["arms"]["teacher"]["speed_w1_teacher"]["mean"] == 0
     assert metrics["arms"]["data"]["color_accuracy"]["mean"] == 1 and metrics["arms"]["data"]["validity"]["mean"] == 1
+    assert list(metrics["long"]["data"]) == ["world"] and metrics["long"]["data"]["world"]["validity"] == [1.0] * 12
     for arm in ("dmd", "re_dmd_b4"):
-        assert set(metrics["long"][arm]) == {"none", "static", "ema"}
+        assert set(metrics["long"][arm]) == {"none", "static", "ema", "ema_a0.99", "ema_a0.9"}
         for curves in metrics["long"][arm].values():
             assert set(curves) == {"validity", "color_drift", "first_chunk_similarity"}
             assert all(len(curve) == 12 for curve in curves.values())  # long_frames 12 in quick.yaml
     assert set(metrics["stages"]) == set(STAGES[:-1]) and all(s["seconds"] > 0 for s in metrics["stages"].values())
     report = (out / "report.md").read_text()
-    assert "| re_dmd_b4 |" in report and "| dmd | ema |" in report
+    assert "| re_dmd_b4 |" in report and "| rf_random |" in report and "| dmd | ema_a0.9 |" in report
     for name in ("dose_response.png", "long_rollouts.png", "strips.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
