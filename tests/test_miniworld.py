@@ -79,6 +79,16 @@ def test_latent_motion_is_validity_times_speed_over_max_speed(world, samples):
     speeds = torch.tensor([s["speed"] for s in samples[:6]] + [0.0])
     torch.testing.assert_close(scores["motion"], speeds.float() / SPEC.max_speed, atol=0.02, rtol=0)
     assert scores["motion"][-1] == 0 and scores["validity"].min() == 1
+    # motion_norm standardises by U[0, max_speed]: (s - max / 2) / (max / sqrt(12)); a still blob sits at -sqrt(3)
+    standard = (speeds.float() - SPEC.max_speed / 2) / (SPEC.max_speed / math.sqrt(12))
+    torch.testing.assert_close(scores["motion_norm"], standard, atol=0.02 * math.sqrt(12), rtol=0)
+    assert scores["motion_norm"][-1].item() == pytest.approx(-math.sqrt(3), abs=1e-6)
+
+
+def test_motion_norm_of_the_worlds_own_data_has_mean_0_and_std_1(world):
+    videos = [world.sample(i) for i in range(300)]
+    scores = LatentMotionReward(world).score(torch.stack([v["latent"] for v in videos]), [v["prompt"] for v in videos])
+    assert abs(scores["motion_norm"].mean().item()) < 0.2 and abs(scores["motion_norm"].std().item() - 1) < 0.1
 
 
 def test_world_spec_round_trips_and_bad_specs_are_one_line(world, tmp_path):
