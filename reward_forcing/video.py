@@ -17,6 +17,12 @@ import torch
 
 from reward_forcing.errors import UserError
 
+# imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp unless this is set. preexec_fn runs Python in the
+# forked child, which can deadlock when other threads hold locks at fork time: the server writes its mp4 from
+# a worker thread beside the decode thread and the event loop, and a writer hung there forever
+# (imageio-ffmpeg's own _utils.py names this switch as the work-around for a hang on fork()).
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 NAME_MAX_BYTES = 255  # POSIX NAME_MAX on ext4/xfs/btrfs/tmpfs
 HASH_CHARS = 10
 

@@ -135,3 +135,22 @@ def test_manifest_keeps_the_last_record_per_file_in_order(tmp_path):
     records = read_manifest(path)
     assert [(r["file"], r["seed"]) for r in records] == [("0-0.mp4", 12), ("0-1.mp4", 11), ("1-0.mp4", 13)]
     assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_mp4_writer_starts_ffmpeg_without_running_python_in_the_forked_child(tmp_path, monkeypatch):
+    # The server writes mp4s from a worker thread; a preexec_fn (imageio-ffmpeg's default, os.setpgrp) runs Python
+    # between fork and exec, where a lock another thread held at fork time can hang the child forever.
+    import subprocess
+
+    spawned = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        spawned.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
+    with Mp4Writer(tmp_path / "a.mp4", fps=8) as writer:
+        writer.append(np.zeros((2, 16, 16, 3), dtype=np.uint8))
+    assert spawned and all(kwargs.get("preexec_fn") is None for kwargs in spawned)
+    assert (tmp_path / "a.mp4").is_file()
