@@ -269,3 +269,22 @@ def test_reward_placement_decides_which_ranks_hold_the_reward_model(distiller, p
     reward = VideoAlignReward.from_config(cfg, rank1, torch.float32, IdentityDecoder())
     assert isinstance(reward.model, VideoReward) == holds_model
     assert (reward.model is None) == (not holds_model)
+
+
+def test_batch_mean_weight_norm_divides_each_weight_by_the_batch_mean(distiller, monkeypatch):
+    """reward_weight_norm=batch_mean: sample b's gradient is w_b / mean(w) times its DMD gradient (the paper's w
+    divided by its batch mean), so the weights average 1 and keep their ratios."""
+    d = distiller
+    monkeypatch.setattr(d.cfg, "reward_weight_norm", "batch_mean")
+    x, teacher, critic, _, captured = _stand_ins(d, monkeypatch)
+    row = d.generator_micro(4, 0)
+    grad = captured["x"].grad.double()
+    (x_t, t, _), = critic.calls
+    with torch.no_grad():
+        g = _expected_generator(d, x, teacher, critic, x_t, t, d.cfg.score_timestep_shift)
+    w = torch.exp(d.cfg.reward_beta * MQ_NORM.double())
+    w = w / w.mean()
+    size = grad.abs().mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(size * x.numel() * GRAD_ACCUM, w * g.abs().mean(dim=(1, 2, 3, 4)), rtol=1e-5, atol=0)
+    assert row["reward_weight"] == pytest.approx(1.0, rel=1e-12)
+    assert row["reward_weight_max"] == pytest.approx(float(w.max()), rel=1e-12)

@@ -89,3 +89,27 @@ def test_critic_loss_is_flow_matching_mse(t):
     assert torch.allclose(critic_flow_loss(pred, x_t, x0, noise, tb, schedule), expected, rtol=1e-5)
     # a perfect x0 prediction recovers the flow exactly
     assert float(critic_flow_loss(x0, x_t, x0, noise, tb, schedule)) < 1e-10
+
+
+def test_batch_mean_weight_norm_keeps_the_ratios_and_averages_one():
+    from reward_forcing.training.losses import normalise_weight
+
+    weight = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+    assert torch.equal(normalise_weight(weight, "none"), weight)
+    # mean 3: each weight / 3
+    torch.testing.assert_close(normalise_weight(weight, "batch_mean"),
+                               torch.tensor([1 / 3, 2 / 3, 1.0, 2.0], dtype=torch.float64))
+
+
+def test_an_unknown_weight_norm_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "train.py"), "--config_path", str(root / "configs" / "tiny_train.yaml"),
+                             "--logdir", str(tmp_path), "reward_weight_norm=softmax"], capture_output=True, text=True,
+                            cwd=root, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: reward_weight_norm must be one of none, batch_mean; got 'softmax'"]

@@ -27,6 +27,8 @@ from reward_forcing.training.losses import (
     critic_flow_loss,
     dmd_gradient,
     re_dmd_loss,
+    WEIGHT_NORMS,
+    normalise_weight,
     reward_weight,
     score_timesteps,
 )
@@ -68,6 +70,8 @@ def run(cfg, logdir, args) -> None:
     check_frame_choice(cfg.reward_frame)
     if cfg.distill_loss == "re_dmd":
         check_reward_config(cfg)
+    if cfg.reward_weight_norm not in WEIGHT_NORMS:
+        raise ConfigError(f"reward_weight_norm must be one of {', '.join(WEIGHT_NORMS)}; got '{cfg.reward_weight_norm}'")
     info = init_distributed(cfg.fsdp_replicate)
     try:
         Distiller(cfg, Path(logdir), args, info).train()
@@ -197,7 +201,8 @@ class Distiller:
         row, weight = {}, None
         if self.reward is not None:
             scores = self.reward(x.detach(), prompts)
-            weight = reward_weight(scores[cfg.reward.score_key], cfg.reward_beta, cfg.reward_weight_clip)
+            weight = normalise_weight(reward_weight(scores[cfg.reward.score_key], cfg.reward_beta,
+                                                    cfg.reward_weight_clip), cfg.reward_weight_norm)
             row.update({f"reward_{key.lower()}": value.mean() for key, value in scores.items()})
             row.update(reward_weight=weight.mean(), reward_weight_min=weight.min(), reward_weight_max=weight.max())
         x_t, _, t = self._noisy(x.detach(), "generator", step, ids)

@@ -28,6 +28,24 @@ def dmd_gradient(x: torch.Tensor, x_real: torch.Tensor, x_fake: torch.Tensor) ->
     return torch.nan_to_num((x_fake - x_real) / normaliser)
 
 
+WEIGHT_NORMS = ("none", "batch_mean")
+
+
+def normalise_weight(weight: torch.Tensor, how: str) -> torch.Tensor:
+    """`reward_weight_norm`: `none` keeps w = exp(beta * score) as the paper defines it; `batch_mean` divides by w's
+    mean over the micro-batch of every rank, so only the emphasis among a batch's samples remains. Unnormalised,
+    an Adam step's size follows its batch's mean reward (with beta 4 on the miniature world's motion_norm, 10 % of
+    the generator steps carried half the total weight)."""
+    if how == "none":
+        return weight
+    import torch.distributed as dist
+
+    totals = torch.stack([weight.sum(), torch.tensor(float(weight.numel()), dtype=weight.dtype, device=weight.device)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    return weight * (totals[1] / totals[0])
+
+
 def reward_weight(score: torch.Tensor, beta: float, clip=None) -> torch.Tensor:
     """Per-sample Re-DMD weight w = exp(beta * score) (upstream's score: VideoReward's MQ_norm), optionally
     capped at `clip`."""
