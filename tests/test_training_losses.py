@@ -113,3 +113,23 @@ def test_an_unknown_weight_norm_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: reward_weight_norm must be one of none, batch_mean; got 'softmax'"]
+
+
+def _normalise_on_rank(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    from reward_forcing.training.losses import normalise_weight
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    weight = torch.tensor([[1.0, 2.0], [3.0, 6.0]][rank], dtype=torch.float64)
+    torch.save(normalise_weight(weight, "batch_mean"), f"{out_dir}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_batch_mean_is_the_mean_over_every_ranks_samples(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_normalise_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    # the global batch [1, 2, 3, 6] has mean 3, whatever its split over ranks
+    torch.testing.assert_close(torch.cat(got), torch.tensor([1 / 3, 2 / 3, 1.0, 2.0], dtype=torch.float64))
