@@ -43,6 +43,8 @@ METRICS = ("color_accuracy", "validity", "speed", "speed_w1_teacher", "reward", 
            "straightness")
 CURVES = ("validity", "color_drift", "first_chunk_similarity")
 SINKS = {"none": ["sink_size=0", "sink_mode=none"], "static": ["sink_mode=static"], "ema": ["sink_mode=ema"]}
+DATA_SHARD = 256
+EVAL_BATCH = 64
 
 
 def sink_overrides(sink: str) -> list[str]:
@@ -52,8 +54,6 @@ def sink_overrides(sink: str) -> list[str]:
     if sink not in SINKS:
         raise ConfigError(f"unknown sink '{sink}' (none, static, ema or ema_a<alpha>)")
     return SINKS[sink]
-DATA_SHARD = 256
-EVAL_BATCH = 64
 
 
 class StageFailed(UserError):

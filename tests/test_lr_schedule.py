@@ -13,7 +13,8 @@ def test_cosine_factor_is_half_a_cosine_after_a_linear_warmup():
     assert [lr_factor("cosine", s, 10, 0) for s in range(10)] == pytest.approx(
         [0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(10)])
     assert [lr_factor("constant", s, 10, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert lr_factor("cosine", 3, 10, 4) == 1.0 and lr_factor("cosine", 7, 10, 4) == pytest.approx(0.5)  # (7 - 4) / 6 of the way
+    assert lr_factor("cosine", 3, 10, 4) == 1.0
+    assert lr_factor("cosine", 7, 10, 4) == pytest.approx(0.5)  # (7 - 4) / 6 of the way down
 
 
 @pytest.mark.parametrize("overrides, message", [

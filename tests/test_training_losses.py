@@ -107,9 +107,9 @@ def test_an_unknown_weight_norm_is_one_line(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, str(root / "train.py"), "--config_path", str(root / "configs" / "tiny_train.yaml"),
-                             "--logdir", str(tmp_path), "reward_weight_norm=softmax"], capture_output=True, text=True,
-                            cwd=root, timeout=120)
+    command = [sys.executable, str(root / "train.py"), "--config_path", str(root / "configs" / "tiny_train.yaml"),
+               "--logdir", str(tmp_path), "reward_weight_norm=softmax"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: reward_weight_norm must be one of none, batch_mean; got 'softmax'"]

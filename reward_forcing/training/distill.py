@@ -71,7 +71,8 @@ def run(cfg, logdir, args) -> None:
     if cfg.distill_loss == "re_dmd":
         check_reward_config(cfg)
     if cfg.reward_weight_norm not in WEIGHT_NORMS:
-        raise ConfigError(f"reward_weight_norm must be one of {', '.join(WEIGHT_NORMS)}; got '{cfg.reward_weight_norm}'")
+        raise ConfigError(f"reward_weight_norm must be one of {', '.join(WEIGHT_NORMS)}; "
+                          f"got '{cfg.reward_weight_norm}'")
     info = init_distributed(cfg.fsdp_replicate)
     try:
         Distiller(cfg, Path(logdir), args, info).train()
