@@ -27,6 +27,7 @@ from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
 
 from reward_forcing.config import load_config  # noqa: E402
 from reward_forcing.training import distill  # noqa: E402
+from reward_forcing.training.loop import Run  # noqa: E402
 from reward_forcing.training.parallel import init_distributed, shutdown  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -41,10 +42,9 @@ def distiller(tmp_path_factory):
     cfg = load_config(ROOT / "configs" / "tiny_train.yaml", [
         f"checkpoint_dir={assets}", f"prompt_path={assets / 'prompts.txt'}", "seed=7", f"batch_size={BATCH}",
         f"grad_accum={GRAD_ACCUM}", "distill_loss=re_dmd", f"context_noise={CONTEXT_NOISE}"])
-    args = SimpleNamespace(resume=None, disable_wandb=True, no_save=True)
     info = init_distributed()
     try:
-        yield distill.Distiller(cfg, tmp_path_factory.mktemp("distill_run"), args, info)
+        yield distill.Distiller(Run.open(cfg, tmp_path_factory.mktemp("distill_run"), info))
     finally:
         shutdown()
 
