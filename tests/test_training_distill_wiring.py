@@ -288,3 +288,34 @@ def test_batch_mean_weight_norm_divides_each_weight_by_the_batch_mean(distiller,
     torch.testing.assert_close(size * x.numel() * GRAD_ACCUM, w * g.abs().mean(dim=(1, 2, 3, 4)), rtol=1e-5, atol=0)
     assert row["reward_weight"] == pytest.approx(1.0, rel=1e-12)
     assert row["reward_weight_max"] == pytest.approx(float(w.max()), rel=1e-12)
+
+
+def test_teacher_unconditional_branch_gets_the_configured_negative_prompt(distiller, monkeypatch):
+    """Bug caught: a distiller that encodes "" (or any other text) for the teacher's unconditional CFG branch.
+    The rows the teacher sees second must hold the umT5 embedding of `negative_prompt` as configured, encoded here
+    by a text encoder of our own from the same folder; the first rows, the prompts' embedding."""
+    from reward_forcing.checkpoints import asset_path
+    from reward_forcing.models.text_encoder import TextEncoder
+
+    d = distiller
+    x, _, _, _, captured = _stand_ins(d, monkeypatch)
+    seen = []
+
+    class RecordingTeacher(torch.nn.Module):
+        def forward(self, x_t, t, context):
+            seen.append(context.detach().clone())
+            return torch.zeros_like(x_t)
+
+    monkeypatch.setattr(d, "teacher", RecordingTeacher())
+    d.generator_micro(0, 0)
+    encoder = TextEncoder.from_wan_folder(asset_path(d.cfg, d.cfg.model_name), d.cfg.text_encoder)
+    with torch.no_grad():
+        negative = encoder.encode([d.cfg.negative_prompt])
+        empty = encoder.encode([""])
+    (context,) = seen
+    cond, uncond = context.chunk(2)
+    assert d.cfg.negative_prompt.startswith("色调艳丽")  # Wan's standard negative prompt, from the packaged defaults
+    torch.testing.assert_close(cond, captured["context"], rtol=0, atol=0)
+    for row in uncond:
+        torch.testing.assert_close(row, negative[0], rtol=0, atol=0)
+    assert not torch.equal(negative, empty)  # so a distiller encoding "" would fail above
