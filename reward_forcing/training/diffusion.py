@@ -69,9 +69,7 @@ class FlowMatching(SingleNetworkMethod):
                               f"{self.model.in_dim}")
         self.model.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         self.model.train()
-        # foreach: one op per step for all (DTensor) parameters; PyTorch's CPU default updates them one by one,
-        # which costs more than the forward of a small model
-        self.add_network("model", self.model, cfg.lr_generator, foreach=True)
+        self.add_network("model", self.model, cfg.lr_generator)
         self.text_encoder = frozen_text_encoder(cfg, info, run.dtype)
         self.schedule = FlowMatchSchedule(cfg.timestep_shift, sigma_lookup=cfg.sigma_lookup)
 

@@ -81,11 +81,13 @@ class Method(ABC):
     def check(cls, cfg) -> None:
         """One-line errors for settings this method cannot run, before any process group or model exists."""
 
-    def add_network(self, name: str, model: torch.nn.Module, lr: float, foreach: bool | None = None) -> Updater:
-        """Train `model` with AdamW at rate `lr` (the shared betas, weight decay and eps) and global-norm clipping."""
+    def add_network(self, name: str, model: torch.nn.Module, lr: float) -> Updater:
+        """Train `model` with AdamW at rate `lr` (the shared betas, weight decay and eps) and global-norm clipping.
+        foreach: one op per step for all (DTensor) parameters, as PyTorch does on CUDA by default; its CPU default
+        updates them one by one, which costs more than the forward of a small model."""
         cfg = self.cfg
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas),
-                                      weight_decay=cfg.weight_decay, eps=cfg.adam_eps, foreach=foreach)
+                                      weight_decay=cfg.weight_decay, eps=cfg.adam_eps, foreach=True)
         self.networks[name] = Updater(name, model, optimizer, cfg.grad_clip)
         return self.networks[name]
 
