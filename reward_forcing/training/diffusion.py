@@ -26,7 +26,7 @@ from reward_forcing.errors import ConfigError
 def sample_timesteps(seed: int, step: int, sample_ids, shift: float) -> torch.Tensor:
     """Per-sample training timesteps [B] (float32): 1000 * shift(u), u on the 1000-point grid in [0, 1)."""
     from reward_forcing.training.losses import score_timesteps
-    from reward_forcing.training.rng import keyed_randint
+    from reward_forcing.rng import keyed_randint
 
     draws = torch.tensor([keyed_randint(1000, seed, "diffusion", "t", step, i) for i in sample_ids])
     return score_timesteps(draws, shift, 0.0, 1000.0).float()
@@ -34,7 +34,7 @@ def sample_timesteps(seed: int, step: int, sample_ids, shift: float) -> torch.Te
 
 def dropped_text(seed: int, step: int, sample_ids, rate: float) -> list[bool]:
     """Which samples are trained on the negative prompt (keyed, so a resumed run drops the same ones)."""
-    from reward_forcing.training.rng import keyed_generator
+    from reward_forcing.rng import keyed_generator
 
     return [float(torch.rand(1, generator=keyed_generator(seed, "diffusion", "text_dropout", step, i))) < rate
             for i in sample_ids]
@@ -89,7 +89,8 @@ def run(cfg, logdir, args) -> None:
     from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
     from reward_forcing.training.ode import PairBatches, load_text_encoder
     from reward_forcing.training.ode_data import OdePairDataset
-    from reward_forcing.training.parallel import compute_dtype, init_distributed, resolve_seed, shutdown
+    from reward_forcing.distributed import compute_dtype
+    from reward_forcing.training.parallel import init_distributed, resolve_seed, shutdown
     from reward_forcing.training.rollout import sample_noise
     from reward_forcing.training.lr_schedule import ScheduledRate
     from reward_forcing.training.schedule import Updater

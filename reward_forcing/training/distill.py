@@ -4,7 +4,7 @@ Per loop step (reward_forcing.training.schedule, `schedule: corrected`): on gene
 micro-steps of rollout (grad at the exit steps) -> [reward (reward_forcing/rewards) -> w] -> teacher/critic
 scores -> DMD loss; then `grad_accum` critic micro-steps of a fresh no-grad rollout -> flow-matching loss.
 `schedule: upstream` runs upstream's loop instead (one micro-step per network per iteration, its double steps).
-Every random draw is keyed by (seed, purpose, step, global sample index) (reward_forcing.training.rng), so runs
+Every random draw is keyed by (seed, purpose, step, global sample index) (reward_forcing.rng), so runs
 resume exactly and 1 rank with batch 2 draws what 2 ranks with batch 1 draw.
 """
 import time
@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 
 from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_wan_folder, read_wan_config
+from reward_forcing.distributed import compute_dtype
 from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import latent_size
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.models.wan import WanModel
 from reward_forcing.rewards.registry import build_reward, check_reward_config
+from reward_forcing.rng import keyed_randint
 from reward_forcing.sampling import FlowMatchSchedule
-from reward_forcing.training.data import PromptStream, read_prompts
+from reward_forcing.training.data import PromptStream, read_prompt_texts
 from reward_forcing.training.ema import EMA
 from reward_forcing.training.losses import (
     classifier_free_guidance,
@@ -34,14 +36,12 @@ from reward_forcing.training.losses import (
 )
 from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
 from reward_forcing.training.parallel import (
-    compute_dtype,
     init_distributed,
     load_sharded,
     resolve_seed,
     shutdown,
 )
 from reward_forcing.training.reward_feedback import FrameReward, check_frame_choice, choose_frames
-from reward_forcing.training.rng import keyed_randint
 from reward_forcing.training.rollout import exit_steps, rollout, sample_noise, training_sampler
 from reward_forcing.training.schedule import (
     Updater,
@@ -98,7 +98,7 @@ class Distiller:
         self.ema = EMA(self.generator, cfg.ema_decay) if meta.get("has_ema") else None
         self.start = load_checkpoint(self.resumed, self._parts())["step"] if self.resumed is not None else 0
 
-        prompts = read_prompts(cfg.prompt_path)
+        prompts = read_prompt_texts(cfg.prompt_path)
         self.generator_prompts = PromptStream(prompts, self.seed, "generator")
         self.critic_prompts = PromptStream(prompts, self.seed, "critic")
         self.uncond = self.text_encoder.encode([cfg.negative_prompt]).to(self.dtype)

@@ -147,8 +147,9 @@ def run(cfg, logdir, args) -> None:
     """ODE-regression training; checkpoints resume, and `<logdir>/ode_init.pt` holds {"generator": ...}."""
     from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
     from reward_forcing.training.ode_data import OdePairDataset
-    from reward_forcing.training.parallel import compute_dtype, init_distributed, resolve_seed, shutdown
-    from reward_forcing.training.rng import keyed_generator
+    from reward_forcing.distributed import compute_dtype
+    from reward_forcing.training.parallel import init_distributed, resolve_seed, shutdown
+    from reward_forcing.rng import keyed_generator
     from reward_forcing.training.lr_schedule import ScheduledRate
     from reward_forcing.training.schedule import Updater
     from reward_forcing.training.state import (

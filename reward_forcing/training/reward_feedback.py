@@ -23,7 +23,7 @@ import torch
 
 from reward_forcing.checkpoints import asset_path
 from reward_forcing.errors import ConfigError
-from reward_forcing.training.rng import keyed_randint
+from reward_forcing.rng import keyed_randint
 
 FRAME_CHOICES = ("last", "random", "all")
 DIFFERENTIABLE_EXAMPLES = ("imagereward", "blob_quality")  # what the refusals of a non-differentiable reward suggest
@@ -79,7 +79,7 @@ class FrameReward:
     @classmethod
     def imagereward(cls, cfg, info, dtype) -> "FrameReward":
         """ImageReward on Wan VAE pixels, whatever the `reward:` section names (it drives Re-DMD's weight)."""
-        from reward_forcing.inference.pipeline import WAN_VAE_FILE
+        from reward_forcing.models.decoder import WAN_VAE_FILE
         from reward_forcing.models.vae import WanVAE
         from reward_forcing.rewards.imagereward_scorer import ImageRewardReward
 
@@ -143,11 +143,12 @@ def run(cfg, logdir, args) -> None:
 class RewardFeedback:
     def __init__(self, cfg, logdir: Path, args, info):
         from reward_forcing.inference.generator import latent_size
-        from reward_forcing.training.data import PromptStream, read_prompts
+        from reward_forcing.training.data import PromptStream, read_prompt_texts
         from reward_forcing.training.ema import EMA
         from reward_forcing.training.metrics import MetricsLogger
         from reward_forcing.training.ode import load_student, load_text_encoder
-        from reward_forcing.training.parallel import compute_dtype, resolve_seed
+        from reward_forcing.distributed import compute_dtype
+        from reward_forcing.training.parallel import resolve_seed
         from reward_forcing.training.rollout import training_sampler
         from reward_forcing.training.state import load_checkpoint, read_meta, resume_folder
 
@@ -171,7 +172,7 @@ class RewardFeedback:
                                            eps=cfg.adam_eps)
         self.ema = EMA(self.generator, cfg.ema_decay) if meta.get("has_ema") else None
         self.start = load_checkpoint(resumed, self._parts())["step"] if resumed is not None else 0
-        self.prompts = PromptStream(read_prompts(cfg.prompt_path), self.seed, "generator")
+        self.prompts = PromptStream(read_prompt_texts(cfg.prompt_path), self.seed, "generator")
         self.logger = MetricsLogger(logdir, info.is_main, "disabled" if args.disable_wandb else cfg.wandb_mode, cfg,
                                     cfg.wandb_project, cfg.wandb_run_name,
                                     resume_step=self.start if resumed is not None else None)
