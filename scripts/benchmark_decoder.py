@@ -17,11 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from reward_forcing.errors import ConfigError, run_cli  # noqa: E402
+from reward_forcing.errors import ConfigError, run_cli
 
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
 TINY_TAEHV = dict(latent_channels=16, encoder_width=8, decoder_widths=(16, 8, 8, 8))
@@ -32,13 +30,13 @@ def _peak_mib() -> float:
 
 
 def _build(decoder: str, folder: Path):
-    from reward_forcing import tiny_assets
+    from reward_forcing.testing import assets
     if decoder == "vae":
         from reward_forcing.models.vae import WanVAE
-        tiny_assets.write_vae(folder / "Wan2.1_VAE.pth", TINY_VAE)
+        assets.write_vae(folder / "Wan2.1_VAE.pth", TINY_VAE)
         return WanVAE.from_file(folder / "Wan2.1_VAE.pth", TINY_VAE)
     from reward_forcing.models.taehv import TAEHV
-    tiny_assets.write_taehv(folder / "taew2_1.pth", **TINY_TAEHV)
+    assets.write_taehv(folder / "taew2_1.pth", **TINY_TAEHV)
     return TAEHV.from_file(folder / "taew2_1.pth")
 
 

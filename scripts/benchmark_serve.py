@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from reward_forcing.errors import UserError, run_cli
 
-from reward_forcing.errors import UserError, run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT = "a red fox trots through fresh snow in a pine forest at dawn"
 SWITCH = "the fox leaps into the air, snow bursting around it"
@@ -50,7 +49,7 @@ def server_command(args, workdir: Path) -> list[str]:
     config, checkpoint, overrides = args.config_path, args.checkpoint_path, list(args.overrides)
     if args.tiny:
         from reward_forcing.config import load_config
-        from reward_forcing.tiny_assets import write_tiny_checkpoint_dir
+        from reward_forcing.testing.assets import write_tiny_checkpoint_dir
 
         config = config or str(ROOT / "configs" / "tiny.yaml")
         paths = write_tiny_checkpoint_dir(workdir / "tiny", load_config(config))

@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reward_forcing.errors import run_cli  # noqa: E402
-from reward_forcing.rewards.imagereward import center_crop, read_image, resize_short_side  # noqa: E402
+from reward_forcing.errors import run_cli
+from reward_forcing.rewards.imagereward import center_crop, read_image, resize_short_side
 
 
 def pil_crop(path, size: int) -> np.ndarray:

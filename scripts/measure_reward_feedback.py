@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from reward_forcing.config import load_config
+from reward_forcing.errors import ConfigError, run_cli
 
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.errors import ConfigError, run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
@@ -31,7 +30,7 @@ def mean_heldout_reward(cfg, weights: dict, prompts: list[str], seed: int = 1234
     from reward_forcing.inference.generator import latent_size
     from reward_forcing.models.causal_wan import CausalWanModel
     from reward_forcing.models.text_encoder import TextEncoder
-    from reward_forcing.training.parallel import DistInfo
+    from reward_forcing.distributed import DistInfo
     from reward_forcing.training.frame_reward import FrameReward, choose_frames
     from reward_forcing.training.rollout import rollout, training_sampler
 
@@ -80,11 +79,11 @@ def main(argv=None) -> int:
     if train_set & set(heldout):
         raise ConfigError("held-out prompts overlap the training prompts")
 
-    import train
     from reward_forcing.checkpoints import asset_path, load_generator_state_dict
+    from reward_forcing.training.cli import main as train
 
     began = time.perf_counter()
-    train.main(["--config_path", args.config, "--logdir", args.logdir, "--disable-wandb", *overrides])
+    train(["--config_path", args.config, "--logdir", args.logdir, "--disable-wandb", *overrides])
     train_time, memory = time.perf_counter() - began, peak_memory()
     rows = [json.loads(line) for line in (Path(args.logdir) / "metrics.jsonl").read_text().splitlines()]
     exported = Path(args.logdir) / "generator.pt"

@@ -23,8 +23,8 @@ from reward_forcing.config import load_config
 from reward_forcing.errors import CheckpointError
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.models.wan import WanModel, wan_to_diffusers_state_dict
-from reward_forcing.tiny_assets import TINY_WAN_CONFIG, randomise_
-from reward_forcing.tiny_assets import write_wan_folder as write_tiny_wan_folder
+from reward_forcing.testing.assets import TINY_WAN_CONFIG, randomise_
+from reward_forcing.testing.assets import write_wan_folder as write_tiny_wan_folder
 
 
 def new_model(seed):

@@ -1,24 +1,20 @@
 """`schedule: corrected | upstream` through the real Distiller on tiny models: optimiser steps, samples per step
 and EMA updates against counts worked out by hand from each loop (reward_forcing/training/schedule.py)."""
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
-
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.training import distill, ema  # noqa: E402
-from reward_forcing.training.loop import train  # noqa: E402
+from reward_forcing.config import load_config
+from reward_forcing.training import distill, ema
+from reward_forcing.training.loop import train
 
 ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_tiny_training_assets(tmp_path_factory.mktemp("schedule_assets"))
+def assets(tmp_path_factory, write_training_assets):
+    return write_training_assets(tmp_path_factory.mktemp("schedule_assets"))
 
 
 def _run(assets, tmp_path, monkeypatch, *overrides):

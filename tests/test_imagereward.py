@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from reward_forcing.errors import CheckpointError, UserError
 from reward_forcing.rewards import imagereward as ir
-from reward_forcing.tiny_imagereward import write_tiny_imagereward
+from reward_forcing.testing.imagereward import write_tiny_imagereward
 
 PROMPTS = ["a cat walks slowly across the green grass", "waves crash on a rocky beach at sunset, 4k"]
 
@@ -258,7 +258,7 @@ def test_cli_scores_an_image_and_a_chosen_video_frame(model, folder, tmp_path, c
 def test_released_sizes_build_vit_large_and_bert_base_of_the_published_file_size(folder, monkeypatch):
     """The released architecture on the meta device (no memory): ViT-L/16 at 224 px (24 layers, 16 heads) and
     BERT-base with 1024-wide cross-attention; fp32 parameters fill the published ~1.79 GB ImageReward.pt."""
-    from reward_forcing import tiny_imagereward
+    from reward_forcing.testing import imagereward as tiny_imagereward
 
     monkeypatch.setattr(tiny_imagereward._Random, "normal", lambda self, *shape, **_: torch.empty(shape, device="meta"))
     med = dict(json.loads((folder / ir.MED_CONFIG_FILE).read_text()), hidden_size=768, num_hidden_layers=12,

@@ -13,31 +13,8 @@ import torch
 
 from reward_forcing.errors import run_cli
 from reward_forcing.inference.cli import main
-from reward_forcing.tiny_assets import random_wan_state_dict, write_t5, write_tokenizer, write_vae, write_wan_folder
 
 REPO = Path(__file__).resolve().parents[1]
-DIT = dict(_class_name="WanModel", dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=32,
-           text_len=16, freq_dim=16, patch_size=[1, 2, 2], eps=1e-6, qk_norm=True, cross_attn_norm=True,
-           window_size=[-1, -1], model_type="t2v")
-TE = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=32,
-          relative_attention_max_distance=128, text_len=16)
-VAE = dict(base_dim=4, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
-PROMPTS = "a cat walks on the grass\n\nrock/paper scissors\na cat walks on the grass\nwaves crash on a beach\n"
-
-
-def make_tiny_assets(root):
-    """A Wan folder (DiT config + weights, T5, tokenizer, VAE), a sectioned student checkpoint and a config."""
-    base = random_wan_state_dict(DIT)
-    folder = write_wan_folder(root / "checkpoints" / "Wan2.1-T2V-1.3B", DIT, base)
-    write_tokenizer(folder, TE["vocab_size"])
-    write_t5(folder / "models_t5_umt5-xxl-enc-bf16.pth", TE)
-    write_vae(folder / "Wan2.1_VAE.pth", VAE)
-    ema = {k: v + 0.05 * torch.randn_like(v) for k, v in base.items()}
-    torch.save({"generator": base, "generator_ema": ema}, root / "model.pt")
-    config = {"checkpoint_dir": str(root / "checkpoints"), "text_encoder": TE, "vae": VAE, "height": 16, "width": 32}
-    (root / "tiny.yaml").write_text(json.dumps(config))  # JSON is YAML
-    (root / "prompts.txt").write_text(PROMPTS)
-    return root
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +27,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_tiny_assets(tmp_path_factory.mktemp("tiny"))
+def assets(tmp_path_factory, write_inference_assets):
+    return write_inference_assets(tmp_path_factory.mktemp("tiny"))
 
 
 def run(assets, out, *extra):
@@ -172,7 +149,7 @@ def test_extended_prompts_generate_while_short_prompts_name(assets, tmp_path):
 def test_readme_tiny_demo(tmp_path, capsys):
     """The README's CPU demo: configs/tiny.yaml with scripts/make_tiny_checkpoints.py's released-layout files."""
     from reward_forcing.config import load_config
-    from reward_forcing.tiny_assets import write_tiny_checkpoint_dir
+    from reward_forcing.testing.assets import write_tiny_checkpoint_dir
 
     config = REPO / "configs" / "tiny.yaml"
     checkpoints = tmp_path / "checkpoints" / "tiny"

@@ -14,8 +14,8 @@ from reward_forcing import VideoPipeline
 from reward_forcing.config import load_config
 from reward_forcing.errors import CheckpointError, run_cli
 from reward_forcing.inference import cli
-from reward_forcing.tiny_assets import (RELEASE_FILE, RELEASE_FOLDER, TINY_WAN_CONFIG, random_wan_state_dict, write_t5,
-                                        write_tokenizer, write_vae, write_wan_folder)
+from reward_forcing.testing.assets import (RELEASE_FILE, RELEASE_FOLDER, TINY_WAN_CONFIG, random_wan_state_dict,
+                                           write_t5, write_tokenizer, write_vae, write_wan_folder)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,14 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
-
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.errors import ConfigError  # noqa: E402
-from reward_forcing.training import frame_reward as rf  # noqa: E402
-from reward_forcing.training.loop import Run  # noqa: E402
-from reward_forcing.training.reward_feedback import RewardFeedback  # noqa: E402
+from reward_forcing.config import load_config
+from reward_forcing.errors import ConfigError
+from reward_forcing.training import frame_reward as rf
+from reward_forcing.training.loop import Run
+from reward_forcing.training.reward_feedback import RewardFeedback
+from reward_forcing.training.cli import main as train
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "configs" / "tiny_reward_feedback.yaml"
@@ -25,8 +23,8 @@ GLOO_TEARDOWN_ABORT = "terminate called without an active exception"  # see test
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_tiny_training_assets(tmp_path_factory.mktemp("tiny_rf_assets"))
+def assets(tmp_path_factory, write_training_assets):
+    return write_training_assets(tmp_path_factory.mktemp("tiny_rf_assets"))
 
 
 def _overrides(assets, *extra):
@@ -126,10 +124,8 @@ def test_distillation_plus_reward_adds_the_weighted_reward_gradient(assets, trai
 
 
 def _train(logdir, assets, *extra):
-    import train
-
-    assert train.main(["--config_path", str(CONFIG), "--logdir", str(logdir), "--disable-wandb",
-                       *_overrides(assets, *extra)]) == 0
+    assert train(["--config_path", str(CONFIG), "--logdir", str(logdir), "--disable-wandb",
+                  *_overrides(assets, *extra)]) == 0
     return [json.loads(line) for line in (Path(logdir) / "metrics.jsonl").read_text().splitlines()]
 
 

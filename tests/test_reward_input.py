@@ -1,6 +1,6 @@
 """`reward_input`: VideoAlign as trained (`native`) and the input of the run behind the released weights
 (`upstream`: 255 * x of [-1, 1] pixels read as [0, 255], all frames, sample 0 weights the batch), on the tiny
-VideoReward (reward_forcing/tiny_reward.py)."""
+VideoReward (reward_forcing/testing/videoreward.py)."""
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from reward_forcing.rewards.base import IdentityDecoder
 from reward_forcing.rewards.registry import check_reward_config
 from reward_forcing.rewards.videoalign import VideoReward
 from reward_forcing.rewards.videoalign_scorer import VideoAlignReward
-from reward_forcing.tiny_reward import write_tiny_videoreward
+from reward_forcing.testing.videoreward import write_tiny_videoreward
 from reward_forcing.training.losses import re_dmd_loss, reward_weight
 
 ROOT = Path(__file__).parents[1]

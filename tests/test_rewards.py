@@ -7,14 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
-
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.errors import ConfigError  # noqa: E402
-from reward_forcing.rewards.base import IdentityDecoder, Reward  # noqa: E402
-from reward_forcing.rewards.registry import build_reward, check_reward_config  # noqa: E402
-from reward_forcing.training.parallel import DistInfo  # noqa: E402
+from reward_forcing.config import load_config
+from reward_forcing.distributed import DistInfo
+from reward_forcing.errors import ConfigError
+from reward_forcing.rewards.base import IdentityDecoder, Reward
+from reward_forcing.rewards.registry import build_reward, check_reward_config
 
 ROOT = Path(__file__).parents[1]
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
@@ -99,11 +96,11 @@ def _registered():
     return list(REWARDS)
 
 
-def test_videoalign_reward_equals_videoreward_on_the_vae_decoded_video(tmp_path):
+def test_videoalign_reward_equals_videoreward_on_the_vae_decoded_video(tmp_path, write_training_assets):
     from reward_forcing.models.vae import WanVAE
     from reward_forcing.rewards.videoalign import VideoReward
 
-    assets = write_tiny_training_assets(tmp_path)
+    assets = write_training_assets(tmp_path)
     cfg = load_config(ROOT / "configs" / "tiny_train.yaml", [f"checkpoint_dir={assets}", "reward_placement=every_rank"])
     reward = build_reward(cfg, CPU, torch.float32)
     assert reward.input == "pixels" and not reward.differentiable

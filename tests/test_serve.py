@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from test_inference_e2e import make_tiny_assets
 
 from reward_forcing.config import load_config
 from reward_forcing.errors import run_cli
@@ -30,8 +29,8 @@ A, B = "a cat walks on the grass", "waves crash on a beach"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_tiny_assets(tmp_path_factory.mktemp("tiny"))
+def assets(tmp_path_factory, write_inference_assets):
+    return write_inference_assets(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

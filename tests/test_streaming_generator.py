@@ -7,7 +7,7 @@ from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, latent_size, pixel_frames
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.sampling import FlowMatchSchedule
-from reward_forcing.tiny_assets import randomise_
+from reward_forcing.testing.assets import randomise_
 
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=16, text_len=8, freq_dim=16)
 CHUNK, HW = 3, (4, 6)

@@ -5,7 +5,7 @@ from torch import nn
 
 from reward_forcing.errors import CheckpointError
 from reward_forcing.models.taehv import TAEHV, TGrow, TPool, _run_parallel
-from reward_forcing.tiny_assets import write_taehv
+from reward_forcing.testing.assets import write_taehv
 
 TINY = dict(latent_channels=16, encoder_width=8, decoder_widths=(16, 8, 8, 8))
 

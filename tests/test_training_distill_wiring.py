@@ -14,21 +14,17 @@ arXiv 2506.08009, with upstream's CFG form; the weight of Reward Forcing, arXiv 
 Sigmas come from a closed-form nearest point of the shifted training grid written here, not from the code.
 """
 import inspect
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _closed_forms import grid_sigma  # noqa: E402
-from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
-
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.training import distill  # noqa: E402
-from reward_forcing.training.loop import Run  # noqa: E402
-from reward_forcing.training.parallel import init_distributed, shutdown  # noqa: E402
+from reward_forcing.config import load_config
+from reward_forcing.testing.closed_forms import grid_sigma
+from reward_forcing.training import distill
+from reward_forcing.training.loop import Run
+from reward_forcing.training.parallel import init_distributed, shutdown
 
 ROOT = Path(__file__).parents[1]
 BATCH, GRAD_ACCUM = 2, 2
@@ -37,8 +33,8 @@ CONTEXT_NOISE = 40.0
 
 
 @pytest.fixture(scope="module")
-def distiller(tmp_path_factory):
-    assets = write_tiny_training_assets(tmp_path_factory.mktemp("distill_assets"))
+def distiller(tmp_path_factory, write_training_assets):
+    assets = write_training_assets(tmp_path_factory.mktemp("distill_assets"))
     cfg = load_config(ROOT / "configs" / "tiny_train.yaml", [
         f"checkpoint_dir={assets}", f"prompt_path={assets / 'prompts.txt'}", "seed=7", f"batch_size={BATCH}",
         f"grad_accum={GRAD_ACCUM}", "distill_loss=re_dmd", f"context_noise={CONTEXT_NOISE}"])

@@ -12,12 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
-
-from reward_forcing.checkpoints import load_generator_state_dict  # noqa: E402
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.training.state import latest_checkpoint  # noqa: E402
+from reward_forcing.checkpoints import load_generator_state_dict
+from reward_forcing.config import load_config
+from reward_forcing.training.state import latest_checkpoint
 
 ROOT = Path(__file__).parents[1]
 TIMING = {"step_time", "wall_time"}
@@ -25,8 +22,8 @@ GLOO_TEARDOWN_ABORT = "terminate called without an active exception"  # see test
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_tiny_training_assets(tmp_path_factory.mktemp("tiny_training_assets"))
+def assets(tmp_path_factory, write_training_assets):
+    return write_training_assets(tmp_path_factory.mktemp("tiny_training_assets"))
 
 
 def _train(assets, logdir, *overrides, nproc=2, check=True):

@@ -15,7 +15,6 @@ import torch
 from reward_forcing.config import load_config
 from reward_forcing.training.ema import EmaPolicy
 from reward_forcing.training.loop import Method, train
-from _training_tiny_assets import write_tiny_training_assets
 
 ROOT = Path(__file__).parents[1]
 
@@ -65,8 +64,8 @@ def test_a_finished_run_says_so_before_building_anything(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def cosine_distill(tmp_path_factory):
-    assets = write_tiny_training_assets(tmp_path_factory.mktemp("loop_assets"))
+def cosine_distill(tmp_path_factory, write_training_assets):
+    assets = write_training_assets(tmp_path_factory.mktemp("loop_assets"))
     logdir = tmp_path_factory.mktemp("loop_run")
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     cmd = [sys.executable, str(ROOT / "train.py"), "--config_path", str(ROOT / "configs" / "tiny_train.yaml"),

@@ -7,8 +7,9 @@ import torch
 from omegaconf import OmegaConf
 
 from reward_forcing.errors import ConfigError
-from reward_forcing.training.data import PromptStream, read_prompts
+from reward_forcing.training.data import PromptStream, read_prompt_texts
 from reward_forcing.training.metrics import MetricsLogger, learning_rates
+from reward_forcing.video import PromptFileError
 
 
 def test_rows_and_resume_truncation(tmp_path):
@@ -59,7 +60,7 @@ def test_wandb_offline_run_keeps_its_id_on_resume(tmp_path, monkeypatch):
 
 def test_prompt_stream_reshuffles_each_epoch_and_drops_nothing(tmp_path):
     (tmp_path / "p.txt").write_text("a\n\nb\nc\nd\n")
-    prompts = read_prompts(tmp_path / "p.txt")
+    prompts = read_prompt_texts(tmp_path / "p.txt")
     stream = PromptStream(prompts, seed=1, stream="critic")
     epochs = [[stream[e * 4 + i] for i in range(4)] for e in range(6)]
     assert all(sorted(e) == ["a", "b", "c", "d"] for e in epochs)
@@ -68,9 +69,11 @@ def test_prompt_stream_reshuffles_each_epoch_and_drops_nothing(tmp_path):
     assert [fresh[p] for p in (13, 2, 21)] == [epochs[3][1], epochs[0][2], epochs[5][1]]  # random access
 
 
-def test_missing_or_empty_prompt_file(tmp_path):
-    with pytest.raises(ConfigError, match="prompt file not found"):
-        read_prompts(tmp_path / "none.txt")
+def test_prompt_texts_skip_blank_lines_and_refuse_missing_or_empty_files(tmp_path):
+    (tmp_path / "p.txt").write_text(" a cat \n\nb\n\n")
+    assert read_prompt_texts(tmp_path / "p.txt") == ["a cat", "b"]
+    with pytest.raises(PromptFileError, match="prompt file not found"):
+        read_prompt_texts(tmp_path / "none.txt")
     (tmp_path / "e.txt").write_text("\n \n")
-    with pytest.raises(ConfigError, match="has no prompts"):
-        read_prompts(tmp_path / "e.txt")
+    with pytest.raises(PromptFileError, match="contains no prompts"):
+        read_prompt_texts(tmp_path / "e.txt")

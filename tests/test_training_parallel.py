@@ -9,13 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_dist_worker import GLOBAL_BATCH, Toy  # noqa: E402
+from reward_forcing.rng import keyed_randn
+from reward_forcing.testing.dist_worker import GLOBAL_BATCH, Toy
+from reward_forcing.training.state import latest_checkpoint
 
-from reward_forcing.training.rng import keyed_randn  # noqa: E402
-from reward_forcing.training.state import latest_checkpoint  # noqa: E402
-
-WORKER = Path(__file__).with_name("_training_dist_worker.py")
+WORKER = ["-m", "reward_forcing.testing.dist_worker"]
 # A gloo rank very rarely aborts in teardown on this shared CPU box (seen once in ~30 runs, see ENVIRONMENT.md)
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 ROOT = Path(__file__).parents[1]
@@ -24,7 +22,7 @@ ROOT = Path(__file__).parents[1]
 def _run(nproc, mode, out):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(WORKER), mode, str(out)] if nproc > 1 else [sys.executable, str(WORKER), mode, str(out)]
+           *WORKER, mode, str(out)] if nproc > 1 else [sys.executable, *WORKER, mode, str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:  # rare gloo abort at exit: retry once
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -1,5 +1,4 @@
 """Self-forcing rollout: train/test parity with the inference sampler, the cache switch, exit steps, gradients."""
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,10 +7,8 @@ import torch
 from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError
 from reward_forcing.models.causal_wan import CausalWanModel
+from reward_forcing.testing.closed_forms import grid_sigma
 from reward_forcing.training.rollout import exit_steps, rollout, sample_noise, training_sampler
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _closed_forms import grid_sigma  # noqa: E402
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 HW = (4, 4)

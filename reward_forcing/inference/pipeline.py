@@ -7,13 +7,13 @@ import torch
 
 from reward_forcing.checkpoints import (WeightsSource, asset_path, load_generator_weights, load_into, load_wan_folder,
                                         read_wan_config)
+from reward_forcing.distributed import compute_dtype
 from reward_forcing.errors import CheckpointError, ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, check_num_frames, latent_size
 from reward_forcing.inference.overlap import overlapped
 from reward_forcing.models.causal_wan import CausalWanModel
+from reward_forcing.models.decoder import load_decoder
 from reward_forcing.video import to_uint8_frames
-
-WAN_VAE_FILE = "Wan2.1_VAE.pth"  # the file name inside a Wan2.1 model folder
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -31,10 +31,6 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def compute_dtype(cfg, device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision else torch.float32
-
-
 def load_student(cfg, checkpoint_path=None, use_ema=False) -> tuple[CausalWanModel, WeightsSource]:
     """The causal student and a description of the weights read: architecture from the base folder's
     config.json, weights from `checkpoint_path` (flat, `generator` or `generator_ema`, or the EMA export
@@ -47,16 +43,6 @@ def load_student(cfg, checkpoint_path=None, use_ema=False) -> tuple[CausalWanMod
     else:
         state_dict, source = load_generator_weights(checkpoint_path, use_ema=use_ema)
     return load_into(model, state_dict, str(source)).eval().requires_grad_(False), source
-
-
-def load_decoder(cfg, device, dtype):
-    if cfg.decoder == "vae":
-        from reward_forcing.models.vae import WanVAE
-        return WanVAE.from_file(asset_path(cfg, Path(cfg.model_name) / WAN_VAE_FILE), cfg.vae, device=device, dtype=dtype)
-    if cfg.decoder == "taehv":
-        from reward_forcing.models.taehv import TAEHV
-        return TAEHV.from_file(asset_path(cfg, cfg.taehv_path), device=device, dtype=dtype)
-    raise ConfigError(f"decoder must be 'vae' or 'taehv', got '{cfg.decoder}'")
 
 
 def load_text_encoder(cfg, device, dtype):
@@ -118,7 +104,7 @@ class VideoPipeline:
     @classmethod
     def from_config(cls, cfg, checkpoint_path=None, use_ema=False, device="cpu") -> "VideoPipeline":
         device = torch.device(device)
-        dtype = compute_dtype(cfg, device)
+        dtype = compute_dtype(cfg.mixed_precision, device)
         if checkpoint_path is not None and not Path(checkpoint_path).exists():
             raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
         model, weights = load_student(cfg, checkpoint_path, use_ema)

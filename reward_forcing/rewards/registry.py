@@ -3,17 +3,21 @@
     reward.name       which scorer: a key of REWARDS
     reward.score_key  which of its per-sample scores drives the Re-DMD weight w = exp(reward_beta * score)
 Pixel rewards decode through `decoder` (vae: the Wan VAE, as upstream; taehv; none: the latents as they are).
-Scorers are imported only when named, so a run never loads a reward model it does not use.
+Importing a scorer loads no model (its from_config does), so a run still loads only the reward it names.
 """
-import importlib
-
 from reward_forcing.errors import ConfigError
+from reward_forcing.miniworld.blob_reward import BlobQualityReward
+from reward_forcing.miniworld.reward import LatentMotionReward
+from reward_forcing.models.decoder import load_decoder
+from reward_forcing.rewards.base import IdentityDecoder
+from reward_forcing.rewards.imagereward_scorer import ImageRewardReward
+from reward_forcing.rewards.videoalign_scorer import REWARD_INPUTS, VideoAlignReward
 
 REWARDS = {
-    "videoalign": "reward_forcing.rewards.videoalign_scorer:VideoAlignReward",
-    "latent_motion": "reward_forcing.miniworld.reward:LatentMotionReward",
-    "blob_quality": "reward_forcing.miniworld.blob_reward:BlobQualityReward",
-    "imagereward": "reward_forcing.rewards.imagereward_scorer:ImageRewardReward",
+    "videoalign": VideoAlignReward,
+    "latent_motion": LatentMotionReward,
+    "blob_quality": BlobQualityReward,
+    "imagereward": ImageRewardReward,
 }
 DECODERS = ("vae", "taehv", "none")
 
@@ -21,18 +25,13 @@ DECODERS = ("vae", "taehv", "none")
 def reward_class(name: str):
     if name not in REWARDS:
         raise ConfigError(f"reward.name must be one of {', '.join(REWARDS)}; got '{name}'")
-    module, attribute = REWARDS[name].split(":")
-    return getattr(importlib.import_module(module), attribute)
+    return REWARDS[name]
 
 
 def reward_decoder(cfg, device, dtype):
     """What turns latents into the pixels a pixel reward reads."""
     if cfg.decoder == "none":
-        from reward_forcing.rewards.base import IdentityDecoder
-
         return IdentityDecoder()
-    from reward_forcing.inference.pipeline import load_decoder
-
     return load_decoder(cfg, device, dtype)
 
 
@@ -45,8 +44,6 @@ def check_reward_config(cfg):
                           f"'{cfg.reward.name}' (it gives: {', '.join(cls.keys)})")
     if cfg.decoder not in DECODERS:
         raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}; got '{cfg.decoder}'")
-    from reward_forcing.rewards.videoalign_scorer import REWARD_INPUTS
-
     if cfg.reward_input not in REWARD_INPUTS:
         raise ConfigError(f"reward_input must be one of {', '.join(REWARD_INPUTS)}; got '{cfg.reward_input}'")
     if cfg.reward_input == "upstream" and cfg.reward.name != "videoalign":

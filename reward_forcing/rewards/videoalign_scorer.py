@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from reward_forcing.checkpoints import asset_path
+from reward_forcing.distributed import on_main
 from reward_forcing.errors import ConfigError
 from reward_forcing.rewards.base import Reward
 from reward_forcing.rewards.videoalign import DIMENSIONS
@@ -39,7 +40,6 @@ class VideoAlignReward(Reward):
     @classmethod
     def from_config(cls, cfg, info, dtype, decoder):
         from reward_forcing.rewards.videoalign import VideoReward
-        from reward_forcing.training.parallel import on_main
 
         if cfg.reward_placement not in PLACEMENTS:
             raise ConfigError(f"reward_placement must be rank0 or every_rank; got '{cfg.reward_placement}'")

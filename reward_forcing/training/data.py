@@ -5,22 +5,15 @@ Position p of a stream is item perm_e[p mod N] with e = p // N and perm_e a perm
 (seed, stream, e): every epoch is reshuffled (upstream never called set_epoch), nothing is dropped,
 and the data position to resume from is one integer.
 """
-from pathlib import Path
-
 import torch
 
-from reward_forcing.errors import ConfigError
-from reward_forcing.training.rng import keyed_generator
+from reward_forcing.rng import keyed_generator
+from reward_forcing.video import read_prompts
 
 
-def read_prompts(path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"prompt file {path} has no prompts")
-    return prompts
+def read_prompt_texts(path) -> list[str]:
+    """The prompts of a prompt file, blank lines skipped (reward_forcing/video.py's read_prompts, texts only)."""
+    return [prompt.text for prompt in read_prompts(path)[0]]
 
 
 class PromptStream:

@@ -19,7 +19,7 @@ from reward_forcing.training.loop import SingleNetworkMethod
 from reward_forcing.training.data import open_pairs
 from reward_forcing.training.losses import score_timesteps
 from reward_forcing.training.networks import frozen_text_encoder, sharded_wan
-from reward_forcing.training.rng import keyed_generator, keyed_randint
+from reward_forcing.rng import keyed_generator, keyed_randint
 from reward_forcing.training.rollout import sample_noise
 from reward_forcing.training.state import export_wan_folder, full_state_dict, full_tensors
 

@@ -4,7 +4,7 @@ Per loop step (reward_forcing.training.schedule, `schedule: corrected`): on gene
 micro-steps of rollout (grad at the exit steps) -> [reward (reward_forcing/rewards) -> w] -> teacher/critic
 scores -> DMD loss; then `grad_accum` critic micro-steps of a fresh no-grad rollout -> flow-matching loss.
 `schedule: upstream` runs upstream's loop instead (one micro-step per network per iteration, its double steps).
-Every random draw is keyed by (seed, purpose, step, global sample index) (reward_forcing.training.rng), so runs
+Every random draw is keyed by (seed, purpose, step, global sample index) (reward_forcing.rng), so runs
 resume exactly and 1 rank with batch 2 draws what 2 ranks with batch 1 draw.
 """
 from functools import partial
@@ -15,7 +15,7 @@ from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import latent_size
 from reward_forcing.rewards.registry import build_reward, check_reward_config
 from reward_forcing.sampling import FlowMatchSchedule
-from reward_forcing.training.data import PromptStream, read_prompts
+from reward_forcing.training.data import PromptStream, read_prompt_texts
 from reward_forcing.training.frame_reward import FrameReward, check_frame_choice, choose_frames
 from reward_forcing.training.losses import (
     classifier_free_guidance,
@@ -29,7 +29,7 @@ from reward_forcing.training.losses import (
 )
 from reward_forcing.training.loop import Method
 from reward_forcing.training.networks import frozen_text_encoder, sharded_student, sharded_wan
-from reward_forcing.training.rng import keyed_randint
+from reward_forcing.rng import keyed_randint
 from reward_forcing.training.rollout import exit_steps, rollout, sample_noise, training_sampler
 from reward_forcing.training.state import export_generator
 from reward_forcing.training.schedule import (
@@ -83,7 +83,7 @@ class Distiller(Method):
         self.generator_optimizer = self.generator_updater.optimizer
         self.critic_optimizer = self.critic_updater.optimizer
 
-        prompts = read_prompts(cfg.prompt_path)
+        prompts = read_prompt_texts(cfg.prompt_path)
         self.generator_prompts = PromptStream(prompts, self.seed, "generator")
         self.critic_prompts = PromptStream(prompts, self.seed, "critic")
         self.uncond = self.text_encoder.encode([cfg.negative_prompt]).to(dtype)

@@ -16,7 +16,7 @@ import torch
 
 from reward_forcing.checkpoints import asset_path
 from reward_forcing.errors import ConfigError
-from reward_forcing.training.rng import keyed_randint
+from reward_forcing.rng import keyed_randint
 
 FRAME_CHOICES = ("last", "random", "all")
 DIFFERENTIABLE_EXAMPLES = ("imagereward", "blob_quality")  # what the refusals of a non-differentiable reward suggest
@@ -72,7 +72,7 @@ class FrameReward:
     @classmethod
     def imagereward(cls, cfg, info, dtype) -> "FrameReward":
         """ImageReward on Wan VAE pixels, whatever the `reward:` section names (it drives Re-DMD's weight)."""
-        from reward_forcing.inference.pipeline import WAN_VAE_FILE
+        from reward_forcing.models.decoder import WAN_VAE_FILE
         from reward_forcing.models.vae import WanVAE
         from reward_forcing.rewards.imagereward_scorer import ImageRewardReward
 

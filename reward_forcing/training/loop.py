@@ -19,7 +19,8 @@ import torch
 from reward_forcing.training.ema import EmaPolicy
 from reward_forcing.training.lr_schedule import ScheduledRate
 from reward_forcing.training.metrics import MetricsLogger, learning_rates, notice, reduce_across_ranks
-from reward_forcing.training.parallel import compute_dtype, init_distributed, resolve_seed, shutdown
+from reward_forcing.distributed import compute_dtype
+from reward_forcing.training.parallel import init_distributed, resolve_seed, shutdown
 from reward_forcing.training.schedule import Updater
 from reward_forcing.training.state import (
     ModelState,

@@ -17,7 +17,7 @@ from reward_forcing.sampling import FlowMatchSchedule, warped_steps
 from reward_forcing.training.data import open_pairs
 from reward_forcing.training.loop import SingleNetworkMethod
 from reward_forcing.training.networks import frozen_text_encoder, sharded_student
-from reward_forcing.training.rng import keyed_generator
+from reward_forcing.rng import keyed_generator
 from reward_forcing.training.state import export_generator
 
 

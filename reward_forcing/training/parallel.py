@@ -1,29 +1,17 @@
 """Process group, device mesh and FSDP2 sharding, applied to plain models from outside.
 
 Works under `torchrun` (one node or several) and as one plain process (a world of one, so the code
-path is the same). gloo on CPU, nccl on CUDA. Nothing here touches CUDA at import.
+path is the same). gloo on CPU, nccl on CUDA. Nothing here touches CUDA at import. The DistInfo it
+returns, and on_main / broadcast_object, live one floor down in reward_forcing/distributed.py.
 """
 import os
 import random
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from reward_forcing.distributed import DistInfo, broadcast_object, on_main
 from reward_forcing.errors import ConfigError
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    mesh: object  # torch.distributed.device_mesh.DeviceMesh, 1-D (FSDP) or 2-D ("replicate", "shard") for HSDP
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def init_distributed(fsdp_replicate: int = 1) -> DistInfo:
@@ -65,11 +53,6 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def compute_dtype(mixed_precision: bool, device: torch.device) -> torch.dtype:
-    """bf16 compute on CUDA when asked; CPU always runs fp32."""
-    return torch.bfloat16 if mixed_precision and device.type == "cuda" else torch.float32
 
 
 def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -132,30 +115,6 @@ def load_sharded(build, load_state_dict, info: DistInfo, param_dtype: torch.dtyp
     model.to_empty(device=info.device)
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
-
-
-def on_main(fn, info: DistInfo, default=None):
-    """fn() on rank 0 only (default elsewhere). A UserError there is raised on every rank, with the same
-    one-line message, instead of leaving the other ranks waiting in their next collective."""
-    from reward_forcing.errors import UserError
-
-    result, problem = default, None
-    if info.is_main:
-        try:
-            result = fn()
-        except UserError as err:
-            problem = (type(err), str(err))
-    problem = broadcast_object(problem)
-    if problem is not None:
-        raise problem[0](problem[1])
-    return result
-
-
-def broadcast_object(obj, src: int = 0):
-    """The value of `obj` on rank `src`, on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def resolve_seed(seed: int) -> int:

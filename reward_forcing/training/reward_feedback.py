@@ -11,7 +11,7 @@ weighted by `reward_feedback_weight`, can be added to DMD / Re-DMD (`trainer: di
 from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import latent_size
 from reward_forcing.rewards.registry import check_reward_config
-from reward_forcing.training.data import PromptStream, read_prompts
+from reward_forcing.training.data import PromptStream, read_prompt_texts
 from reward_forcing.training.frame_reward import (
     DIFFERENTIABLE_EXAMPLES,
     FrameReward,
@@ -49,7 +49,7 @@ class RewardFeedback(SingleNetworkMethod):
         self.text_encoder = frozen_text_encoder(cfg, info, dtype)
         self.reward = FrameReward.from_config(cfg, info, dtype)
         self.optimizer = self.add_network("generator", self.generator, cfg.lr_generator).optimizer
-        self.prompts = PromptStream(read_prompts(cfg.prompt_path), run.seed, "generator")
+        self.prompts = PromptStream(read_prompt_texts(cfg.prompt_path), run.seed, "generator")
 
     def micro_step(self, step: int, micro: int) -> dict:
         cfg, run = self.cfg, self.run

@@ -25,7 +25,7 @@ import torch.utils.checkpoint
 
 from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, check_num_frames
-from reward_forcing.training.rng import keyed_randint, keyed_randn
+from reward_forcing.rng import keyed_randint, keyed_randn
 
 CACHE_MODES = ("full", "window")
 CACHE_GRADS = ("straight_through", "detached")

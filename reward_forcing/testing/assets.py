@@ -7,19 +7,9 @@ from pathlib import Path
 
 import torch
 
-# Enough distinct words for SentencePiece to learn a few hundred pieces in well under a second.
-_TOKENIZER_CORPUS = [
-    "a cat walks slowly across the green grass in warm afternoon sunlight",
-    "the quick brown fox jumps over the lazy dog near a quiet river bank",
-    "waves crash on a rocky beach at sunset while seagulls circle overhead",
-    "a red sports car drives through a neon lit city street at night in the rain",
-    "an astronaut floats inside a space station, looking out at the blue earth",
-    "close-up of a chef chopping fresh vegetables on a wooden kitchen board",
-    "a golden retriever puppy plays with a ball in a snowy backyard",
-    "timelapse of clouds moving over snowy mountain peaks and pine forests",
-    "a woman in a yellow dress dances joyfully under cherry blossom trees",
-    "drone footage of a winding road through autumn hills, vivid colors, 4k",
-]
+from reward_forcing.testing.corpus import TOKENIZER_CORPUS
+from reward_forcing.testing.imagereward import write_tiny_imagereward
+from reward_forcing.testing.videoreward import write_tiny_videoreward
 
 
 def randomise_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
@@ -41,7 +31,7 @@ def write_tokenizer(folder, vocab_size: int) -> Path:
     from reward_forcing.models.text_encoder import TOKENIZER_SUBDIR
 
     proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_TOKENIZER_CORPUS * 4), model_writer=proto,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TOKENIZER_CORPUS * 4), model_writer=proto,
                                    vocab_size=vocab_size, hard_vocab_limit=False, model_type="unigram",
                                    pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
@@ -160,9 +150,6 @@ def write_tiny_checkpoint_dir(output_dir, cfg, seed: int = 0) -> dict:
     TINY_*_CONFIG dicts: base Wan folder (DiT, T5, tokenizer, VAE), sharded teacher folder, released student,
     ODE init, VideoReward + its Qwen2-VL base files, ImageReward, TAEHV. Returns the main paths."""
     import shutil
-
-    from reward_forcing.tiny_imagereward import write_tiny_imagereward
-    from reward_forcing.tiny_reward import write_tiny_videoreward
 
     out = Path(output_dir)
     base = write_wan_folder(out / cfg.model_name, TINY_WAN_CONFIG, random_wan_state_dict(TINY_WAN_CONFIG, seed))
