@@ -271,7 +271,7 @@ def test_batch_mean_weight_norm_divides_each_weight_by_the_batch_mean(distiller,
     """reward_weight_norm=batch_mean: sample b's gradient is w_b / mean(w) times its DMD gradient (the paper's w
     divided by its batch mean), so the weights average 1 and keep their ratios."""
     d = distiller
-    monkeypatch.setattr(d.cfg, "reward_weight_norm", "batch_mean")
+    monkeypatch.setitem(d.cfg, "reward_weight_norm", "batch_mean")  # setattr's undo would delete the key
     x, teacher, critic, _, captured = _stand_ins(d, monkeypatch)
     row = d.generator_micro(4, 0)
     grad = captured["x"].grad.double()
