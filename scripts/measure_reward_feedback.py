@@ -31,7 +31,7 @@ def mean_heldout_reward(cfg, weights: dict, prompts: list[str], seed: int = 1234
     from reward_forcing.models.causal_wan import CausalWanModel
     from reward_forcing.models.text_encoder import TextEncoder
     from reward_forcing.distributed import DistInfo
-    from reward_forcing.training.reward_feedback import FrameReward, choose_frames
+    from reward_forcing.training.frame_reward import FrameReward, choose_frames
     from reward_forcing.training.rollout import rollout, training_sampler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

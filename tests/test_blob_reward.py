@@ -12,7 +12,7 @@ from reward_forcing.errors import ConfigError
 from reward_forcing.miniworld.blob_reward import BlobQualityReward
 from reward_forcing.miniworld.world import World, WorldSpec
 from reward_forcing.training.cli import main as train
-from reward_forcing.training.reward_feedback import FrameReward, choose_frames
+from reward_forcing.training.frame_reward import FrameReward, choose_frames
 
 ROOT = Path(__file__).parents[1]
 

@@ -20,12 +20,6 @@ def test_cosine_factor_is_half_a_cosine_after_a_linear_warmup():
 @pytest.mark.parametrize("overrides, message", [
     (["lr_schedule=linear"], "lr_schedule must be one of constant, cosine; got 'linear'"),
     (["lr_warmup_steps=-1"], "lr_warmup_steps must be an integer >= 0; got -1"),
-    (["trainer=distill", "lr_schedule=cosine"],
-     "trainer 'distill' uses constant learning rates; lr_schedule / lr_warmup_steps apply to trainers diffusion, "
-     "ode only"),
-    (["trainer=reward_feedback", "lr_warmup_steps=5"],
-     "trainer 'reward_feedback' uses constant learning rates; lr_schedule / lr_warmup_steps apply to trainers "
-     "diffusion, ode only"),
 ])
 def test_bad_schedules_are_refused_in_one_line(overrides, message):
     cfg = load_config("configs/tiny_train.yaml", overrides)

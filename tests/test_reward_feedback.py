@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,9 @@ import torch
 
 from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError
-from reward_forcing.training import reward_feedback as rf
+from reward_forcing.training import frame_reward as rf
+from reward_forcing.training.loop import Run
+from reward_forcing.training.reward_feedback import RewardFeedback
 from reward_forcing.training.cli import main as train
 
 ROOT = Path(__file__).parents[1]
@@ -50,8 +51,7 @@ def trainer(assets, tmp_path_factory):
 
     cfg = load_config(CONFIG, _overrides(assets))
     info = init_distributed()
-    args = Namespace(disable_wandb=True, no_save=True, resume=None)
-    yield rf.RewardFeedback(cfg, tmp_path_factory.mktemp("rf_grad"), args, info)
+    yield RewardFeedback(Run.open(cfg, tmp_path_factory.mktemp("rf_grad"), info))
     from reward_forcing.training.parallel import shutdown
     shutdown()
 
@@ -111,8 +111,7 @@ def test_distillation_plus_reward_adds_the_weighted_reward_gradient(assets, trai
     trainer.optimizer.zero_grad(set_to_none=True)
     cfg = load_config(ROOT / "configs" / "tiny_train.yaml",
                       _overrides(assets, "distill_loss=dmd", "reward_feedback_weight=0.5", "generator_ckpt=ode_init.pt"))
-    args = Namespace(disable_wandb=True, no_save=True, resume=None)
-    distiller = Distiller(cfg, tmp_path, args, trainer.info)
+    distiller = Distiller(Run.open(cfg, tmp_path, trainer.info))
     row = distiller.generator_micro(0, 0)  # the same prompts, exit steps and noise as the reward-only step
     combined = _generator_grads(distiller.generator)
     assert float(row["reward"]) == pytest.approx(float(reward_row["reward"]), rel=1e-6)

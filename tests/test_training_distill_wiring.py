@@ -23,6 +23,7 @@ import torch
 from reward_forcing.config import load_config
 from reward_forcing.testing.closed_forms import grid_sigma
 from reward_forcing.training import distill
+from reward_forcing.training.loop import Run
 from reward_forcing.training.parallel import init_distributed, shutdown
 
 ROOT = Path(__file__).parents[1]
@@ -37,10 +38,9 @@ def distiller(tmp_path_factory, write_training_assets):
     cfg = load_config(ROOT / "configs" / "tiny_train.yaml", [
         f"checkpoint_dir={assets}", f"prompt_path={assets / 'prompts.txt'}", "seed=7", f"batch_size={BATCH}",
         f"grad_accum={GRAD_ACCUM}", "distill_loss=re_dmd", f"context_noise={CONTEXT_NOISE}"])
-    args = SimpleNamespace(resume=None, disable_wandb=True, no_save=True)
     info = init_distributed()
     try:
-        yield distill.Distiller(cfg, tmp_path_factory.mktemp("distill_run"), args, info)
+        yield distill.Distiller(Run.open(cfg, tmp_path_factory.mktemp("distill_run"), info))
     finally:
         shutdown()
 
@@ -271,7 +271,7 @@ def test_batch_mean_weight_norm_divides_each_weight_by_the_batch_mean(distiller,
     """reward_weight_norm=batch_mean: sample b's gradient is w_b / mean(w) times its DMD gradient (the paper's w
     divided by its batch mean), so the weights average 1 and keep their ratios."""
     d = distiller
-    monkeypatch.setattr(d.cfg, "reward_weight_norm", "batch_mean")
+    monkeypatch.setitem(d.cfg, "reward_weight_norm", "batch_mean")  # setattr's undo would delete the key
     x, teacher, critic, _, captured = _stand_ins(d, monkeypatch)
     row = d.generator_micro(4, 0)
     grad = captured["x"].grad.double()
@@ -284,3 +284,34 @@ def test_batch_mean_weight_norm_divides_each_weight_by_the_batch_mean(distiller,
     torch.testing.assert_close(size * x.numel() * GRAD_ACCUM, w * g.abs().mean(dim=(1, 2, 3, 4)), rtol=1e-5, atol=0)
     assert row["reward_weight"] == pytest.approx(1.0, rel=1e-12)
     assert row["reward_weight_max"] == pytest.approx(float(w.max()), rel=1e-12)
+
+
+def test_teacher_unconditional_branch_gets_the_configured_negative_prompt(distiller, monkeypatch):
+    """Bug caught: a distiller that encodes "" (or any other text) for the teacher's unconditional CFG branch.
+    The rows the teacher sees second must hold the umT5 embedding of `negative_prompt` as configured, encoded here
+    by a text encoder of our own from the same folder; the first rows, the prompts' embedding."""
+    from reward_forcing.checkpoints import asset_path
+    from reward_forcing.models.text_encoder import TextEncoder
+
+    d = distiller
+    x, _, _, _, captured = _stand_ins(d, monkeypatch)
+    seen = []
+
+    class RecordingTeacher(torch.nn.Module):
+        def forward(self, x_t, t, context):
+            seen.append(context.detach().clone())
+            return torch.zeros_like(x_t)
+
+    monkeypatch.setattr(d, "teacher", RecordingTeacher())
+    d.generator_micro(0, 0)
+    encoder = TextEncoder.from_wan_folder(asset_path(d.cfg, d.cfg.model_name), d.cfg.text_encoder)
+    with torch.no_grad():
+        negative = encoder.encode([d.cfg.negative_prompt])
+        empty = encoder.encode([""])
+    (context,) = seen
+    cond, uncond = context.chunk(2)
+    assert d.cfg.negative_prompt.startswith("色调艳丽")  # Wan's standard negative prompt, from the packaged defaults
+    torch.testing.assert_close(cond, captured["context"], rtol=0, atol=0)
+    for row in uncond:
+        torch.testing.assert_close(row, negative[0], rtol=0, atol=0)
+    assert not torch.equal(negative, empty)  # so a distiller encoding "" would fail above

@@ -1,11 +1,11 @@
 """Train the streaming student: `[torchrun ...] train.py --config_path CFG --logdir DIR [key=value ...]`.
 
-The config key `trainer` picks the loop: `distill` (DMD / Re-DMD, reward_forcing.training.distill), `ode`
+The config key `trainer` picks the method: `distill` (DMD / Re-DMD, reward_forcing.training.distill), `ode`
 (ODE-regression initialisation, reward_forcing.training.ode), `diffusion` (flow-matching training of the
 bidirectional Wan model on a latent dataset, reward_forcing.training.diffusion) or `reward_feedback`
-(ImageReward on a decoded frame, reward_forcing.training.reward_feedback). Each is called as
-`run(config, logdir, args)` with args.disable_wandb, args.no_save and args.resume (None or a folder).
-Re-running with the same --logdir resumes from its latest complete checkpoint.
+(ImageReward on a decoded frame, reward_forcing.training.reward_feedback). Each runs inside the one training loop,
+reward_forcing.training.loop.train(method, config, logdir, args). Re-running with the same --logdir resumes from
+its latest complete checkpoint.
 """
 import argparse
 import importlib
@@ -15,9 +15,10 @@ from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError
 from reward_forcing.training.lr_schedule import check_lr_schedule
 
-TRAINERS = {"distill": "reward_forcing.training.distill", "ode": "reward_forcing.training.ode",
-            "diffusion": "reward_forcing.training.diffusion",
-            "reward_feedback": "reward_forcing.training.reward_feedback"}
+TRAINERS = {"distill": ("reward_forcing.training.distill", "Distiller"),
+            "ode": ("reward_forcing.training.ode", "OdeRegression"),
+            "diffusion": ("reward_forcing.training.diffusion", "FlowMatching"),
+            "reward_feedback": ("reward_forcing.training.reward_feedback", "RewardFeedback")}
 
 
 def parse_args(argv):
@@ -44,6 +45,8 @@ def main(argv=None):
     check_lr_schedule(config)
     if args.resume is not None and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume folder not found: {args.resume}")
-    trainer = importlib.import_module(TRAINERS[config.trainer])  # lazily: only the chosen trainer is imported
-    trainer.run(config, Path(args.logdir), args)
+    from reward_forcing.training.loop import train
+
+    module, method = TRAINERS[config.trainer]
+    train(getattr(importlib.import_module(module), method), config, Path(args.logdir), args)  # only this trainer
     return 0

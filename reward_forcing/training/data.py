@@ -1,6 +1,7 @@
-"""Training prompts, ordered by a keyed shuffle so any position can be read without replaying the stream.
+"""Training data in a keyed order, so any position can be read without replaying the stream: prompts (distillation,
+reward feedback) and ODE pairs / latents (reward_forcing/training/ode_data.py; the ODE and diffusion trainers).
 
-Position p of a stream is prompt perm_e[p mod N] with e = p // N and perm_e a permutation seeded by
+Position p of a stream is item perm_e[p mod N] with e = p // N and perm_e a permutation seeded by
 (seed, stream, e): every epoch is reshuffled (upstream never called set_epoch), nothing is dropped,
 and the data position to resume from is one integer.
 """
@@ -26,3 +27,31 @@ class PromptStream:
             self._epoch = epoch
             self._perm = torch.randperm(len(self.prompts), generator=keyed_generator(self.seed, self.stream, epoch))
         return self.prompts[int(self._perm[index])]
+
+
+class PairBatches:
+    """Batch `micro` of optimiser step `step` on this rank: a keyed reshuffle of the pairs every epoch,
+    so a resumed or re-sharded run reads exactly what an uninterrupted one would."""
+
+    def __init__(self, dataset, seed: int, batch_size: int, grad_accum: int, rank: int, world_size: int):
+        self.dataset = dataset
+        self.order = PromptStream(list(range(len(dataset))), seed, "ode_pairs")
+        self.batch_size, self.grad_accum, self.rank, self.world_size = batch_size, grad_accum, rank, world_size
+
+    def first_sample(self, step: int, micro: int) -> int:
+        """The global index of this rank's first sample of micro-batch `micro` of step `step`."""
+        return ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
+
+    def __call__(self, step: int, micro: int) -> tuple[list[str], torch.Tensor]:
+        first = self.first_sample(step, micro)
+        items = [self.dataset[self.order[first + b]] for b in range(self.batch_size)]
+        return [item["prompts"] for item in items], torch.stack([item["ode_latent"] for item in items])
+
+
+def open_pairs(cfg, run):
+    """The dataset at `data_path` and this rank's batches of it."""
+    from reward_forcing.training.ode_data import OdePairDataset
+
+    dataset = OdePairDataset(cfg.data_path)
+    return dataset, PairBatches(dataset, run.seed, cfg.batch_size, cfg.grad_accum, run.info.rank,
+                                run.info.world_size)
