@@ -85,6 +85,11 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     return best
 
 
+# Methods that run a model besides `forward` (CausalWanModel's streaming step): FSDP2 gathers the root's
+# parameters around them as it does around forward.
+FORWARD_METHODS = ("stream_step",)
+
+
 def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype = torch.float32,
                 reshard_after_forward: bool = True, move: bool = True, per_block: bool = True) -> torch.nn.Module:
     """fully_shard each transformer block (per_block), then the root; fp32 master weights, `param_dtype`
@@ -92,7 +97,7 @@ def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype
 
     per_block=False shards the parameters but gathers the whole model at once, for models whose forward
     uses a block's weights outside that block's own forward (FSDP2 only gathers a block inside it)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if move:
         model.to(info.device)
@@ -102,6 +107,9 @@ def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype
     for block in transformer_blocks(model) if per_block else []:
         fully_shard(block, mesh=info.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=info.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for name in FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
     return model
 
 
