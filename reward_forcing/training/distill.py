@@ -117,11 +117,9 @@ class Distiller:
             return CausalWanModel.from_config(student_cfg, num_frame_per_block=int(cfg.num_frame_per_block),
                                               local_attn_size=int(cfg.local_attn_size))
 
-        # CausalWanModel's streaming forward reads each block's cross-attention K/V projections from the root
-        # forward (outside the block's own forward), so the student is gathered whole rather than per block.
-        # Its cached path has no per-block checkpointing; the rollout checkpoints each exit forward instead.
+        # The student's cached path has no per-block checkpointing; the rollout checkpoints each exit forward instead.
         self.generator = load_sharded(build_student, (lambda: load_generator_state_dict(init)) if init else
-                                      _wan_loader(student), info, self.dtype, str(init or student), per_block=False)
+                                      _wan_loader(student), info, self.dtype, str(init or student))
         critic_dir, teacher_dir = asset_path(cfg, cfg.fake_name), asset_path(cfg, cfg.real_name)
         self.critic = load_sharded(partial(WanModel.from_config, read_wan_config(critic_dir)),
                                    _wan_loader(critic_dir), info, self.dtype, str(critic_dir))

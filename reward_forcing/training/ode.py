@@ -83,10 +83,9 @@ def ode_loss(model, schedule, ode_latent: torch.Tensor, context: torch.Tensor, t
 
 # --- the training loop (`train.py` with `trainer: ode`) -----------------------------------------
 
-def load_student(cfg, info, dtype, per_block: bool = True):
+def load_student(cfg, info, dtype):
     """The causal student, sharded: architecture from the base Wan folder, weights from `generator_ckpt`
-    when given (strict), else the base folder's. Only rank 0 reads the full weights. per_block=False gathers
-    the whole model per forward (the streaming forward needs it; parallel.shard_model)."""
+    when given (strict), else the base folder's. Only rank 0 reads the full weights."""
     from functools import partial
 
     from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_wan_folder, read_wan_config
@@ -98,7 +97,7 @@ def load_student(cfg, info, dtype, per_block: bool = True):
     build = partial(CausalWanModel.from_config, read_wan_config(base), num_frame_per_block=cfg.num_frame_per_block,
                     local_attn_size=cfg.local_attn_size)
     weights = (lambda: load_generator_state_dict(init)) if init else (lambda: load_wan_folder(base)[1])
-    return load_sharded(build, weights, info, dtype, str(init or base), per_block=per_block)
+    return load_sharded(build, weights, info, dtype, str(init or base))
 
 
 def load_text_encoder(cfg, info, dtype):

@@ -159,8 +159,7 @@ class RewardFeedback:
         torch.manual_seed(self.seed + info.rank)
         self.dtype = compute_dtype(cfg.mixed_precision, info.device)
         self.global_batch = info.world_size * cfg.batch_size
-        # The streaming forward reads cross-attention projections from the root, so the student is gathered whole.
-        self.generator = load_student(cfg, info, self.dtype, per_block=False).train()
+        self.generator = load_student(cfg, info, self.dtype).train()
         self.generator.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         self.sampler = training_sampler(self.generator, cfg)
         self.latent_hw = latent_size(cfg, self.generator.patch_size)
