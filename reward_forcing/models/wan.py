@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from einops import rearrange
 
 from reward_forcing.errors import ConfigError
 from reward_forcing.models.attention import attention
@@ -239,7 +240,7 @@ class WanModel(nn.Module):
         tokens = self.patch_embedding(cast_like(x, weight))
         grid = tuple(tokens.shape[2:])
         # contiguous once here, or every op of the residual stream inherits the transposed layout
-        return cast_like(tokens.flatten(2).transpose(1, 2), weight).contiguous(), grid
+        return cast_like(rearrange(tokens, "b d f h w -> b (f h w) d"), weight).contiguous(), grid
 
     def embed_time(self, t):
         """t [B, F] -> e [B, F, D] and e0 [B, F, 6, D], fp32 (autocast off)."""
@@ -261,10 +262,8 @@ class WanModel(nn.Module):
         weight = self.head.head.weight
         with torch.autocast(weight.device.type, enabled=False):
             x = self.head(x, e)
-        frames, height, width = grid
-        pt, ph, pw = self.patch_size
-        x = x.view(x.shape[0], frames, height, width, pt, ph, pw, self.out_dim)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.out_dim, frames * pt, height * ph, width * pw)
+        (f, h, w), (pt, ph, pw) = grid, self.patch_size
+        return rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
 
     def run_block(self, i, x, e0, context, self_attend):
         """Block i without a cache, activation-checkpointed when gradient_checkpointing is on and grad is needed."""
