@@ -315,6 +315,9 @@ class Setup:
         torch.manual_seed(0)
         model, self.source = harness_model(args, self.cfg)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        if not args.dit_only:
+            progress(f"building the {self.cfg.decoder} decoder with random weights (importing diffusers takes a "
+                     "while) ...")
         self.decoder = None if args.dit_only else harness_decoder(self.cfg, self.model.in_dim, self.device, self.dtype)
         self.latent_hw = latent_size(self.cfg, self.model.patch_size)
         text_dim, text_len = self.model.text_embedding[0].in_features, self.model.text_len
@@ -351,6 +354,9 @@ def dit_passes(setup, generators, chunks):
     order = list(streams)
     for index in range(chunks):
         for name in order if index % 2 == 0 else order[::-1]:
+            if name == "compiled" and index == setup.warmup - 1 and int(setup.cfg.local_attn_size) > 0:
+                progress(f"[DiT {name}] chunk {index + 1}/{chunks} fills the window: torch.compile builds the "
+                         "steady streaming step now ...")
             setup.sync()
             start = time.perf_counter()
             outputs[name].append(next(streams[name]))
@@ -365,6 +371,9 @@ def count_ops(setup, model):
     streaming (the CPU proxy for kernel launches)."""
     from torch.profiler import ProfilerActivity, profile
 
+    # kineto logs profiler_start / profiler_stop to stderr at its USDT level (5, its highest): 6 silences it
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    progress(f"counting the ATen ops of one steady chunk ({setup.warmup} warm-up chunks first) ...")
     stream = dit_stream(setup, StreamingGenerator.from_config(model, setup.cfg), setup.warmup + 1)
     for _ in range(setup.warmup):
         next(stream)
@@ -540,6 +549,7 @@ def chunk_flops(model, tokens_per_frame, chunk_frames, attended_frames, forwards
 
 def matmul_flops_per_s(setup, size=1024, repeats=3):
     """This device's GEMM rate in the run's dtype (the floor of a real-size chunk is its GEMMs)."""
+    progress("measuring this device's GEMM rate ...")
     a = torch.randn(size, size, device=setup.device).to(setup.dtype)
     torch.mm(a, a)
     setup.sync()
