@@ -147,8 +147,8 @@ def latency(args):
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(args, device, dtype)
-    calls = []
-    model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    calls = []  # every DiT call, whichever streaming step runs it, embeds its chunk once
+    model.patch_embedding.register_forward_pre_hook(lambda module, inputs: calls.append(1))
     context = torch.randn(1, args.text_len, model.text_embedding[0].in_features, device=device, dtype=dtype)
     frames = 3 * args.chunks
     best, forwards = {}, set()
@@ -315,6 +315,9 @@ class Setup:
         torch.manual_seed(0)
         model, self.source = harness_model(args, self.cfg)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        if not args.dit_only:
+            progress(f"building the {self.cfg.decoder} decoder with random weights (importing diffusers takes a "
+                     "while) ...")
         self.decoder = None if args.dit_only else harness_decoder(self.cfg, self.model.in_dim, self.device, self.dtype)
         self.latent_hw = latent_size(self.cfg, self.model.patch_size)
         text_dim, text_len = self.model.text_embedding[0].in_features, self.model.text_len
@@ -335,27 +338,25 @@ class Setup:
             torch.cuda.synchronize(self.device)
 
 
-def dit_stream(setup, chunks, model=None):
-    """Chunks of one video streamed by `model` (default: ours) with the run's config, prompt and noise seed."""
-    generator = StreamingGenerator.from_config(model if model is not None else setup.model, setup.cfg)
+def dit_stream(setup, generator, chunks):
+    """Chunks of one video streamed by `generator` with the run's prompt and noise seed."""
     return generator.stream(setup.context, setup.chunk_frames * chunks, setup.latent_hw,
                             generator=torch.Generator(device=setup.device).manual_seed(0), dtype=setup.dtype)
 
 
-def dit_passes(setup, paths, chunks, others=None):
+def dit_passes(setup, generators, chunks):
     """Seconds per chunk of the DiT alone (denoising steps + context pass, synchronised) and the chunks produced,
-    for each path name -> compiled step of our model (None = eager) and each name -> other model in `others`. They
-    stream side by side, one chunk each in turn (alternating who goes first), so that load drifting over time (a
-    shared machine) hits them alike."""
-    others = others or {}
-    streams = {name: dit_stream(setup, chunks) for name in paths}
-    streams.update({name: dit_stream(setup, chunks, model) for name, model in others.items()})
+    for each name -> StreamingGenerator (eager, compiled, upstream's model). They stream side by side, one chunk
+    each in turn (alternating who goes first), so that load drifting over time (a shared machine) hits them alike."""
+    streams = {name: dit_stream(setup, generator, chunks) for name, generator in generators.items()}
     seconds = {name: [] for name in streams}
     outputs = {name: [] for name in streams}
     order = list(streams)
     for index in range(chunks):
         for name in order if index % 2 == 0 else order[::-1]:
-            setup.model.compiled_step = paths.get(name)
+            if name == "compiled" and index == setup.warmup - 1 and int(setup.cfg.local_attn_size) > 0:
+                progress(f"[DiT {name}] chunk {index + 1}/{chunks} fills the window: torch.compile builds the "
+                         "steady streaming step now ...")
             setup.sync()
             start = time.perf_counter()
             outputs[name].append(next(streams[name]))
@@ -365,28 +366,29 @@ def dit_passes(setup, paths, chunks, others=None):
     return seconds, outputs
 
 
-def count_ops(setup, model=None):
-    """Dispatched ATen ops, and the copy-like ones among them, in the first steady chunk of the eager path of
-    `model` (default: ours) (the CPU proxy for kernel launches)."""
+def count_ops(setup, model):
+    """Dispatched ATen ops, and the copy-like ones among them, in the first steady chunk of `model`'s eager
+    streaming (the CPU proxy for kernel launches)."""
     from torch.profiler import ProfilerActivity, profile
 
-    compiled, setup.model.compiled_step = setup.model.compiled_step, None
-    stream = dit_stream(setup, setup.warmup + 1, model)
+    # kineto logs profiler_start / profiler_stop to stderr at its USDT level (5, its highest): 6 silences it
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    progress(f"counting the ATen ops of one steady chunk ({setup.warmup} warm-up chunks first) ...")
+    stream = dit_stream(setup, StreamingGenerator.from_config(model, setup.cfg), setup.warmup + 1)
     for _ in range(setup.warmup):
         next(stream)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         next(stream)
-    setup.model.compiled_step = compiled
     names = collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
     return sum(names.values()), sum(names[name] for name in COPY_OPS)
 
 
-def e2e_pass(setup, label, chunks, overlap):
+def e2e_pass(setup, generator, label, chunks, overlap):
     """Frames decoded and written (mp4) chunk by chunk; returns the time each chunk's frames were written
     (from the start), and a digest of every frame."""
     from reward_forcing.video import Mp4Writer
 
-    pipeline = VideoPipeline(None, setup.generator(), setup.decoder, setup.latent_hw, setup.device, setup.dtype,
+    pipeline = VideoPipeline(None, generator, setup.decoder, setup.latent_hw, setup.device, setup.dtype,
                              overlap=overlap)
     stamps, frames, digest = [], [], hashlib.sha256()
     with tempfile.TemporaryDirectory() as tmp, Mp4Writer(Path(tmp) / "bench.mp4", fps=int(setup.cfg.fps)) as writer:
@@ -437,22 +439,23 @@ def fps_report(args):
     setup = Setup(args)
     warm, steady = setup.warmup, slice(setup.warmup, None)
     result = {}
-    paths = {}
+    generators = {}
     if args.compare or not args.compile:
-        paths["eager"] = None
+        generators["eager"] = setup.generator()
     if args.compile:
         torch._dynamo.reset()
         before = compile_counters()
-        paths["compiled"] = compile_if_configured(setup.model, setup.cfg, setup.device).compiled_step
-    upstream = {}
+        generators["compiled"] = compile_if_configured(setup.generator(), setup.cfg, setup.device)
+    fast_path = "compiled" if args.compile else "eager"
+    upstream = None
     if args.upstream_repo:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from upstream_model import load_upstream_model
         progress(f"building upstream's causal model from {args.upstream_repo} with the same weights ...")
-        upstream["upstream"] = load_upstream_model(args.upstream_repo, setup.model, setup.cfg, setup.device,
-                                                   setup.dtype)
-    seconds, outputs = dit_passes(setup, paths, args.chunks, upstream)
-    fast = seconds["compiled" if args.compile else "eager"]
+        upstream = load_upstream_model(args.upstream_repo, setup.model, setup.cfg, setup.device, setup.dtype)
+        generators["upstream"] = StreamingGenerator.from_config(upstream, setup.cfg)
+    seconds, outputs = dit_passes(setup, generators, args.chunks)
+    fast = seconds[fast_path]
     steady_fast = fast[steady]
     result["dit_fps"] = setup.frames_per_chunk / statistics.median(steady_fast)
     result["chunk_p50_s"] = statistics.median(steady_fast)
@@ -460,16 +463,17 @@ def fps_report(args):
     result["e2e_fps"] = result["ttff_s"] = None
     if not args.dit_only:
         overlap = bool(setup.cfg.overlap_decode)
-        stamps, frames, digest = e2e_pass(setup, f"end to end, {'overlapped' if overlap else 'sequential'} decode",
-                                          args.chunks, overlap)
+        stamps, frames, digest = e2e_pass(setup, generators[fast_path], f"end to end, "
+                                          f"{'overlapped' if overlap else 'sequential'} decode", args.chunks, overlap)
         result["e2e_fps"] = sum(frames[warm:]) / (stamps[-1] - stamps[warm - 1]) if warm else sum(frames) / stamps[-1]
         result["ttff_s"] = stamps[0]
     result["peak_memory_mb"] = peak_memory_mb(setup.device)
     if args.compare and args.compile:
         result["eager_vs_compiled"] = sum(seconds["eager"][steady]) / sum(fast[steady])
     if args.compare and not args.dit_only:
-        other, other_frames, other_digest = e2e_pass(setup, f"end to end, {'sequential' if overlap else 'overlapped'}"
-                                                     " decode", args.chunks, not overlap)
+        other, other_frames, other_digest = e2e_pass(setup, generators[fast_path], f"end to end, "
+                                                     f"{'sequential' if overlap else 'overlapped'} decode",
+                                                     args.chunks, not overlap)
         if other_digest != digest or other_frames != frames:
             raise SystemExit("error: overlapped and sequential decoding wrote different frames")
         sequential, overlapped = (other, stamps) if overlap else (stamps, other)
@@ -478,9 +482,9 @@ def fps_report(args):
     result["compiled_graphs"] = graphs
     result["recompiles"] = max(0, graphs - 1)  # one graph is the steady step; any further one is a recompile
     result["env"] = environment(setup)
-    result["aten_ops_per_chunk"], result["copy_ops_per_chunk"] = count_ops(setup)
-    if upstream:
-        result.update(upstream_report(setup, upstream["upstream"], seconds, outputs, args))
+    result["aten_ops_per_chunk"], result["copy_ops_per_chunk"] = count_ops(setup, setup.model)
+    if upstream is not None:
+        result.update(upstream_report(setup, upstream, seconds, outputs, args))
     print_report(setup, result, fast)
     return result
 
@@ -545,6 +549,7 @@ def chunk_flops(model, tokens_per_frame, chunk_frames, attended_frames, forwards
 
 def matmul_flops_per_s(setup, size=1024, repeats=3):
     """This device's GEMM rate in the run's dtype (the floor of a real-size chunk is its GEMMs)."""
+    progress("measuring this device's GEMM rate ...")
     a = torch.randn(size, size, device=setup.device).to(setup.dtype)
     torch.mm(a, a)
     setup.sync()

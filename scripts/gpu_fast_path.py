@@ -129,7 +129,7 @@ def steady_flow_error(model, cfg, device, context, chunks):
             for index, x in enumerate(chunks):
                 x = x.to(device, dtype)
                 t = torch.full((1, 3), sampler.timesteps[1], device=device)
-                flow = model(x, t, context.to(device, dtype), cache=cache, start_frame=3 * index)
+                flow = sampler.flow(cache, context.to(device, dtype), x, t, 3 * index)
                 sampler.context_pass(cache, context.to(device, dtype), x, 3 * index)
         flows[dtype] = flow.float().cpu()
     reference = flows[torch.float32]

@@ -22,6 +22,7 @@ class _InPlaceLayer:
 
     def __init__(self, sink_frames, window_frames):
         self.sink, self.window, self.k, self.v = sink_frames, window_frames, None, None
+        self.cross = None  # the block's cross-attention K/V of the prompt
 
     def update(self, k, v, start_frame, frame_tokens):
         L, frames = frame_tokens, k.shape[1] // frame_tokens
@@ -39,9 +40,10 @@ class _InPlaceLayer:
 
 
 class _InPlaceCache:
+    static = False  # no in-place buffers: every call takes the model's stream_step
+
     def __init__(self, num_layers, sink_frames, window_frames):
         self.layers = [_InPlaceLayer(sink_frames, window_frames) for _ in range(num_layers)]
-        self.cross = [None] * num_layers
 
 
 PRESETS = {  # sink + sliding window (the Reward Forcing student), and full causal context (Self Forcing)

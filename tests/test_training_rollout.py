@@ -23,6 +23,18 @@ def _setup(*overrides):
     return cfg, model, context
 
 
+def _on_stream_step(model, record):
+    """record(x, t, flow) after every streaming step of the model (each DiT call of a rollout)."""
+    step = model.stream_step
+
+    def spy(x, t, context, cache, start_frame=0):
+        flow = step(x, t, context, cache, start_frame)
+        record(x, t, flow)
+        return flow
+
+    model.stream_step = spy
+
+
 def _initial_noise(sampler, frames, key, ids):
     shape = (sampler.model.in_dim, sampler.chunk_frames, *HW)
     return torch.cat([sample_noise(shape, 3, *key, c, "init", sample_ids=ids, dtype=torch.float32, device="cpu")
@@ -70,7 +82,7 @@ def test_context_noise_noises_the_context_pass():
     cfg, model, context = _setup("denoising_step_list=[1000]")
     sampler = training_sampler(model, cfg)
     calls = []
-    model.register_forward_hook(lambda m, args, out: calls.append((args[0].clone(), args[1].clone(), out.clone())))
+    _on_stream_step(model, lambda x, t, out: calls.append((x.clone(), t.clone(), out.clone())))
     outs = {}
     for c in (0.0, 300.0):
         calls.clear()
@@ -130,7 +142,7 @@ def test_gradient_only_through_the_exit_forward():
     cfg, model, context = _setup("denoising_step_list=[1000, 750, 500, 250]")
     sampler = training_sampler(model, cfg)
     calls = []
-    model.register_forward_hook(lambda m, args, out: calls.append(out.requires_grad))
+    _on_stream_step(model, lambda x, t, out: calls.append(out.requires_grad))
     x = rollout(sampler, context, 9, HW, [2, 2, 2], 3, ("g", 0), [0, 1], torch.float32, with_grad=True)
     # per chunk: 2 no-grad steps, the exit step with grad, the no-grad context pass
     assert calls == [False, False, True, False] * 3
@@ -150,7 +162,7 @@ def test_checkpointed_exit_forward_gives_the_same_gradients(mode):
     for checkpoint in (False, True):
         cfg, model, context = _setup(f"rollout_cache={mode}", "compression_alpha=0.7")
         calls = []
-        model.register_forward_hook(lambda m, args, out: calls.append(out.requires_grad))
+        _on_stream_step(model, lambda x, t, out: calls.append(out.requires_grad))
         x = rollout(training_sampler(model, cfg), context, 9, HW, [1, 2, 0], 3, ("g", 0), [0, 1], torch.float32,
                     with_grad=True, checkpoint=checkpoint)
         (x * torch.linspace(-1, 1, x.numel()).reshape(x.shape)).sum().backward()

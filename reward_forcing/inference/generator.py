@@ -77,6 +77,7 @@ class StreamingGenerator:
         self.sink_mode = sink_mode
         self.ema_alpha = ema_alpha
         self.switch_sink = switch_sink
+        self.compiled_step = None  # set by compile()
 
     @classmethod
     def from_config(cls, model, cfg) -> "StreamingGenerator":
@@ -92,6 +93,13 @@ class StreamingGenerator:
             ema_alpha=float(cfg.compression_alpha),
             switch_sink=str(cfg.switch_sink),
         )
+
+    def compile(self, mode=None) -> "StreamingGenerator":
+        """torch.compile the model's in-place streaming step (CausalWanModel.static_step: fullgraph, static
+        shapes) for this generator's streams; mode as torch.compile's (None = default, "reduce-overhead" = CUDA
+        graphs on GPU). It runs once the cache is steady (KVCache.steady). Returns self."""
+        self.compiled_step = torch.compile(self.model.static_step, fullgraph=True, dynamic=False, mode=mode)
+        return self
 
     @property
     def forwards_per_chunk(self) -> int:
@@ -111,11 +119,27 @@ class StreamingGenerator:
     def _timestep(self, x: torch.Tensor, t: float) -> torch.Tensor:
         return torch.full((x.shape[0], x.shape[2]), t, device=x.device, dtype=torch.float32)
 
+    def flow(self, cache, context, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor:
+        """One DiT call on chunk x (frames from start_frame) at per-frame timesteps t [B, F] through `cache`.
+
+        Gradient-free calls on a static cache take the model's in-place step (compiled once the cache is steady,
+        after `compile`); every other call (autograd, or autocast, whose K/V dtype is not the buffers') takes the
+        model's streaming step, which reads and writes the same cache."""
+        in_place = cache.static and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        if not in_place:
+            return self.model.stream_step(x, t, context, cache, start_frame)
+        inputs = self.model.static_step_inputs(x, t, context, cache, start_frame)
+        if self.compiled_step is None or not cache.steady:
+            return self.model.static_step(*inputs)
+        for tensor in cache.in_place_tensors():
+            # written in place / reused every call: CUDA graphs may keep their addresses instead of copying them
+            torch._dynamo.mark_static_address(tensor, guard=False)
+        return self.compiled_step(*inputs)
+
     def predict_x0(self, cache, context, x: torch.Tensor, t: float, start_frame: int) -> torch.Tensor:
         """One DiT call on chunk x at timestep t (all frames), converted from flow to the clean-latent estimate."""
         t_frames = self._timestep(x, t)
-        flow = self.model(x, t_frames, context, cache=cache, start_frame=start_frame)
-        return self.schedule.flow_to_x0(flow, x, t_frames)
+        return self.schedule.flow_to_x0(self.flow(cache, context, x, t_frames, start_frame), x, t_frames)
 
     def denoise_chunk(self, cache, context, x: torch.Tensor, start_frame: int, generator=None) -> torch.Tensor:
         """Pure noise x [B, C, f, h, w] for frames [start_frame, start_frame + f) -> predicted clean chunk."""
@@ -128,7 +152,7 @@ class StreamingGenerator:
 
     def context_pass(self, cache, context, x0: torch.Tensor, start_frame: int) -> None:
         """Rewrite the chunk's cache slots with clean (t = 0) keys/values; the output is not needed."""
-        self.model(x0, self._timestep(x0, 0.0), context, cache=cache, start_frame=start_frame)
+        self.flow(cache, context, x0, self._timestep(x0, 0.0), start_frame)
 
     def switch_prompt(self, cache, context: torch.Tensor, held: dict[int, torch.Tensor], next_frame: int) -> None:
         """Continue the video at chunk boundary `next_frame` under `context`.

@@ -50,12 +50,12 @@ def load_text_encoder(cfg, device, dtype):
     return TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder, device=device, dtype=dtype)
 
 
-def compile_if_configured(model, cfg, device):
-    """`compile: true`: torch.compile the model's steady streaming step (CausalWanModel.compile_streaming), with
-    CUDA graphs ("reduce-overhead") on a GPU. Returns the model."""
+def compile_if_configured(generator, cfg, device):
+    """`compile: true`: torch.compile the generator's steady streaming step (StreamingGenerator.compile), with
+    CUDA graphs ("reduce-overhead") on a GPU. Returns the generator."""
     if cfg.compile:
-        model.compile_streaming(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
-    return model
+        generator.compile(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+    return generator
 
 
 RELEASED_CHECKPOINT = "Reward-Forcing-T2V-1.3B/rewardforcing.pt"  # where download_checkpoints.sh puts it
@@ -110,10 +110,9 @@ class VideoPipeline:
         model, weights = load_student(cfg, checkpoint_path, use_ema)
         model = model.to(device=device, dtype=dtype)
         latent_hw = latent_size(cfg, model.patch_size)
-        compile_if_configured(model, cfg, device)
-        return cls(load_text_encoder(cfg, device, dtype), StreamingGenerator.from_config(model, cfg),
-                   load_decoder(cfg, device, dtype), latent_hw, device, dtype, weights,
-                   overlap=bool(cfg.overlap_decode))
+        generator = compile_if_configured(StreamingGenerator.from_config(model, cfg), cfg, device)
+        return cls(load_text_encoder(cfg, device, dtype), generator, load_decoder(cfg, device, dtype), latent_hw,
+                   device, dtype, weights, overlap=bool(cfg.overlap_decode))
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir, checkpoint_path=None, use_ema=False, config_path=None,

@@ -9,16 +9,15 @@ from reward_forcing.models.wan import WanModel
 from reward_forcing.training.parallel import load_sharded, shard_model
 
 
-def sharded_student(cfg, info, dtype, per_block=False):
+def sharded_student(cfg, info, dtype):
     """The causal student: architecture from the Wan folder `model_name`, weights from `generator_ckpt` when given
-    (strict), else that folder's. per_block=False gathers it whole: its streaming forward (rollouts) reads each
-    block's cross-attention K/V projections from the root, outside the block's own forward."""
+    (strict), else that folder's; sharded block by block."""
     base = asset_path(cfg, cfg.model_name)
     init = asset_path(cfg, cfg.generator_ckpt) if cfg.generator_ckpt else None
     build = partial(CausalWanModel.from_config, read_wan_config(base), num_frame_per_block=int(cfg.num_frame_per_block),
                     local_attn_size=int(cfg.local_attn_size))
     weights = (lambda: load_generator_state_dict(init)) if init else (lambda: load_wan_folder(base)[1])
-    return load_sharded(build, weights, info, dtype, str(init or base), per_block=per_block)
+    return load_sharded(build, weights, info, dtype, str(init or base))
 
 
 def sharded_wan(cfg, info, dtype, name):

@@ -8,7 +8,6 @@ forward, and regresses its x0 prediction onto the clean (last) state on the fram
 not 0. The label t is both the model's timestep input and, through the schedule's sigma(t), the sigma
 of x0 = x_t - sigma * v, as upstream's wrapper converts with the sigma of the timestep it fed.
 """
-from pathlib import Path
 
 import torch
 
@@ -116,7 +115,7 @@ class OdeRegression(SingleNetworkMethod):
         super().__init__(run)
         cfg, info = self.cfg, self.info
         self.dataset, self.batches = open_pairs(cfg, run)
-        self.model = sharded_student(cfg, info, run.dtype, per_block=True).train()
+        self.model = sharded_student(cfg, info, run.dtype).train()
         self.labels = state_timesteps(cfg)
         check_pairs(self.dataset, self.model, self.labels, cfg.num_frame_per_block)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing

@@ -68,28 +68,36 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     return best
 
 
-def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype = torch.float32,
-                reshard_after_forward: bool = True, move: bool = True, per_block: bool = True) -> torch.nn.Module:
-    """fully_shard each transformer block (per_block), then the root; fp32 master weights, `param_dtype`
-    compute, fp32 gradient reduction. The model is moved to the rank's device first (unless move=False).
+# Methods that run a model besides `forward` (CausalWanModel's streaming step): FSDP2 gathers the root's
+# parameters around them as it does around forward.
+FORWARD_METHODS = ("stream_step",)
 
-    per_block=False shards the parameters but gathers the whole model at once, for models whose forward
-    uses a block's weights outside that block's own forward (FSDP2 only gathers a block inside it)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+def shard_model(model: torch.nn.Module, info: DistInfo, param_dtype: torch.dtype = torch.float32,
+                reshard_after_forward: bool = True, move: bool = True) -> torch.nn.Module:
+    """fully_shard each transformer block, then the root; fp32 master weights, `param_dtype` compute, fp32
+    gradient reduction. The model is moved to the rank's device first (unless move=False).
+
+    A block's parameters are gathered only inside its own forward, so a block must not use another's weights
+    (each Wan block computes its own cross-attention K/V: models/wan.py WanBlock.cross_key_value)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if move:
         model.to(info.device)
     # cast_forward_inputs=False (as upstream): FSDP would otherwise cast the float32 timesteps to bf16
     # (937.5 -> 936) before the model's fp64 sinusoid; the models cast their own inputs where needed.
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in transformer_blocks(model) if per_block else []:
+    for block in transformer_blocks(model):
         fully_shard(block, mesh=info.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=info.mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for name in FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
     return model
 
 
 def load_sharded(build, load_state_dict, info: DistInfo, param_dtype: torch.dtype = torch.float32,
-                 source: str = "weights", per_block: bool = True) -> torch.nn.Module:
+                 source: str = "weights") -> torch.nn.Module:
     """Build a model on the meta device, shard it, and fill it from a full state dict read on rank 0 only
     (broadcast shard by shard), so no rank but one ever holds a full copy (a 14B teacher fits).
 
@@ -111,7 +119,7 @@ def load_sharded(build, load_state_dict, info: DistInfo, param_dtype: torch.dtyp
         return state_dict
 
     state_dict = on_main(load_and_check, info, default={})
-    shard_model(model, info, param_dtype, move=False, per_block=per_block)
+    shard_model(model, info, param_dtype, move=False)
     model.to_empty(device=info.device)
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model

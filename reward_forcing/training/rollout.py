@@ -72,6 +72,14 @@ class _ExitLayer:
     def __init__(self, layer, live):
         self.layer, self.live, self.saved = layer, live, None
 
+    @property
+    def cross(self):  # the block keeps its cross-attention K/V in the real cache layer
+        return self.layer.cross
+
+    @cross.setter
+    def cross(self, kv):
+        self.layer.cross = kv
+
     def _first_update(self, k, v, start_frame: int, frame_tokens: int):
         n, frames = k.shape[1], k.shape[1] // frame_tokens
         keys, values, query_start = self.layer.update(k, v, start_frame, frame_tokens)
@@ -108,7 +116,6 @@ class _ExitCache:
 
     def __init__(self, cache, live):
         self.layers = [_ExitLayer(layer, None if live is None else live[i]) for i, layer in enumerate(cache.layers)]
-        self.cross = cache.cross
 
 
 def _exit_forward(sampler, cache, live, context, x, t, start, checkpoint: bool):
@@ -151,7 +158,7 @@ def rollout(sampler: StreamingGenerator, context: torch.Tensor, num_frames: int,
             clean = x0.detach()
             if context_noise > 0:
                 t = _frame_t(clean, context_noise)
-                model(schedule.add_noise(clean, noise("context"), t), t, context, cache=cache, start_frame=start)
+                model.stream_step(schedule.add_noise(clean, noise("context"), t), t, context, cache, start)
             else:
                 sampler.context_pass(cache, context, clean, start)
         chunks.append(x0)
@@ -164,5 +171,5 @@ def _frame_t(x: torch.Tensor, t: float) -> torch.Tensor:
 
 def _predict_x0(sampler, cache, context, x, t, start):
     t_frames = _frame_t(x, t)
-    flow = sampler.model(x, t_frames, context, cache=cache, start_frame=start)
+    flow = sampler.model.stream_step(x, t_frames, context, cache, start)
     return sampler.schedule.flow_to_x0(flow, x, t_frames)
