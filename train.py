@@ -7,13 +7,12 @@ bidirectional Wan model on a latent dataset, reward_forcing.training.diffusion) 
 `run(config, logdir, args)` with args.disable_wandb, args.no_save and args.resume (None or a folder).
 Re-running with the same --logdir resumes from its latest complete checkpoint.
 """
-import argparse
 import importlib
 import sys
 from pathlib import Path
 
 from reward_forcing.config import load_config
-from reward_forcing.errors import ConfigError, run_cli
+from reward_forcing.errors import ConfigError, OneLineParser, run_cli
 from reward_forcing.training.lr_schedule import check_lr_schedule
 
 TRAINERS = {"distill": "reward_forcing.training.distill", "ode": "reward_forcing.training.ode",
@@ -22,7 +21,7 @@ TRAINERS = {"distill": "reward_forcing.training.distill", "ode": "reward_forcing
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config_path", required=True, help="YAML config (e.g. configs/reward_forcing.yaml)")
     parser.add_argument("--logdir", required=True, help="run folder: checkpoints, metrics.jsonl, exported weights")
     parser.add_argument("--disable-wandb", "--disable_wandb", dest="disable_wandb", action="store_true",
