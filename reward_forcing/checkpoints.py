@@ -102,16 +102,22 @@ def _load_torch(path: Path):
         raise CheckpointError(f"cannot read {path} (truncated or not a torch.save file?): {_first_line(err)}") from None
 
 
-# download_checkpoints.sh's flag for each Wan folder it fetches (its --help lists the parts).
-DOWNLOAD_FLAGS = {"wan2.1-t2v-1.3b": "--only wan-1.3b", "wan2.1-t2v-14b": "--with-teacher"}
+# download_checkpoints.sh's flag for each folder or file it fetches by that name (its --help lists the parts).
+DOWNLOAD_FLAGS = {"wan2.1-t2v-1.3b": "--only wan-1.3b", "wan2.1-t2v-14b": "--with-teacher",
+                  "rewardforcing.pt": "--only reward-forcing", "ode_init.pt": "--only ode-init"}
+
+
+def download_hint(path) -> str:
+    """'; `bash download_checkpoints.sh FLAG` fetches it ...' for an asset the script fetches, else ''."""
+    flag = DOWNLOAD_FLAGS.get(Path(path).name.lower())
+    if flag is None:
+        return ""
+    return (f"; `bash download_checkpoints.sh {flag}` fetches it (into checkpoints/; with --checkpoint-dir DIR, "
+            "pass checkpoint_dir=DIR here)")
 
 
 def _missing_wan_folder(folder: Path) -> str:
-    flag = DOWNLOAD_FLAGS.get(folder.name.lower())
-    if flag is None:
-        return f"Wan model folder not found: {folder}"
-    return (f"Wan model folder not found: {folder}; `bash download_checkpoints.sh {flag}` fetches it (into "
-            "checkpoints/; with --checkpoint-dir DIR, pass checkpoint_dir=DIR here)")
+    return f"Wan model folder not found: {folder}{download_hint(folder)}"
 
 
 def read_wan_config(folder) -> dict:

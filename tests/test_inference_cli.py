@@ -116,6 +116,15 @@ def test_bad_input_is_one_line_and_writes_nothing(files, capsys, args, message):
     assert not out.exists()
 
 
+def test_a_missing_released_checkpoint_names_its_download_flag(files, capsys):
+    missing = files / "Reward-Forcing-T2V-1.3B" / "rewardforcing.pt"
+    assert run_cli(main, ["--data_path", str(files / "prompts.txt"), "--output_folder", str(files / "out"),
+                          "--checkpoint_path", str(missing)]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint not found: {missing}; `bash download_checkpoints.sh --only "
+                                       "reward-forcing` fetches it (into checkpoints/; with --checkpoint-dir DIR, pass "
+                                       "checkpoint_dir=DIR here)\n")
+
+
 def test_only_rank_0_prints_the_error(monkeypatch, capsys):
     def bad(argv):
         raise ConfigError("bad value")

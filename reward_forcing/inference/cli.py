@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from reward_forcing.checkpoints import download_hint
 from reward_forcing.config import load_config, save_config
 from reward_forcing.errors import CheckpointError, ConfigError, OneLineParser
 from reward_forcing.inference.generator import check_num_frames, pixel_frames
@@ -110,7 +111,8 @@ def validate_model(cfg) -> None:
             raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
     _whole(cfg, "num_frame_per_block")
     if cfg.inference.checkpoint_path is not None and not Path(cfg.inference.checkpoint_path).exists():
-        raise CheckpointError(f"checkpoint not found: {cfg.inference.checkpoint_path}")
+        path = cfg.inference.checkpoint_path
+        raise CheckpointError(f"checkpoint not found: {path}{download_hint(path)}")
 
 
 def validate(cfg) -> None:
