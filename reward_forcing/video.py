@@ -215,6 +215,43 @@ class Mp4Writer:
         return False
 
 
+def _checked_chunk(frames, shape) -> np.ndarray:
+    """One [n, H, W, 3] uint8 chunk, the same frame size as the chunks before it (`shape`, or None)."""
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        described = f"{frames.dtype} {list(frames.shape)}" if isinstance(frames, np.ndarray) else type(frames).__name__
+        raise UserError(f"frames must be uint8 arrays [frames, height, width, 3] (as VideoPipeline returns), "
+                        f"got {described}")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise UserError(f"H.264 needs an even frame height and width, got {frames.shape[1]}x{frames.shape[2]}")
+    if shape is not None and frames.shape[1:] != shape:
+        raise UserError(f"frames change size from {list(shape)} to {list(frames.shape[1:])} within one video")
+    return frames
+
+
+def export_to_video(frames, path, fps: int = 16) -> Path:
+    """Write frames to the H.264 mp4 `path` (atomically: a hidden file renamed into place when complete, so a
+    failure never leaves a partial video under `path`; an existing file is replaced). Returns the path.
+
+    frames: uint8 [n, H, W, 3], as `VideoPipeline(...)` returns, or an iterable of such chunks, as
+    `VideoPipeline.stream(...)` yields (each chunk reaches the disk before the next is made).
+    fps: 16 is Wan2.1's and inference.py's rate.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".mp4":
+        raise UserError(f"export_to_video writes mp4 files; {path} does not end in .mp4")
+    if isinstance(fps, bool) or not isinstance(fps, int) or fps <= 0:
+        raise UserError(f"fps must be a positive whole number, got {fps!r}")
+    chunks = [frames] if isinstance(frames, np.ndarray) else frames
+    shape = None
+    with Mp4Writer(path, fps=fps) as writer:
+        for chunk in chunks:
+            shape = _checked_chunk(chunk, shape).shape[1:]
+            writer.append(chunk)
+        if writer.frames == 0:
+            raise UserError(f"no frames to write to {path}")
+    return path
+
+
 def append_manifest(path, record: dict) -> None:
     """One JSON line, written with a single O_APPEND write so concurrent ranks do not interleave."""
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")

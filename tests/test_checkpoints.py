@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from reward_forcing.checkpoints import (
     asset_path,
     load_generator_state_dict,
+    load_generator_weights,
     load_into,
     load_wan_folder,
     read_wan_config,
@@ -249,11 +250,27 @@ def test_missing_shard_in_wan_folder(tmp_path, source):
     assert_one_line_error("weights file not found: .*00001-of-00002", load_wan_folder, folder)
 
 
-def test_use_ema_on_sectioned_file_without_ema(tmp_path, source):
-    model, _ = source
+def test_use_ema_on_sectioned_file_without_ema_reads_its_generator_and_says_so(tmp_path, source):
+    """A run exported before its EMA was made has no generator_ema: use_ema (the default of inference.py and the
+    Python API) takes the generator section, and the description names it."""
+    model, x = source
     path = write_file(tmp_path, "model.pt", {"generator": model.state_dict(), "critic": model.state_dict()})
+    assert_loads_identically(path, model, x, use_ema=True)
+    weights = load_generator_weights(path, use_ema=True)[1]
+    assert weights.identity == f"{path.resolve()} [generator]" and "no generator_ema section" in str(weights)
+    path = write_file(tmp_path, "critic_only.pt", {"critic": model.state_dict()})
     message = assert_one_line_error("no 'generator_ema' section", load_generator_state_dict, path, use_ema=True)
-    assert "generator, critic" in message and "drop --use_ema" in message
+    assert "(it has: critic)" in message
+
+
+@pytest.mark.parametrize("folder, flag", [("Wan2.1-T2V-1.3B", "--only wan-1.3b"), ("Wan2.1-T2V-14B", "--with-teacher")])
+def test_a_missing_wan_folder_names_the_download_flag_that_fetches_it(tmp_path, folder, flag):
+    message = assert_one_line_error("Wan model folder not found", load_wan_folder, tmp_path / folder)
+    assert f"`bash download_checkpoints.sh {flag}` fetches it" in message
+    usage = subprocess.run(["bash", str(REPO / "download_checkpoints.sh"), "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    option, *part = flag.split()
+    assert f"  {option} " in usage and all(f"  {name} " in usage for name in part)  # the flag and part exist
 
 
 def test_missing_file_and_folder(tmp_path):
@@ -329,7 +346,7 @@ def test_tiny_yaml_has_the_tiny_sizes():
     cfg = load_config(REPO / "configs/tiny.yaml")
     te, vae = cfg.text_encoder, cfg.vae
     assert (te.vocab_size, te.d_model, te.d_kv, te.num_heads, te.d_ff, te.num_layers) == (256, 32, 8, 4, 64, 2)
-    assert (te.relative_attention_num_buckets, te.relative_attention_max_distance, te.text_len) == (32, 128, 32)
+    assert (te.relative_attention_num_buckets, te.relative_attention_max_distance, te.text_len) == (32, 128, 64)
     assert (vae.base_dim, vae.z_dim, list(vae.dim_mult), vae.num_res_blocks) == (8, 16, [1, 2, 4, 4], 2)
     assert list(vae.temperal_downsample) == [False, True, True]
     assert (cfg.height, cfg.width, cfg.num_frame_per_block, cfg.local_attn_size, cfg.sink_size) == (64, 96, 3, 9, 3)
@@ -341,7 +358,7 @@ def test_tiny_dir_is_complete_with_the_tiny_dit_config(tiny):
     assert [name for name in TINY_FILES if not (root / name).is_file()] == []
     config = json.loads((root / "Wan2.1-T2V-1.3B/config.json").read_text())
     sizes = {"dim": 64, "ffn_dim": 128, "num_heads": 4, "num_layers": 2, "freq_dim": 32, "text_dim": 32,
-             "text_len": 32, "in_dim": 16, "out_dim": 16}
+             "text_len": 64, "in_dim": 16, "out_dim": 16}
     assert {key: config[key] for key in sizes} == sizes
     student = CausalWanModel.from_config(read_wan_config(root / "Wan2.1-T2V-1.3B"), num_frame_per_block=3)
     assert student.patch_size == (1, 2, 2)

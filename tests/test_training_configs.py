@@ -75,3 +75,11 @@ def test_train_py_bad_input_is_one_line(tmp_path, args, message):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip() == message
+
+
+def test_train_py_usage_errors_are_one_line(tmp_path):
+    """A missing flag is one `error:` line (no usage block), so torchrun's processes print nothing else."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--logdir", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: the following arguments are required: --config_path"

@@ -13,15 +13,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
+from reward_forcing.checkpoints import download_hint
 from reward_forcing.config import load_config, save_config
-from reward_forcing.errors import CheckpointError, ConfigError, UserError
+from reward_forcing.errors import CheckpointError, ConfigError, OneLineParser
 from reward_forcing.inference.generator import check_num_frames, pixel_frames
 from reward_forcing.inference.jobs import shard, video_seed
+from reward_forcing.distributed import compute_dtype
 from reward_forcing.inference.pipeline import VideoPipeline, resolve_device
-from reward_forcing.inference.provenance import check_output_folder, video_record, video_settings
+from reward_forcing.inference.provenance import (certain_weights, check_output_folder, finished_before,
+                                                 settings_before_loading, video_record, video_settings)
 from reward_forcing.inference.segments import Segment, read_switch_prompts, segment_records, switch_schedule, total_frames
+from reward_forcing.progress import progress
 from reward_forcing.video import (Mp4Writer, Prompt, PromptFileError, append_manifest, compact_manifest, read_manifest,
                                   read_prompts, remove_stale_partials, unique_by_stem, video_name, video_stem)
 
@@ -44,30 +47,27 @@ FLAG_KEYS = {
 }
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one-line UserErrors (run_cli prints them and exits 2), not usage + exit."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Stream text-to-video with the Reward Forcing student.")
-    p.add_argument("--config_path", help="YAML merged over the packaged defaults")
+    p.add_argument("--config_path", help="YAML merged over the packaged defaults: a path, or a preset's name "
+                                         "(tiny, reward_forcing, ...: the repository's configs/, installed with "
+                                         "the package)")
     p.add_argument("--checkpoint_path", help="student weights: flat, or with generator / generator_ema sections")
     p.add_argument("--data_path", help="prompt file, one prompt per line")
     p.add_argument("--switch_prompts", metavar="FILE.jsonl",
                    help="instead of --data_path: one video per line, a JSON array of segments "
-                        '[{"prompt": "...", "frames": 21}, ...] (latent frames, multiples of the chunk); '
+                        '[{"prompt": "...", "latent_frames": 21}, ...] (multiples of the chunk); '
                         "the prompt switches at each segment; the file is named after the first")
     p.add_argument("--extended_prompt_path", help="line-aligned extended prompts (used for generation)")
     p.add_argument("--output_folder", help="where videos, manifest.jsonl and config.yaml are written")
     p.add_argument("--num_output_frames", type=int,
                    help="latent frames (21 -> 81 video frames: 1 + 4*(n-1)); a multiple of num_frame_per_block")
     p.add_argument("--i2v", action="store_true", help="not supported (text-to-video model)")
-    p.add_argument("--use_ema", action="store_true", default=None,
-                   help="load the EMA weights: the generator_ema section, or generator_ema.safetensors beside an "
-                        "exported generator.safetensors; a flat file without them is used as it is")
+    p.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="the EMA weights where the checkpoint has them (the default, inference.use_ema): the "
+                        "generator_ema section, or generator_ema.safetensors beside an exported "
+                        "generator.safetensors; a file without them is used as it is (the `weights:` line says "
+                        "which were read). --no-use_ema: the generator weights")
     p.add_argument("--seed", type=int,
                    help="base seed; each video's seed is a hash of (seed, prompt index, sample index), the index "
                         "counting non-blank lines: not the prompt text, so different prompts on the same line get "
@@ -112,7 +112,8 @@ def validate_model(cfg) -> None:
             raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
     _whole(cfg, "num_frame_per_block")
     if cfg.inference.checkpoint_path is not None and not Path(cfg.inference.checkpoint_path).exists():
-        raise CheckpointError(f"checkpoint not found: {cfg.inference.checkpoint_path}")
+        path = cfg.inference.checkpoint_path
+        raise CheckpointError(f"checkpoint not found: {path}{download_hint(path)}")
 
 
 def validate(cfg) -> None:
@@ -204,7 +205,7 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int, settings: dict) -> list[
     run = cfg.inference
     out = Path(run.output_folder)
     written = skipped = frames_total = busy = 0
-    bar = tqdm(jobs, desc=f"prompts (rank {rank})", unit="prompt", disable=rank != 0, dynamic_ncols=True)
+    bar = progress(jobs, f"prompts (rank {rank})", unit="prompt", enabled=rank == 0)
     for job in bar:
         context = None
         num_frames = job.num_frames(int(run.num_output_frames))
@@ -220,9 +221,9 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int, settings: dict) -> list[
             seed = video_seed(int(cfg.seed), job.prompt.index, sample)
             start = time.perf_counter()
             with Mp4Writer(out / name, fps=int(cfg.fps)) as writer:
-                chunks = tqdm(pipeline.frames(context, num_frames, seed, switch=switch), desc=f"  {name[:40]}",
-                              total=num_frames // int(cfg.num_frame_per_block), unit="chunk", position=1,
-                              leave=False, disable=rank != 0, dynamic_ncols=True)
+                chunks = progress(pipeline.frames(context, num_frames, seed, switch=switch), f"  {name[:40]}",
+                                  total=num_frames // int(cfg.num_frame_per_block), unit="chunk", nested=True,
+                                  enabled=rank == 0)
                 for frames in chunks:
                     writer.append(frames)
             elapsed = time.perf_counter() - start
@@ -230,8 +231,9 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int, settings: dict) -> list[
                 raise RuntimeError(f"{name}: decoded {writer.frames} frames, expected {expected}")
             append_manifest(out / MANIFEST, {
                 "prompt_index": job.prompt.index, "sample": sample, "prompt": job.prompt.text,
-                "extended_prompt": job.prompt.extended, "seed": seed, "file": name, "frames": writer.frames,
-                "seconds": writer.frames / int(cfg.fps), "generation_seconds": round(elapsed, 3),
+                "extended_prompt": job.prompt.extended, "seed": seed, "file": name, "video_frames": writer.frames,
+                "latent_frames": num_frames, "seconds": writer.frames / int(cfg.fps),
+                "generation_seconds": round(elapsed, 3),
                 **({"segments": segment_records(job.segments)} if job.segments else {}),
                 "settings": settings,
             })
@@ -242,13 +244,31 @@ def generate(cfg, pipeline, jobs: list[Job], rank: int, settings: dict) -> list[
     return [written, skipped, frames_total, busy]
 
 
+def nothing_to_do(cfg, jobs: list[Job], device) -> bool:
+    """Every video of this run is in the output folder, made with these settings: decided from manifest.jsonl
+    alone, before any model is loaded (provenance.finished_before)."""
+    run = cfg.inference
+    if run.overwrite:
+        return False
+    out = Path(run.output_folder)
+    planned = planned_videos(cfg, jobs, settings_before_loading(cfg, compute_dtype(cfg.mixed_precision, device)))
+    return finished_before(out, read_manifest(out / MANIFEST), planned,
+                           certain_weights(cfg, run.checkpoint_path, bool(run.use_ema)))
+
+
 def main(argv=None) -> int:
     cfg = load_run_config(argv)
     jobs, blank = plan_jobs(cfg)
     rank, world, device = init_distributed(str(cfg.inference.device))
     try:
-        pipeline = VideoPipeline.from_config(cfg, cfg.inference.checkpoint_path, bool(cfg.inference.use_ema), device)
         out = Path(cfg.inference.output_folder)
+        if nothing_to_do(cfg, jobs, device):
+            if rank == 0:
+                count = len(jobs) * int(cfg.inference.num_samples)
+                print(f"nothing to do: the {count} video(s) of this run are in {out}, made with these settings "
+                      "(--overwrite regenerates them)")
+            return 0
+        pipeline = VideoPipeline.from_config(cfg, cfg.inference.checkpoint_path, bool(cfg.inference.use_ema), device)
         settings = video_settings(cfg, pipeline.weights, pipeline.dtype)
         # Every rank checks (same files, same verdict), so a refusal stops all of them before the barrier.
         check_output_folder(out, read_manifest(out / MANIFEST), planned_videos(cfg, jobs, settings), settings,
@@ -275,7 +295,8 @@ def main(argv=None) -> int:
             wall = time.perf_counter() - start
             fps = frames / busy if busy else 0.0
             print(f"done: {int(written)} video(s) written, {int(skipped)} skipped as existing, {len(jobs)} prompt(s) "
-                  f"on {world} process(es), {int(frames)} frames at {fps:.2f} fps per process, {wall:.1f} s -> {out}")
+                  f"on {world} process(es), {int(frames)} video frames at {fps:.2f} fps per process, {wall:.1f} s "
+                  f"-> {out}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

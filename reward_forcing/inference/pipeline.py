@@ -9,7 +9,7 @@ from reward_forcing.checkpoints import (WeightsSource, asset_path, load_generato
                                         read_wan_config)
 from reward_forcing.distributed import compute_dtype
 from reward_forcing.errors import CheckpointError, ConfigError
-from reward_forcing.inference.generator import StreamingGenerator, check_num_frames, latent_size
+from reward_forcing.inference.generator import StreamingGenerator, latent_size
 from reward_forcing.inference.overlap import overlapped
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.models.decoder import load_decoder
@@ -43,6 +43,14 @@ def load_student(cfg, checkpoint_path=None, use_ema=False) -> tuple[CausalWanMod
     else:
         state_dict, source = load_generator_weights(checkpoint_path, use_ema=use_ema)
     return load_into(model, state_dict, str(source)).eval().requires_grad_(False), source
+
+
+def check_text_len(cfg, model) -> None:
+    """The text encoder's output (text_encoder.text_len tokens) must fit the DiT's text_len (its config.json)."""
+    if int(cfg.text_encoder.text_len) > model.text_len:
+        raise ConfigError(f"text_encoder.text_len={cfg.text_encoder.text_len} is longer than the text_len="
+                          f"{model.text_len} of {asset_path(cfg, cfg.model_name) / 'config.json'}; lower it, or "
+                          "re-make tiny checkpoints with scripts/make_tiny_checkpoints.py")
 
 
 def load_text_encoder(cfg, device, dtype):
@@ -102,12 +110,13 @@ class VideoPipeline:
         self.overlap = overlap
 
     @classmethod
-    def from_config(cls, cfg, checkpoint_path=None, use_ema=False, device="cpu") -> "VideoPipeline":
+    def from_config(cls, cfg, checkpoint_path=None, use_ema=True, device="cpu") -> "VideoPipeline":
         device = torch.device(device)
         dtype = compute_dtype(cfg.mixed_precision, device)
         if checkpoint_path is not None and not Path(checkpoint_path).exists():
             raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
         model, weights = load_student(cfg, checkpoint_path, use_ema)
+        check_text_len(cfg, model)
         model = model.to(device=device, dtype=dtype)
         latent_hw = latent_size(cfg, model.patch_size)
         generator = compile_if_configured(StreamingGenerator.from_config(model, cfg), cfg, device)
@@ -115,7 +124,7 @@ class VideoPipeline:
                    device, dtype, weights, overlap=bool(cfg.overlap_decode))
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir, checkpoint_path=None, use_ema=False, config_path=None,
+    def from_pretrained(cls, checkpoint_dir, checkpoint_path=None, use_ema=True, config_path=None,
                         device=None) -> "VideoPipeline":
         """Load the student, text encoder and decoder as inference.py does.
 
@@ -124,9 +133,11 @@ class VideoPipeline:
         checkpoint_path: student weights (a file of any layout inference.py reads); None = the released
             Reward-Forcing-T2V-1.3B/rewardforcing.pt. A relative path is looked up under checkpoint_dir, then
             in the working directory.
-        use_ema: as inference.py --use_ema. config_path: a YAML merged over the packaged defaults (None: the
-            packaged defaults, which are the released model's settings). device: "cpu", "cuda[:n]" or None
-            (CUDA when available).
+        use_ema: the EMA weights where the checkpoint has them (the default, as inference.py's), else its
+            weights as they are; `pipe.weights` says which were read. False: never the EMA weights.
+        config_path: a YAML file or the name of a preset ("tiny", "reward_forcing"), merged over the packaged
+            defaults (None: the packaged defaults, which are the released model's settings).
+        device: "cpu", "cuda[:n]" or None (CUDA when available).
         """
         from reward_forcing.config import load_config
 
@@ -138,13 +149,16 @@ class VideoPipeline:
 
     def __call__(self, prompt: str, num_frames: int = 21, seed: int = 0) -> np.ndarray:
         """The whole video: uint8 [1 + 4 * (num_frames - 1), H, W, 3]. num_frames counts latent frames (21 -> 81
-        video frames), a multiple of num_frame_per_block; seed is the video's own seed (manifest.jsonl's `seed`:
-        inference.py makes the same frames for a video with that seed)."""
+        video frames; manifest.jsonl's `latent_frames`), a multiple of num_frame_per_block; seed is the video's
+        own seed (manifest.jsonl's `seed`: inference.py makes the same frames for a video with that seed)."""
         return np.concatenate(list(self.stream(prompt, num_frames, seed)))
 
     def stream(self, prompt: str, num_frames: int = 21, seed: int = 0) -> Iterator[np.ndarray]:
         """The same frames as `__call__`, yielded as each latent chunk is generated and decoded."""
-        check_num_frames(num_frames, self.generator.chunk_frames)
+        chunk = self.generator.chunk_frames
+        if num_frames <= 0 or num_frames % chunk:
+            raise ConfigError(f"num_frames={num_frames} counts latent frames and must be a positive multiple of "
+                              f"the chunk size num_frame_per_block={chunk} (21 latent frames -> 81 video frames)")
         yield from self.frames(self.encode(prompt), num_frames, seed)
 
     def encode(self, text: str) -> torch.Tensor:

@@ -94,7 +94,7 @@ def write_taehv(path, latent_channels: int, encoder_width: int, decoder_widths, 
 TINY_WAN_CONFIG = {
     "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 64, "eps": 1e-06, "ffn_dim": 128,
     "freq_dim": 32, "in_dim": 16, "model_type": "t2v", "num_heads": 4, "num_layers": 2, "out_dim": 16,
-    "text_dim": 32, "text_len": 32,
+    "text_dim": 32, "text_len": 64,
 }
 # The teacher differs in width and depth, as the 14B does, so that its architecture must come from its own file.
 TINY_TEACHER_CONFIG = {**TINY_WAN_CONFIG, "dim": 96, "ffn_dim": 192, "num_heads": 6, "num_layers": 3}

@@ -7,12 +7,11 @@ bidirectional Wan model on a latent dataset, reward_forcing.training.diffusion) 
 reward_forcing.training.loop.train(method, config, logdir, args). Re-running with the same --logdir resumes from
 its latest complete checkpoint.
 """
-import argparse
 import importlib
 from pathlib import Path
 
 from reward_forcing.config import load_config
-from reward_forcing.errors import ConfigError
+from reward_forcing.errors import ConfigError, OneLineParser
 from reward_forcing.training.lr_schedule import check_lr_schedule
 
 TRAINERS = {"distill": ("reward_forcing.training.distill", "Distiller"),
@@ -22,7 +21,7 @@ TRAINERS = {"distill": ("reward_forcing.training.distill", "Distiller"),
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config_path", required=True, help="YAML config (e.g. configs/reward_forcing.yaml)")
     parser.add_argument("--logdir", required=True, help="run folder: checkpoints, metrics.jsonl, exported weights")
     parser.add_argument("--disable-wandb", "--disable_wandb", dest="disable_wandb", action="store_true",
