@@ -22,7 +22,7 @@ SHAPING_KEYS = (
 
 def video_settings(cfg, weights, dtype) -> dict:
     """The run-wide settings that shape every video, as JSON-ready values (`weights`: a WeightsSource)."""
-    settings = {"weights": weights.identity, "base_model": str(asset_path(cfg, cfg.model_name).resolve()),
+    settings = {"weights": weights.identity, "base_model": str(asset_path(cfg.checkpoint_dir, cfg.model_name).resolve()),
                 "dtype": str(dtype)}
     for key in SHAPING_KEYS:
         value = OmegaConf.select(cfg, key)

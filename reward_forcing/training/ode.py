@@ -8,7 +8,6 @@ forward, and regresses its x0 prediction onto the clean (last) state on the fram
 not 0. The label t is both the model's timestep input and, through the schedule's sigma(t), the sigma
 of x0 = x_t - sigma * v, as upstream's wrapper converts with the sigma of the timestep it fed.
 """
-from pathlib import Path
 
 import torch
 
