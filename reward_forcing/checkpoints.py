@@ -302,12 +302,12 @@ def _case_insensitive(path: Path) -> Path:
     return matches[0] if len(matches) == 1 else path
 
 
-def asset_path(cfg, name) -> Path:
-    """Where asset `name` lives: absolute, `./`- or `../`-relative paths as given, others under cfg.checkpoint_dir."""
+def asset_path(checkpoint_dir, name) -> Path:
+    """Where asset `name` lives: absolute, `./`- or `../`-relative paths as given, others under `checkpoint_dir`."""
     if name is None or str(name).strip() == "":
         raise CheckpointError("an empty asset path was given")
     text = str(name)
     path = Path(text).expanduser()
     if not (path.is_absolute() or text.startswith(("./", "../"))):
-        path = Path(cfg.checkpoint_dir).expanduser() / path
+        path = Path(checkpoint_dir).expanduser() / path
     return _case_insensitive(path)

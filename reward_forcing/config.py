@@ -1,7 +1,8 @@
-"""Configuration: packaged defaults <- a YAML file <- `key=value` overrides, with unknown keys refused.
+"""Configuration: packaged defaults <- a YAML file <- `key=value` overrides, typed and with unknown keys refused.
 
-Every default lives in `reward_forcing/defaults/*.yaml` (one file per concern). A key may be
-defined in only one of those files, so the merged defaults are the complete list of valid keys.
+Every default lives in `reward_forcing/defaults/*.yaml` (one file per concern, each key documented there); a key
+may be defined in only one of those files. reward_forcing/settings.py gives each key its type: a value of the wrong
+type or an unknown choice is refused in one line, and a key that moved is refused with its new place.
 
 The presets (the repository's `configs/*.yaml`) ship with the package: setup.py installs configs/ as
 the data package `reward_forcing.presets`, so `config_path` may name a preset ("tiny",
@@ -14,6 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from yaml import MarkedYAMLError
 
 from reward_forcing.errors import ConfigError
+from reward_forcing.settings import MOVED_KEYS, Settings
 
 DEFAULTS_DIR = Path(__file__).with_name("defaults")
 # An installed wheel holds the presets inside the package; a source checkout (editable install or
@@ -59,7 +61,8 @@ def _yaml_problem(err: Exception) -> str:
 
 
 def load_defaults() -> DictConfig:
-    merged = OmegaConf.create({})
+    """The packaged defaults on the typed schema; every key of the schema must be set by them."""
+    merged = OmegaConf.structured(Settings)
     owner = {}
     for path in sorted(DEFAULTS_DIR.glob("*.yaml")):
         part = OmegaConf.load(path)
@@ -68,10 +71,20 @@ def load_defaults() -> DictConfig:
                 raise RuntimeError(f"default key '{key}' is defined in both {owner[key]} and {path.name}")
             owner[key] = path.name
         merged = OmegaConf.merge(merged, part)
+    unset = sorted(OmegaConf.missing_keys(merged))
+    if unset:
+        raise RuntimeError(f"reward_forcing/settings.py keys without a default in reward_forcing/defaults: {unset}")
     return merged
 
 
+def _refuse_moved_keys(update: DictConfig, source: str) -> None:
+    for key in update:
+        if key in MOVED_KEYS:
+            raise ConfigError(f"config key '{key}' in {source} moved: it is now {MOVED_KEYS[key]}")
+
+
 def _merge_strict(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    _refuse_moved_keys(update, source)
     OmegaConf.set_struct(base, True)
     try:
         return OmegaConf.merge(base, update)

@@ -271,7 +271,7 @@ def harness_model(args, cfg):
         from reward_forcing.inference.pipeline import load_student
         model, _ = load_student(cfg, cfg.get("inference", {}).get("checkpoint_path"))
         return model, f"weights of {cfg.model_name}"
-    folder = asset_path(cfg, cfg.model_name)
+    folder = asset_path(cfg.checkpoint_dir, cfg.model_name)
     arch = read_wan_config(folder) if (folder / "config.json").is_file() else {}
     with torch.device("meta"):  # no init work: the weights are filled once below
         model = CausalWanModel.from_config(arch, **blocks)

@@ -36,13 +36,13 @@ def mean_heldout_reward(cfg, weights: dict, prompts: list[str], seed: int = 1234
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, mesh=None)
-    model = CausalWanModel.from_config(read_wan_config(asset_path(cfg, cfg.model_name)),
+    model = CausalWanModel.from_config(read_wan_config(asset_path(cfg.checkpoint_dir, cfg.model_name)),
                                        num_frame_per_block=int(cfg.num_frame_per_block),
                                        local_attn_size=int(cfg.local_attn_size))
     model.load_state_dict(weights, strict=True)
     model = model.to(device).eval()
     sampler = training_sampler(model, cfg)
-    encoder = TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder, device=device)
+    encoder = TextEncoder.from_wan_folder(asset_path(cfg.checkpoint_dir, cfg.model_name), cfg.text_encoder, device=device)
     reward = FrameReward.from_config(cfg, info, torch.float32)
     frames = int(cfg.num_training_frames)
     exits = [len(sampler.timesteps) - 1] * (frames // sampler.chunk_frames)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     rows = [json.loads(line) for line in (Path(args.logdir) / "metrics.jsonl").read_text().splitlines()]
     exported = Path(args.logdir) / "generator.pt"
     results = {
-        "init": mean_heldout_reward(cfg, load_generator_state_dict(asset_path(cfg, cfg.generator_ckpt)), heldout),
+        "init": mean_heldout_reward(cfg, load_generator_state_dict(asset_path(cfg.checkpoint_dir, cfg.generator_ckpt)), heldout),
         "trained": mean_heldout_reward(cfg, load_generator_state_dict(exported), heldout),
     }
     if cfg.ema_decay is not None and cfg.ema_start < args.steps:

@@ -79,11 +79,11 @@ def experiment_settings(quick: bool):
 
 
 def check_reward(name: str) -> None:
-    from reward_forcing.rewards.registry import REWARDS, reward_class
+    from reward_forcing.rewards.registry import REWARDS
 
     if name not in REWARDS:
         raise ConfigError(f"--reward must be one of {', '.join(REWARDS)}; got '{name}'")
-    if reward_class(name).input != "latents":
+    if REWARDS[name].input != "latents":
         raise ConfigError(f"reward '{name}' scores decoded pixels; the miniature world has no decoder "
                           "(use a latent reward such as latent_motion)")
 
@@ -141,13 +141,13 @@ class Run:
         Re-DMD at `cache_grad_beta` with each further `rollout_cache_grad` mode (the others use the default,
         straight_through), and reward-only fine-tuning (arXiv 2601.16933) on each `reward_feedback_frames` choice."""
         arms = {"dmd": ("distill", ["distill_loss=dmd"])}
-        arms.update({f"re_dmd_b{beta:g}": ("distill", ["distill_loss=re_dmd", f"reward_beta={beta}"])
+        arms.update({f"re_dmd_b{beta:g}": ("distill", ["distill_loss=re_dmd", f"reward.beta={beta}"])
                      for beta in self.settings.betas})
         beta = self.settings.cache_grad_beta
-        arms.update({f"re_dmd_b{beta:g}_{mode}": ("distill", ["distill_loss=re_dmd", f"reward_beta={beta}",
+        arms.update({f"re_dmd_b{beta:g}_{mode}": ("distill", ["distill_loss=re_dmd", f"reward.beta={beta}",
                                                                f"rollout_cache_grad={mode}"])
                      for mode in self.settings.cache_grad_modes})
-        arms.update({f"rf_{frame}": ("reward_feedback", [f"reward_frame={frame}"])
+        arms.update({f"rf_{frame}": ("reward_feedback", [f"reward.frame={frame}"])
                      for frame in self.settings.reward_feedback_frames})
         return arms
 

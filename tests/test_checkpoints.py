@@ -296,18 +296,18 @@ def test_unrecognised_layout(tmp_path):
 
 def test_asset_path_resolves_under_checkpoint_dir(tmp_path):
     cfg = OmegaConf.create({"checkpoint_dir": str(tmp_path)})
-    assert asset_path(cfg, "ode_init.pt") == tmp_path / "ode_init.pt"
-    assert asset_path(cfg, "/abs/file.pt").as_posix() == "/abs/file.pt"
-    assert asset_path(cfg, "./here.pt").as_posix() == "here.pt"
+    assert asset_path(cfg.checkpoint_dir, "ode_init.pt") == tmp_path / "ode_init.pt"
+    assert asset_path(cfg.checkpoint_dir, "/abs/file.pt").as_posix() == "/abs/file.pt"
+    assert asset_path(cfg.checkpoint_dir, "./here.pt").as_posix() == "here.pt"
     (tmp_path / "Videoreward").mkdir()
-    assert asset_path(cfg, "VideoReward") == tmp_path / "Videoreward"
+    assert asset_path(cfg.checkpoint_dir, "VideoReward") == tmp_path / "Videoreward"
     assert_one_line_error("empty asset path", asset_path, cfg, None)
 
 
 def test_checkpoint_dir_default_and_command_line_override():
-    assert asset_path(load_config(), "ode_init.pt") == Path("checkpoints/ode_init.pt")
+    assert asset_path(load_config().checkpoint_dir, "ode_init.pt") == Path("checkpoints/ode_init.pt")
     cfg = load_config(overrides=["checkpoint_dir=/data/weights"])
-    assert asset_path(cfg, cfg.model_name) == Path("/data/weights/Wan2.1-T2V-1.3B")
+    assert asset_path(cfg.checkpoint_dir, cfg.model_name) == Path("/data/weights/Wan2.1-T2V-1.3B")
 
 
 # ---- scripts/make_tiny_checkpoints.py: a complete fake checkpoint_dir that the project loaders read ----
@@ -370,15 +370,15 @@ def assert_non_degenerate(state_dict):
 
 
 def test_tiny_dits_load_and_run(tiny):
-    base = asset_path(tiny, tiny.model_name)
+    base = asset_path(tiny.checkpoint_dir, tiny.model_name)
     config = read_wan_config(base)
     x = torch.randn(1, config["in_dim"], 3, tiny.height // 8, tiny.width // 8)
     context = torch.randn(1, config["text_len"], config["text_dim"])
     t = torch.tensor([500.0])
     outputs = []
     # The release README passes --use_ema with the flat rewardforcing.pt.
-    sources = [(base, False), (asset_path(tiny, "Reward-Forcing-T2V-1.3B/rewardforcing.pt"), True),
-               (asset_path(tiny, "ode_init.pt"), False)]
+    sources = [(base, False), (asset_path(tiny.checkpoint_dir, "Reward-Forcing-T2V-1.3B/rewardforcing.pt"), True),
+               (asset_path(tiny.checkpoint_dir, "ode_init.pt"), False)]
     for source, use_ema in sources:
         state_dict = load_generator_state_dict(source, use_ema=use_ema)
         assert_non_degenerate(state_dict)
@@ -388,7 +388,7 @@ def test_tiny_dits_load_and_run(tiny):
         outputs.append(flow)
     assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
 
-    teacher_dir = asset_path(tiny, tiny.real_name)
+    teacher_dir = asset_path(tiny.checkpoint_dir, tiny.real_name)
     teacher_config, teacher_sd = load_wan_folder(teacher_dir)
     assert teacher_config["dim"] != config["dim"] and teacher_config["num_layers"] != config["num_layers"]
     teacher = load_into(WanModel.from_config(teacher_config), teacher_sd, str(teacher_dir))
@@ -403,7 +403,7 @@ def test_tiny_text_encoder_vae_taehv_and_reward_load(tiny):
     from reward_forcing.rewards.imagereward import ImageReward
     from reward_forcing.rewards.videoalign import VideoReward
 
-    base = asset_path(tiny, tiny.model_name)
+    base = asset_path(tiny.checkpoint_dir, tiny.model_name)
     context = TextEncoder.from_wan_folder(base, tiny.text_encoder).encode(["a cat walks across the grass"])
     assert context.shape == (1, tiny.text_encoder.text_len, tiny.text_encoder.d_model)
     assert torch.isfinite(context).all() and context[0, 0].abs().sum() > 0
@@ -411,17 +411,17 @@ def test_tiny_text_encoder_vae_taehv_and_reward_load(tiny):
     latents = torch.randn(1, tiny.vae.z_dim, 2, tiny.height // 8, tiny.width // 8)
     with torch.no_grad():
         pixels = WanVAE.from_file(base / "Wan2.1_VAE.pth", tiny.vae).decode(latents)
-        preview = TAEHV.from_file(asset_path(tiny, tiny.taehv_path)).decode(latents)
+        preview = TAEHV.from_file(asset_path(tiny.checkpoint_dir, tiny.taehv_path)).decode(latents)
     assert pixels.shape == preview.shape == (1, 3, 5, tiny.height, tiny.width)
     assert torch.isfinite(pixels).all() and pixels.std() > 0.01
 
-    reward = VideoReward.from_checkpoint(asset_path(tiny, "VideoReward"), asset_path(tiny, "Qwen2-VL-2B-Instruct"),
+    reward = VideoReward.from_checkpoint(asset_path(tiny.checkpoint_dir, "VideoReward"), asset_path(tiny.checkpoint_dir, "Qwen2-VL-2B-Instruct"),
                                          verify_template=False)
     with torch.no_grad():
         scores = reward.score(pixels, ["a cat walks across the grass"])
     assert all(torch.isfinite(scores[key]).all() for key in ("VQ", "MQ", "TA", "Overall"))
 
-    image_reward = ImageReward.from_checkpoint(asset_path(tiny, "ImageReward"))
+    image_reward = ImageReward.from_checkpoint(asset_path(tiny.checkpoint_dir, "ImageReward"))
     with torch.no_grad():
         assert torch.isfinite(image_reward.score(pixels[:, :, -1], ["a cat walks across the grass"])).all()
 

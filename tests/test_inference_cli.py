@@ -90,7 +90,9 @@ BAD_INPUTS = [
     (["--switch_prompts", "{d}/blank_prompt.jsonl"], "segment 1 has an empty prompt"),
     (["--switch_prompts", "{d}/same_first.jsonl"], "videos 1 and 2 of"),
     (["--data_path", "{d}/prompts.txt", "--seed", "x"], "invalid int value"),
-    (["--data_path", "{d}/prompts.txt", "inference.num_output_frames=abc"], "must be a whole number"),
+    (["--data_path", "{d}/prompts.txt", "inference.num_output_frames=abc"],
+     "invalid value for 'inference.num_output_frames' in command-line overrides: Value 'abc' of type 'str' could "
+     "not be converted to Integer"),
     (["--data_path", "{d}/prompts.txt", "inference.device=gpu"], "is not a device"),
 ]
 

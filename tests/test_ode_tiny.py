@@ -151,6 +151,6 @@ def test_exported_generator_initialises_distillation(tiny, trained, tmp_path):
     logdir = tmp_path / "distill"
     train(["--config_path", str(ROOT / "configs" / "tiny_train.yaml"), "--logdir", str(logdir), "--disable-wandb",
            f"checkpoint_dir={tiny / 'ckpt'}", f"prompt_path={tmp_path / 'prompts.txt'}",
-           "reward_base_dir=Qwen2-VL-2B-Instruct", f"generator_ckpt={trained / 'ode_init.pt'}", "max_steps=1"])
+           "reward.qwen_dir=Qwen2-VL-2B-Instruct", f"generator_ckpt={trained / 'ode_init.pt'}", "max_steps=1"])
     rows = _metrics(logdir)
     assert [row["step"] for row in rows] == [1] and "generator_loss" in rows[0]

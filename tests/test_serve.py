@@ -204,7 +204,8 @@ def test_page_is_served_offline(client):
     (["not_a_key=1"], "unknown config key 'not_a_key'"),
     (["serve.max_queue=0"], "serve.max_queue must be a whole number >= 1"),
     (["serve.jpeg_quality=101"], "serve.jpeg_quality must be a whole number in [1, 95]"),
-    (["overlap_decode=maybe"], "overlap_decode must be true or false"),
+    (["overlap_decode=maybe"], "invalid value for 'overlap_decode' in command-line overrides: Value 'maybe' is not "
+                               "a valid bool"),
     (["--port", "70000"], "--port must be in [0, 65535]"),
     (["--port", "x"], "invalid int value"),
     (["--checkpoint_path", "{d}/missing.pt"], "checkpoint not found"),

@@ -163,7 +163,7 @@ def test_generator_micro_gradient_is_the_reward_weighted_dmd_gradient(distiller,
     with torch.no_grad():
         g = _expected_generator(d, x, teacher, critic, x_t, t, score_shift)
         other = _expected_generator(d, x, teacher, critic, x_t, t, d.cfg.timestep_shift)
-    w = torch.exp(d.cfg.reward_beta * MQ_NORM.double())
+    w = torch.exp(d.cfg.reward.beta * MQ_NORM.double())
     numel = x.numel()
 
     # direction of each sample's gradient: g up to a positive factor (teacher/critic order, CFG branches)
@@ -239,7 +239,7 @@ def test_re_dmd_gradient_is_w_times_the_dmd_gradient_with_the_real_reward(distil
     g_re, g_dmd = (x.grad.double() for x in grads)
     ratio = (g_re.flatten(1) / g_dmd.flatten(1)).median(dim=1).values
     torch.testing.assert_close(g_re, ratio.reshape(-1, 1, 1, 1, 1) * g_dmd, rtol=1e-5, atol=1e-12)
-    beta = d.cfg.reward_beta
+    beta = d.cfg.reward.beta
     assert sorted(ratio.tolist()) == pytest.approx([weighted["reward_weight_min"], weighted["reward_weight_max"]],
                                                    rel=1e-5)
     assert float(torch.log(ratio).mean()) / beta == pytest.approx(weighted["reward_mq_norm"], rel=1e-5)
@@ -251,34 +251,35 @@ def test_re_dmd_gradient_is_w_times_the_dmd_gradient_with_the_real_reward(distil
 
 @pytest.mark.parametrize("placement,holds_model", [("rank0", False), ("every_rank", True)])
 def test_reward_placement_decides_which_ranks_hold_the_reward_model(distiller, placement, holds_model):
-    """Bug caught: `reward_placement` ignored. Seen from rank 1 of 2, `rank0` leaves the reward model on rank 0
+    """Bug caught: `reward.placement` ignored. Seen from rank 1 of 2, `rank0` leaves the reward model on rank 0
     only (this rank scores through gather / scatter) while `every_rank` loads it here. (That central scoring
     gives the local scores is checked end to end: 2 ranks with rank0 vs 1 rank, tests/test_training_e2e.py.)"""
     from omegaconf import OmegaConf
 
-    from reward_forcing.rewards.base import IdentityDecoder
+    from reward_forcing.models.decoder import IdentityDecoder
     from reward_forcing.rewards.videoalign import VideoReward
     from reward_forcing.rewards.videoalign_scorer import VideoAlignReward
 
-    cfg = OmegaConf.merge(distiller.cfg, {"reward_placement": placement})
+    cfg = OmegaConf.merge(distiller.cfg, {"reward": {"placement": placement}})
     rank1 = SimpleNamespace(rank=1, world_size=2, is_main=False, device=torch.device("cpu"))
-    reward = VideoAlignReward.from_config(cfg, rank1, torch.float32, IdentityDecoder())
+    reward = VideoAlignReward.from_settings(cfg.reward, cfg.checkpoint_dir, cfg.fps, rank1, torch.float32,
+                                            IdentityDecoder())
     assert isinstance(reward.model, VideoReward) == holds_model
     assert (reward.model is None) == (not holds_model)
 
 
 def test_batch_mean_weight_norm_divides_each_weight_by_the_batch_mean(distiller, monkeypatch):
-    """reward_weight_norm=batch_mean: sample b's gradient is w_b / mean(w) times its DMD gradient (the paper's w
+    """reward.weight_norm=batch_mean: sample b's gradient is w_b / mean(w) times its DMD gradient (the paper's w
     divided by its batch mean), so the weights average 1 and keep their ratios."""
     d = distiller
-    monkeypatch.setitem(d.cfg, "reward_weight_norm", "batch_mean")  # setattr's undo would delete the key
+    monkeypatch.setitem(d.cfg.reward, "weight_norm", "batch_mean")  # setattr's undo would delete the key
     x, teacher, critic, _, captured = _stand_ins(d, monkeypatch)
     row = d.generator_micro(4, 0)
     grad = captured["x"].grad.double()
     (x_t, t, _), = critic.calls
     with torch.no_grad():
         g = _expected_generator(d, x, teacher, critic, x_t, t, d.cfg.score_timestep_shift)
-    w = torch.exp(d.cfg.reward_beta * MQ_NORM.double())
+    w = torch.exp(d.cfg.reward.beta * MQ_NORM.double())
     w = w / w.mean()
     size = grad.abs().mean(dim=(1, 2, 3, 4))
     torch.testing.assert_close(size * x.numel() * GRAD_ACCUM, w * g.abs().mean(dim=(1, 2, 3, 4)), rtol=1e-5, atol=0)
@@ -304,7 +305,7 @@ def test_teacher_unconditional_branch_gets_the_configured_negative_prompt(distil
 
     monkeypatch.setattr(d, "teacher", RecordingTeacher())
     d.generator_micro(0, 0)
-    encoder = TextEncoder.from_wan_folder(asset_path(d.cfg, d.cfg.model_name), d.cfg.text_encoder)
+    encoder = TextEncoder.from_wan_folder(asset_path(d.cfg.checkpoint_dir, d.cfg.model_name), d.cfg.text_encoder)
     with torch.no_grad():
         negative = encoder.encode([d.cfg.negative_prompt])
         empty = encoder.encode([""])

@@ -66,7 +66,7 @@ def test_metrics_schema_and_checkpoints(uninterrupted):
                  "reward_weight_min", "reward_weight_max"} <= row.keys()) == generator
     # w = exp(beta * MQ_norm) per sample (beta 2): with one sample on each of the 2 ranks, min and max are the two
     # samples' weights, so their logs / beta average to the logged mean MQ_norm and they average to the mean w
-    beta = load_config(ROOT / "configs" / "tiny_train.yaml").reward_beta
+    beta = load_config(ROOT / "configs" / "tiny_train.yaml").reward.beta
     for row in rows[::2]:
         low, high = row["reward_weight_min"], row["reward_weight_max"]
         assert (math.log(low) + math.log(high)) / (2 * beta) == pytest.approx(row["reward_mq_norm"], rel=1e-6)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from reward_forcing.errors import ConfigError
 from reward_forcing.training.data import PromptStream, read_prompt_texts
 from reward_forcing.training.metrics import MetricsLogger, learning_rates
 from reward_forcing.video import PromptFileError
@@ -40,11 +39,6 @@ def test_config_notices_and_learning_rates(tmp_path, capsys):
 def test_other_ranks_write_nothing(tmp_path):
     MetricsLogger(tmp_path, is_main=False).log(1, {"critic_loss": 1.0})
     assert not (tmp_path / "metrics.jsonl").exists()
-
-
-def test_bad_wandb_mode(tmp_path):
-    with pytest.raises(ConfigError, match="wandb_mode must be one of online, offline, disabled"):
-        MetricsLogger(tmp_path, is_main=True, wandb_mode="cloud")
 
 
 def test_wandb_offline_run_keeps_its_id_on_resume(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def load_student(cfg, checkpoint_path=None, use_ema=False) -> tuple[CausalWanMod
     """The causal student and a description of the weights read: architecture from the base folder's
     config.json, weights from `checkpoint_path` (flat, `generator` or `generator_ema`, or the EMA export
     beside a generator.safetensors), or the base folder's own weights when none is given."""
-    folder = asset_path(cfg, cfg.model_name)
+    folder = asset_path(cfg.checkpoint_dir, cfg.model_name)
     model = CausalWanModel.from_config(read_wan_config(folder), num_frame_per_block=int(cfg.num_frame_per_block),
                                        local_attn_size=int(cfg.local_attn_size))
     if checkpoint_path is None:
@@ -48,14 +48,15 @@ def load_student(cfg, checkpoint_path=None, use_ema=False) -> tuple[CausalWanMod
 def check_text_len(cfg, model) -> None:
     """The text encoder's output (text_encoder.text_len tokens) must fit the DiT's text_len (its config.json)."""
     if int(cfg.text_encoder.text_len) > model.text_len:
+        config = asset_path(cfg.checkpoint_dir, cfg.model_name) / "config.json"
         raise ConfigError(f"text_encoder.text_len={cfg.text_encoder.text_len} is longer than the text_len="
-                          f"{model.text_len} of {asset_path(cfg, cfg.model_name) / 'config.json'}; lower it, or "
-                          "re-make tiny checkpoints with scripts/make_tiny_checkpoints.py")
+                          f"{model.text_len} of {config}; lower it, or re-make tiny checkpoints with "
+                          "scripts/make_tiny_checkpoints.py")
 
 
 def load_text_encoder(cfg, device, dtype):
     from reward_forcing.models.text_encoder import TextEncoder
-    return TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder, device=device, dtype=dtype)
+    return TextEncoder.from_wan_folder(asset_path(cfg.checkpoint_dir, cfg.model_name), cfg.text_encoder, device=device, dtype=dtype)
 
 
 def compile_if_configured(generator, cfg, device):
@@ -113,6 +114,8 @@ class VideoPipeline:
     def from_config(cls, cfg, checkpoint_path=None, use_ema=True, device="cpu") -> "VideoPipeline":
         device = torch.device(device)
         dtype = compute_dtype(cfg.mixed_precision, device)
+        if cfg.decoder == "none":
+            raise ConfigError("decoder 'none' leaves latents, which make no video: use decoder=vae or decoder=taehv")
         if checkpoint_path is not None and not Path(checkpoint_path).exists():
             raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
         model, weights = load_student(cfg, checkpoint_path, use_ema)

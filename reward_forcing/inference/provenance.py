@@ -29,7 +29,7 @@ def video_settings(cfg, weights, dtype) -> dict:
 
 def settings_before_loading(cfg, dtype) -> dict:
     """video_settings without the weights' identity, which only loading the checkpoint tells for certain."""
-    settings = {"base_model": str(asset_path(cfg, cfg.model_name).resolve()), "dtype": str(dtype)}
+    settings = {"base_model": str(asset_path(cfg.checkpoint_dir, cfg.model_name).resolve()), "dtype": str(dtype)}
     for key in SHAPING_KEYS:
         value = OmegaConf.select(cfg, key)
         settings[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
@@ -41,7 +41,7 @@ def certain_weights(cfg, checkpoint_path, use_ema: bool) -> set[str]:
     give again, decided without reading it: a flat file, or the section `use_ema` asks for. A `generator`
     section recorded under use_ema (no EMA then) is left out: the file may hold an EMA by now."""
     if checkpoint_path is None:
-        return {str(asset_path(cfg, cfg.model_name).resolve())}
+        return {str(asset_path(cfg.checkpoint_dir, cfg.model_name).resolve())}
     path = Path(checkpoint_path)
     if path.is_dir():
         return {str(path.resolve())}

@@ -39,8 +39,6 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     config = load_config(args.config_path, args.overrides)
-    if config.trainer not in TRAINERS:
-        raise ConfigError(f"trainer must be one of {', '.join(TRAINERS)}; got '{config.trainer}'")
     check_lr_schedule(config)
     if args.resume is not None and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume folder not found: {args.resume}")

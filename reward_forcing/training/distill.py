@@ -11,36 +11,30 @@ from functools import partial
 
 import torch
 
-from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import latent_size
-from reward_forcing.rewards.registry import build_reward, check_reward_config
+from reward_forcing.rewards.registry import check_reward
 from reward_forcing.sampling import FlowMatchSchedule
 from reward_forcing.training.data import PromptStream, read_prompt_texts
-from reward_forcing.training.frame_reward import FrameReward, check_frame_choice, choose_frames
+from reward_forcing.training.frame_reward import FrameReward, choose_frames
 from reward_forcing.training.losses import (
     classifier_free_guidance,
     critic_flow_loss,
     dmd_gradient,
     re_dmd_loss,
-    WEIGHT_NORMS,
     normalise_weight,
     reward_weight,
     score_timesteps,
 )
 from reward_forcing.training.loop import Method
-from reward_forcing.training.networks import frozen_text_encoder, sharded_student, sharded_wan
+from reward_forcing.training.networks import configured_reward, frozen_text_encoder, sharded_student, sharded_wan
 from reward_forcing.rng import keyed_randint
 from reward_forcing.training.rollout import exit_steps, rollout, sample_noise, training_sampler
 from reward_forcing.training.state import export_generator
 from reward_forcing.training.schedule import (
-    check_schedule,
     micro_batches_before,
     optimiser_step,
     upstream_iteration,
 )
-
-LOSSES = ("dmd", "re_dmd")
-
 
 class Distiller(Method):
     """The student (`generator`) and the critic (fake score) trained against the frozen teacher (real score)."""
@@ -49,15 +43,8 @@ class Distiller(Method):
 
     @classmethod
     def check(cls, cfg) -> None:
-        if cfg.distill_loss not in LOSSES:
-            raise ConfigError(f"distill_loss must be one of {', '.join(LOSSES)}; got '{cfg.distill_loss}'")
-        check_schedule(cfg.schedule)
-        check_frame_choice(cfg.reward_frame)
         if cfg.distill_loss == "re_dmd":
-            check_reward_config(cfg)
-        if cfg.reward_weight_norm not in WEIGHT_NORMS:
-            raise ConfigError(f"reward_weight_norm must be one of {', '.join(WEIGHT_NORMS)}; "
-                              f"got '{cfg.reward_weight_norm}'")
+            check_reward(cfg.reward)
 
     def __init__(self, run):
         super().__init__(run)
@@ -71,9 +58,9 @@ class Distiller(Method):
             model.gradient_checkpointing = bool(cfg.gradient_checkpointing)
             model.train()
         self.text_encoder = frozen_text_encoder(cfg, info, dtype)
-        self.reward = build_reward(cfg, info, dtype) if cfg.distill_loss == "re_dmd" else None
-        # DMD / Re-DMD + reward_feedback_weight * (-mean ImageReward of a decoded frame) (arXiv 2601.16933)
-        self.feedback = FrameReward.imagereward(cfg, info, dtype) if cfg.reward_feedback_weight else None
+        self.reward = configured_reward(cfg, info, dtype) if cfg.distill_loss == "re_dmd" else None
+        # DMD / Re-DMD + reward.feedback_weight * (-mean ImageReward of a decoded frame) (arXiv 2601.16933)
+        self.feedback = FrameReward.imagereward(cfg, info, dtype) if cfg.reward.feedback_weight else None
 
         self.sampler = training_sampler(self.generator, cfg)
         self.score_schedule = FlowMatchSchedule(cfg.score_timestep_shift, sigma_lookup=cfg.sigma_lookup)
@@ -121,8 +108,8 @@ class Distiller(Method):
         row, weight = {}, None
         if self.reward is not None:
             scores = self.reward(x.detach(), prompts)
-            weight = normalise_weight(reward_weight(scores[cfg.reward.score_key], cfg.reward_beta,
-                                                    cfg.reward_weight_clip), cfg.reward_weight_norm)
+            weight = normalise_weight(reward_weight(scores[cfg.reward.score_key], cfg.reward.beta,
+                                                    cfg.reward.weight_clip), cfg.reward.weight_norm)
             row.update({f"reward_{key.lower()}": value.mean() for key, value in scores.items()})
             row.update(reward_weight=weight.mean(), reward_weight_min=weight.min(), reward_weight_max=weight.max())
         x_t, _, t = self._noisy(x.detach(), "generator", step, ids)
@@ -135,9 +122,9 @@ class Distiller(Method):
             grad = dmd_gradient(x.detach().float(), x_real.float(), x_fake.float())
         loss = re_dmd_loss(x, grad, weight) / cfg.grad_accum
         if self.feedback is not None:
-            frames = choose_frames(cfg.reward_frame, self.feedback.num_pixel_frames(x.shape[2]), self.seed, step, ids)
+            frames = choose_frames(cfg.reward.frame, self.feedback.num_pixel_frames(x.shape[2]), self.seed, step, ids)
             scores = self.feedback(x, prompts, frames)
-            loss = loss - cfg.reward_feedback_weight * scores.mean() / cfg.grad_accum
+            loss = loss - cfg.reward.feedback_weight * scores.mean() / cfg.grad_accum
             row.update(reward=scores.detach().mean())
         loss.backward()
         row.update(loss=loss.detach(), dmd_grad_norm=grad.abs().mean())

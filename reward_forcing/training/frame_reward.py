@@ -1,8 +1,8 @@
 """A differentiable reward on chosen frames of a rollout's latents, for reward feedback (arXiv 2601.16933):
-`trainer: reward_feedback` (reward_forcing/training/reward_feedback.py) and the `reward_feedback_weight` term of
+`trainer: reward_feedback` (reward_forcing/training/reward_feedback.py) and the `reward.feedback_weight` term of
 distillation (reward_forcing/training/distill.py).
 
-`reward_frame`: `last` (the paper's choice), `random` (one frame per video, drawn from a keyed stream, the
+`reward.frame`: `last` (the paper's choice), `random` (one frame per video, drawn from a keyed stream, the
 paper's ablation), `all` (every frame, mean score; decodes the whole video with gradient). Only what the scored
 frame needs is decoded with gradient: the Wan VAE's decoder is causal, so the latents before the frame's latent
 fill its feature cache without gradient and that latent alone is decoded with it (decoder activations for one
@@ -10,21 +10,13 @@ latent, 4 frames). A latent reward (no decoder, e.g. the miniature world's blob_
 reward_forcing/miniworld/blob_reward.py) picks among the latent frames themselves: the chosen latent frame alone,
 as a one-frame video, or the whole latent video for `all`.
 """
-from pathlib import Path
 
 import torch
 
-from reward_forcing.checkpoints import asset_path
 from reward_forcing.errors import ConfigError
 from reward_forcing.rng import keyed_randint
 
-FRAME_CHOICES = ("last", "random", "all")
 DIFFERENTIABLE_EXAMPLES = ("imagereward", "blob_quality")  # what the refusals of a non-differentiable reward suggest
-
-
-def check_frame_choice(choice: str) -> None:
-    if choice not in FRAME_CHOICES:
-        raise ConfigError(f"reward_frame must be one of {', '.join(FRAME_CHOICES)}; got '{choice}'")
 
 
 def temporal_factor(vae_cfg) -> int:
@@ -48,7 +40,7 @@ def choose_frames(choice: str, num_pixel_frames: int, seed: int, step: int, samp
 
 
 class FrameReward:
-    """A differentiable reward (reward_forcing/rewards/base.py) on the frame(s) `reward_frame` picks from normalised
+    """A differentiable reward (reward_forcing/rewards/base.py) on the frame(s) `reward.frame` picks from normalised
     latents [B, C, F, h, w]; per-sample scores [B] under `score_key`, differentiable in the latents. A pixel
     reward gets a one-frame video decoded by the Wan VAE (all frames for `all`); a latent reward gets the chosen
     latent frame as a one-frame video [B, C, 1, h, w] (the whole latents for `all`): its frames are the latents'."""
@@ -65,20 +57,19 @@ class FrameReward:
     @classmethod
     def from_config(cls, cfg, info, dtype) -> "FrameReward":
         """The `reward:` section's scorer (trainer reward_feedback)."""
-        from reward_forcing.rewards.registry import build_reward
+        from reward_forcing.training.networks import configured_reward
 
-        return cls(build_reward(cfg, info, dtype), cfg.reward.score_key, cfg.vae)
+        return cls(configured_reward(cfg, info, dtype), cfg.reward.score_key, cfg.vae)
 
     @classmethod
     def imagereward(cls, cfg, info, dtype) -> "FrameReward":
         """ImageReward on Wan VAE pixels, whatever the `reward:` section names (it drives Re-DMD's weight)."""
-        from reward_forcing.models.decoder import WAN_VAE_FILE
-        from reward_forcing.models.vae import WanVAE
+        from reward_forcing.models.decoder import wan_vae
         from reward_forcing.rewards.imagereward_scorer import ImageRewardReward
 
-        vae = WanVAE.from_file(asset_path(cfg, Path(cfg.model_name) / WAN_VAE_FILE), cfg.vae, device=info.device,
-                               dtype=dtype)
-        return cls(ImageRewardReward.from_config(cfg, info, dtype, vae), ImageRewardReward.keys[0], cfg.vae)
+        vae = wan_vae(cfg, info.device, dtype)
+        scorer = ImageRewardReward.from_settings(cfg.reward, cfg.checkpoint_dir, cfg.fps, info, dtype, vae)
+        return cls(scorer, ImageRewardReward.keys[0], cfg.vae)
 
     def num_pixel_frames(self, num_latents: int) -> int:
         return 1 + self.factor * (num_latents - 1)

@@ -28,11 +28,8 @@ def dmd_gradient(x: torch.Tensor, x_real: torch.Tensor, x_fake: torch.Tensor) ->
     return torch.nan_to_num((x_fake - x_real) / normaliser)
 
 
-WEIGHT_NORMS = ("none", "batch_mean")
-
-
 def normalise_weight(weight: torch.Tensor, how: str) -> torch.Tensor:
-    """`reward_weight_norm`: `none` keeps w = exp(beta * score) as the paper defines it; `batch_mean` divides by w's
+    """`reward.weight_norm`: `none` keeps w = exp(beta * score) as the paper defines it; `batch_mean` divides by w's
     mean over the micro-batch of every rank, so only the emphasis among a batch's samples remains. Unnormalised,
     an Adam step's size follows its batch's mean reward (with beta 4 on the miniature world's motion_norm, 10 % of
     the generator steps carried half the total weight)."""

@@ -15,7 +15,6 @@ def notice(message: str) -> None:
 
     tqdm.write(message)
 
-_WANDB_MODES = ("online", "offline", "disabled")
 
 
 class MetricsLogger:
@@ -24,10 +23,6 @@ class MetricsLogger:
         """resume_step: the step of the checkpoint the run resumes from; rows after it (written by the
         interrupted run past its last checkpoint) are dropped so the file reads as one uninterrupted run.
         `config` (the merged run config) is saved as `<logdir>/config.yaml`; a resumed run says so."""
-        from reward_forcing.errors import ConfigError
-
-        if wandb_mode not in _WANDB_MODES:
-            raise ConfigError(f"wandb_mode must be one of {', '.join(_WANDB_MODES)}; got '{wandb_mode}'")
         self.is_main = is_main
         self.path = Path(logdir) / "metrics.jsonl"
         self.wandb = None

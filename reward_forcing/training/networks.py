@@ -12,8 +12,8 @@ from reward_forcing.training.parallel import load_sharded, shard_model
 def sharded_student(cfg, info, dtype):
     """The causal student: architecture from the Wan folder `model_name`, weights from `generator_ckpt` when given
     (strict), else that folder's; sharded block by block."""
-    base = asset_path(cfg, cfg.model_name)
-    init = asset_path(cfg, cfg.generator_ckpt) if cfg.generator_ckpt else None
+    base = asset_path(cfg.checkpoint_dir, cfg.model_name)
+    init = asset_path(cfg.checkpoint_dir, cfg.generator_ckpt) if cfg.generator_ckpt else None
     build = partial(CausalWanModel.from_config, read_wan_config(base), num_frame_per_block=int(cfg.num_frame_per_block),
                     local_attn_size=int(cfg.local_attn_size))
     weights = (lambda: load_generator_state_dict(init)) if init else (lambda: load_wan_folder(base)[1])
@@ -22,11 +22,22 @@ def sharded_student(cfg, info, dtype):
 
 def sharded_wan(cfg, info, dtype, name):
     """The bidirectional Wan model of folder `name` (under checkpoint_dir) and its config.json, sharded per block."""
-    folder = asset_path(cfg, name)
+    folder = asset_path(cfg.checkpoint_dir, name)
     config = read_wan_config(folder)
     model = load_sharded(partial(WanModel.from_config, config), lambda: load_wan_folder(folder)[1], info, dtype,
                          str(folder))
     return model, config
+
+
+def configured_reward(cfg, info, dtype):
+    """The scorer the `reward:` section names (reward_forcing/rewards/registry.py); a pixel reward reads what the
+    configured `decoder` makes of the latents."""
+    from reward_forcing.models.decoder import load_decoder
+    from reward_forcing.rewards.registry import build_reward, check_reward
+
+    pixels = check_reward(cfg.reward).input == "pixels"
+    decoder = load_decoder(cfg, info.device, dtype) if pixels else None
+    return build_reward(cfg.reward, cfg.checkpoint_dir, cfg.fps, info, dtype, decoder)
 
 
 def frozen_text_encoder(cfg, info, dtype):
@@ -34,7 +45,7 @@ def frozen_text_encoder(cfg, info, dtype):
     adopted without a copy, and ranks on one node share those pages until sharding moves each rank's part."""
     from reward_forcing.models.text_encoder import TextEncoder
 
-    encoder = TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder, device="cpu",
+    encoder = TextEncoder.from_wan_folder(asset_path(cfg.checkpoint_dir, cfg.model_name), cfg.text_encoder, device="cpu",
                                           dtype=dtype)
     shard_model(encoder.model, info, dtype)  # the umT5 stack; the wrapper only tokenises
     return encoder

@@ -124,7 +124,7 @@ def parse_args(argv):
 
 
 def load_teacher(cfg, device):
-    folder = asset_path(cfg, cfg.ode_teacher_name)
+    folder = asset_path(cfg.checkpoint_dir, cfg.ode_teacher_name)
     config, state_dict = load_wan_folder(folder)
     teacher = load_into(WanModel.from_config(config), state_dict, str(folder))
     return teacher.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
@@ -146,8 +146,6 @@ def manifest(cfg, args, num_prompts: int, latent_shape) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config_path, args.overrides)
-    if cfg.ode_save_dtype not in SAVE_DTYPES:
-        raise ConfigError(f"ode_save_dtype must be one of {sorted(SAVE_DTYPES)}, got {cfg.ode_save_dtype!r}")
     keep = check_keep_indices(cfg.ode_keep_indices, cfg.ode_num_steps)
     prompts = read_prompt_texts(args.data_path)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -162,7 +160,7 @@ def main(argv=None):
     latent_shape = (teacher.in_dim, cfg.ode_num_frames, *latent_size(cfg, teacher.patch_size))
     # Ranks need no communication: they write disjoint shards and identical manifests (atomically).
     prepare_output_dir(args.output_dir, manifest(cfg, args, len(prompts), latent_shape))
-    text_encoder = TextEncoder.from_wan_folder(asset_path(cfg, cfg.model_name), cfg.text_encoder, device=device)
+    text_encoder = TextEncoder.from_wan_folder(asset_path(cfg.checkpoint_dir, cfg.model_name), cfg.text_encoder, device=device)
 
     def encode(texts):
         with torch.no_grad():

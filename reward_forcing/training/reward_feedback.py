@@ -2,20 +2,19 @@
 Feedback"): `train.py` with `trainer: reward_feedback`.
 
 From the ODE initialisation, the student rolls out exactly as in distillation (reward_forcing.training.rollout:
-random exit step, gradient at each chunk's exit step, context pass); one decoded frame per video (`reward_frame`)
+random exit step, gradient at each chunk's exit step, context pass); one decoded frame per video (`reward.frame`)
 is scored by a differentiable reward with gradient through the decoder into the generator
 (reward_forcing/training/frame_reward.py), and the loss is -mean R. No teacher, no critic. The same term,
-weighted by `reward_feedback_weight`, can be added to DMD / Re-DMD (`trainer: distill`, the paper's
+weighted by `reward.feedback_weight`, can be added to DMD / Re-DMD (`trainer: distill`, the paper's
 "distillation + reward" comparison).
 """
 from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import latent_size
-from reward_forcing.rewards.registry import check_reward_config
+from reward_forcing.rewards.registry import check_reward
 from reward_forcing.training.data import PromptStream, read_prompt_texts
 from reward_forcing.training.frame_reward import (
     DIFFERENTIABLE_EXAMPLES,
     FrameReward,
-    check_frame_choice,
     choose_frames,
 )
 from reward_forcing.training.loop import SingleNetworkMethod
@@ -30,8 +29,7 @@ class RewardFeedback(SingleNetworkMethod):
 
     @classmethod
     def check(cls, cfg) -> None:
-        check_frame_choice(cfg.reward_frame)
-        reward = check_reward_config(cfg)
+        reward = check_reward(cfg.reward)
         if not reward.differentiable:
             raise ConfigError(f"trainer reward_feedback needs a differentiable reward; '{cfg.reward.name}' is not "
                               f"(use reward.name={' or '.join(DIFFERENTIABLE_EXAMPLES)})")
@@ -62,7 +60,7 @@ class RewardFeedback(SingleNetworkMethod):
         x = rollout(self.sampler, context, frames, self.latent_hw, exits, run.seed, ("generator", step), ids,
                     run.dtype, float(cfg.context_noise), with_grad=True, checkpoint=bool(cfg.gradient_checkpointing),
                     cache_grad=str(cfg.rollout_cache_grad))
-        chosen = choose_frames(cfg.reward_frame, self.reward.num_pixel_frames(frames), run.seed, step, ids)
+        chosen = choose_frames(cfg.reward.frame, self.reward.num_pixel_frames(frames), run.seed, step, ids)
         scores = self.reward(x, prompts, chosen)
         loss = -scores.mean() / cfg.grad_accum
         loss.backward()

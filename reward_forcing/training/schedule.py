@@ -15,19 +15,11 @@ import math
 
 import torch
 
-from reward_forcing.errors import ConfigError, UserError
+from reward_forcing.errors import UserError
 
 
 class TrainingDiverged(UserError):
     """A loss became NaN / inf; the run stops before touching the last good checkpoint."""
-
-
-SCHEDULES = ("corrected", "upstream")
-
-
-def check_schedule(schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got '{schedule}'")
 
 
 def is_generator_step(step: int, gen_every: int) -> bool:

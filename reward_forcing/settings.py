@@ -1,0 +1,283 @@
+"""The types of every setting: what reward_forcing/config.py checks a merged config against.
+
+The values and what each key does are documented once, in the packaged defaults (reward_forcing/defaults/*.yaml);
+this module says what kind of value each key takes. A choice is an Enum, so an unknown value is refused in one line
+naming the choices, and a number, flag or list of the wrong type is refused the same way. Every field here must be
+set by the defaults, and every default must have a field here (config.load_defaults checks both).
+"""
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A setting with a fixed set of values; compares, formats and serialises as its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Trainer(Choice):
+    distill = "distill"
+    ode = "ode"
+    diffusion = "diffusion"
+    reward_feedback = "reward_feedback"
+
+
+class DistillLoss(Choice):
+    dmd = "dmd"
+    re_dmd = "re_dmd"
+
+
+class UpdateSchedule(Choice):
+    corrected = "corrected"
+    upstream = "upstream"
+
+
+class LrSchedule(Choice):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class RolloutCache(Choice):
+    full = "full"
+    window = "window"
+
+
+class CacheGrad(Choice):
+    straight_through = "straight_through"
+    detached = "detached"
+
+
+class Decoder(Choice):
+    vae = "vae"
+    taehv = "taehv"
+    none = "none"
+
+
+class SinkMode(Choice):
+    none = "none"
+    static = "static"
+    ema = "ema"
+
+
+class SwitchSink(Choice):
+    keep = "keep"
+    recache = "recache"
+
+
+class SigmaLookup(Choice):
+    nearest = "nearest"
+    exact = "exact"
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class SaveDtype(Choice):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class RewardName(Choice):
+    videoalign = "videoalign"
+    latent_motion = "latent_motion"
+    imagereward = "imagereward"
+    blob_quality = "blob_quality"
+
+
+class WeightNorm(Choice):
+    none = "none"
+    batch_mean = "batch_mean"
+
+
+class RewardInput(Choice):
+    native = "native"
+    upstream = "upstream"
+
+
+class RewardPlacement(Choice):
+    rank0 = "rank0"
+    every_rank = "every_rank"
+
+
+class RewardFrame(Choice):
+    last = "last"
+    random = "random"
+    all = "all"
+
+
+@dataclass
+class TextEncoderSettings:
+    vocab_size: int = MISSING
+    d_model: int = MISSING
+    d_kv: int = MISSING
+    d_ff: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    relative_attention_num_buckets: int = MISSING
+    relative_attention_max_distance: int = MISSING
+    text_len: int = MISSING
+
+
+@dataclass
+class VaeSettings:
+    base_dim: int = MISSING
+    z_dim: int = MISSING
+    dim_mult: List[int] = MISSING
+    num_res_blocks: int = MISSING
+    temperal_downsample: List[bool] = MISSING
+
+
+@dataclass
+class RewardSettings:
+    name: RewardName = MISSING
+    score_key: str = MISSING
+    beta: float = MISSING
+    weight_clip: Optional[float] = MISSING
+    weight_norm: WeightNorm = MISSING
+    input: RewardInput = MISSING
+    placement: RewardPlacement = MISSING
+    frame: RewardFrame = MISSING
+    feedback_weight: float = MISSING
+    world_path: Optional[str] = MISSING
+    videoalign_dir: str = MISSING
+    qwen_dir: str = MISSING
+    imagereward_dir: str = MISSING
+    check_template: bool = MISSING
+
+
+@dataclass
+class InferenceSettings:
+    checkpoint_path: Optional[str] = MISSING
+    data_path: Optional[str] = MISSING
+    switch_prompts: Optional[str] = MISSING
+    extended_prompt_path: Optional[str] = MISSING
+    output_folder: Optional[str] = MISSING
+    num_output_frames: int = MISSING
+    num_samples: int = MISSING
+    use_ema: bool = MISSING
+    save_with_index: bool = MISSING
+    overwrite: bool = MISSING
+    device: str = MISSING
+
+
+@dataclass
+class ServeSettings:
+    max_prompt_chars: int = MISSING
+    max_queue: int = MISSING
+    max_frames: int = MISSING
+    keep_videos: int = MISSING
+    jpeg_quality: int = MISSING
+
+
+@dataclass
+class Settings:
+    # assets (defaults/base.yaml)
+    checkpoint_dir: str = MISSING
+    model_name: str = MISSING
+    real_name: str = MISSING
+    fake_name: str = MISSING
+    generator_ckpt: Optional[str] = MISSING
+    text_encoder: TextEncoderSettings = field(default_factory=TextEncoderSettings)
+    vae: VaeSettings = field(default_factory=VaeSettings)
+    decoder: Decoder = MISSING
+    taehv_path: str = MISSING
+    # video
+    height: int = MISSING
+    width: int = MISSING
+    fps: int = MISSING
+    # streaming student
+    num_frame_per_block: int = MISSING
+    local_attn_size: int = MISSING
+    sink_size: int = MISSING
+    sink_mode: SinkMode = MISSING
+    compression_alpha: float = MISSING
+    switch_sink: SwitchSink = MISSING
+    # flow-matching schedule
+    timestep_shift: float = MISSING
+    denoising_step_list: List[float] = MISSING
+    warp_denoising_step: bool = MISSING
+    sigma_lookup: SigmaLookup = MISSING
+    context_noise: float = MISSING
+    # runtime
+    seed: int = MISSING
+    mixed_precision: bool = MISSING
+    compile: bool = MISSING
+    overlap_decode: bool = MISSING
+    # inference.py and the server (defaults/inference.yaml, defaults/serve.yaml)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
+    # training (defaults/training.yaml)
+    trainer: Trainer = MISSING
+    distill_loss: DistillLoss = MISSING
+    prompt_path: str = MISSING
+    schedule: UpdateSchedule = MISSING
+    max_steps: int = MISSING
+    save_every: int = MISSING
+    keep_checkpoints: int = MISSING
+    batch_size: int = MISSING
+    grad_accum: int = MISSING
+    dfake_gen_update_ratio: int = MISSING
+    lr_generator: float = MISSING
+    lr_critic: float = MISSING
+    adam_betas: List[float] = MISSING
+    weight_decay: float = MISSING
+    adam_eps: float = MISSING
+    lr_schedule: LrSchedule = MISSING
+    lr_warmup_steps: int = MISSING
+    grad_clip: float = MISSING
+    ema_decay: Optional[float] = MISSING
+    ema_start: int = MISSING
+    num_training_frames: int = MISSING
+    rollout_cache: RolloutCache = MISSING
+    rollout_cache_grad: CacheGrad = MISSING
+    same_step_across_blocks: bool = MISSING
+    last_step_only: bool = MISSING
+    score_timestep_shift: float = MISSING
+    min_score_timestep: float = MISSING
+    max_score_timestep: float = MISSING
+    guidance_scale: float = MISSING
+    negative_prompt: str = MISSING
+    reward: RewardSettings = field(default_factory=RewardSettings)
+    gradient_checkpointing: bool = MISSING
+    fsdp_replicate: int = MISSING
+    wandb_mode: WandbMode = MISSING
+    wandb_project: str = MISSING
+    wandb_run_name: Optional[str] = MISSING
+    # ODE pairs and regression (defaults/ode.yaml)
+    ode_teacher_name: str = MISSING
+    ode_num_steps: int = MISSING
+    ode_shift: float = MISSING
+    ode_guidance_scale: float = MISSING
+    ode_keep_indices: List[int] = MISSING
+    ode_num_frames: int = MISSING
+    ode_shard_size: int = MISSING
+    ode_save_dtype: SaveDtype = MISSING
+    data_path: Optional[str] = MISSING
+    ode_timesteps: List[float] = MISSING
+    ode_warp_timesteps: bool = MISSING
+    # flow matching of a bidirectional Wan (defaults/diffusion.yaml)
+    diffusion_text_dropout: float = MISSING
+    diffusion_timestep_shift: float = MISSING
+
+
+# Keys that moved; a config still using the old name is refused with one line naming the new place.
+MOVED_KEYS = {
+    "reward_beta": "reward.beta",
+    "reward_weight_clip": "reward.weight_clip",
+    "reward_weight_norm": "reward.weight_norm",
+    "reward_input": "reward.input",
+    "reward_placement": "reward.placement",
+    "reward_frame": "reward.frame",
+    "reward_feedback_weight": "reward.feedback_weight",
+    "reward_dir": "reward.videoalign_dir",
+    "reward_base_dir": "reward.qwen_dir",
+    "imagereward_dir": "reward.imagereward_dir",
+    "reward_check_template": "reward.check_template",
+}
