@@ -19,97 +19,28 @@ class Choice(str, Enum):
         return self.value
 
 
-class Trainer(Choice):
-    distill = "distill"
-    ode = "ode"
-    diffusion = "diffusion"
-    reward_feedback = "reward_feedback"
+def choice(name: str, *values: str) -> type[Choice]:
+    """A Choice whose members are named by their values."""
+    return Choice(name, [(value, value) for value in values])
 
 
-class DistillLoss(Choice):
-    dmd = "dmd"
-    re_dmd = "re_dmd"
-
-
-class UpdateSchedule(Choice):
-    corrected = "corrected"
-    upstream = "upstream"
-
-
-class LrSchedule(Choice):
-    constant = "constant"
-    cosine = "cosine"
-
-
-class RolloutCache(Choice):
-    full = "full"
-    window = "window"
-
-
-class CacheGrad(Choice):
-    straight_through = "straight_through"
-    detached = "detached"
-
-
-class Decoder(Choice):
-    vae = "vae"
-    taehv = "taehv"
-    none = "none"
-
-
-class SinkMode(Choice):
-    none = "none"
-    static = "static"
-    ema = "ema"
-
-
-class SwitchSink(Choice):
-    keep = "keep"
-    recache = "recache"
-
-
-class SigmaLookup(Choice):
-    nearest = "nearest"
-    exact = "exact"
-
-
-class WandbMode(Choice):
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
-
-
-class SaveDtype(Choice):
-    float16 = "float16"
-    float32 = "float32"
-
-
-class RewardName(Choice):
-    videoalign = "videoalign"
-    latent_motion = "latent_motion"
-    imagereward = "imagereward"
-    blob_quality = "blob_quality"
-
-
-class WeightNorm(Choice):
-    none = "none"
-    batch_mean = "batch_mean"
-
-
-class RewardInput(Choice):
-    native = "native"
-    upstream = "upstream"
-
-
-class RewardPlacement(Choice):
-    rank0 = "rank0"
-    every_rank = "every_rank"
-
-
-class RewardFrame(Choice):
-    last = "last"
-    random = "random"
-    all = "all"
+Trainer = choice("Trainer", "distill", "ode", "diffusion", "reward_feedback")
+DistillLoss = choice("DistillLoss", "dmd", "re_dmd")
+UpdateSchedule = choice("UpdateSchedule", "corrected", "upstream")
+LrSchedule = choice("LrSchedule", "constant", "cosine")
+RolloutCache = choice("RolloutCache", "full", "window")
+CacheGrad = choice("CacheGrad", "straight_through", "detached")
+Decoder = choice("Decoder", "vae", "taehv", "none")
+SinkMode = choice("SinkMode", "none", "static", "ema")
+SwitchSink = choice("SwitchSink", "keep", "recache")
+SigmaLookup = choice("SigmaLookup", "nearest", "exact")
+WandbMode = choice("WandbMode", "online", "offline", "disabled")
+SaveDtype = choice("SaveDtype", "float16", "float32")
+RewardName = choice("RewardName", "videoalign", "latent_motion", "imagereward", "blob_quality")
+WeightNorm = choice("WeightNorm", "none", "batch_mean")
+RewardInput = choice("RewardInput", "native", "upstream")
+RewardPlacement = choice("RewardPlacement", "rank0", "every_rank")
+RewardFrame = choice("RewardFrame", "last", "random", "all")
 
 
 @dataclass

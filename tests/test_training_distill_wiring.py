@@ -23,6 +23,7 @@ import torch
 from reward_forcing.config import load_config
 from reward_forcing.testing.closed_forms import grid_sigma
 from reward_forcing.training import distill
+from reward_forcing.training import rollout as rollout_module
 from reward_forcing.training.loop import Run
 from reward_forcing.training.parallel import init_distributed, shutdown
 
@@ -101,7 +102,7 @@ def _stand_ins(d, monkeypatch, x_scale=(1.0, 4.0)):
     shape = _latent_shape(d)
     x = torch.randn(shape, generator=gen) * torch.tensor(x_scale).reshape(-1, 1, 1, 1, 1)
     captured = {}
-    real_rollout = distill.rollout
+    real_rollout = rollout_module.rollout
 
     def fixed_rollout(*args, **kwargs):
         bound = inspect.signature(real_rollout).bind(*args, **kwargs)
@@ -117,7 +118,7 @@ def _stand_ins(d, monkeypatch, x_scale=(1.0, 4.0)):
                               d.uncond)
     critic = LinearCritic(shape[1:], gen)
     reward = FixedScores()
-    monkeypatch.setattr(distill, "rollout", fixed_rollout)
+    monkeypatch.setattr(rollout_module, "rollout", fixed_rollout)
     monkeypatch.setattr(d, "teacher", teacher)
     monkeypatch.setattr(d, "critic", critic)
     monkeypatch.setattr(d, "reward", reward)
@@ -222,7 +223,7 @@ def test_re_dmd_gradient_is_w_times_the_dmd_gradient_with_the_real_reward(distil
     the rollout under Re-DMD is exp(beta * MQ_norm_b) times its DMD gradient, and the losses relate the same way.
     Bugs caught: the weight not applied, applied to the wrong sample, or computed from another score."""
     d = distiller
-    real_rollout = distill.rollout
+    real_rollout = rollout_module.rollout
     grads = []
 
     def keep_grad(*args, **kwargs):
@@ -231,7 +232,7 @@ def test_re_dmd_gradient_is_w_times_the_dmd_gradient_with_the_real_reward(distil
         grads.append(x)
         return x
 
-    monkeypatch.setattr(distill, "rollout", keep_grad)
+    monkeypatch.setattr(rollout_module, "rollout", keep_grad)
     weighted = {k: float(v) for k, v in d.generator_micro(2, 1).items()}
     monkeypatch.setattr(d, "reward", None)
     plain = {k: float(v) for k, v in d.generator_micro(2, 1).items()}

@@ -97,20 +97,8 @@ def apply_flags(cfg, args) -> None:
             OmegaConf.update(cfg, key, value, merge=False)
 
 
-def _whole(cfg, key: str) -> int:
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key} must be a whole number, got {value!r}")
-    return value
-
-
 def validate_model(cfg) -> None:
-    """The checks every user of the loaded model shares (inference.py and the server)."""
-    _whole(cfg, "seed")
-    for key in ("compile", "overlap_decode"):
-        if not isinstance(cfg[key], bool):
-            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
-    _whole(cfg, "num_frame_per_block")
+    """The checks every user of the loaded model shares (inference.py and the server); types are the config's."""
     if cfg.inference.checkpoint_path is not None and not Path(cfg.inference.checkpoint_path).exists():
         path = cfg.inference.checkpoint_path
         raise CheckpointError(f"checkpoint not found: {path}{download_hint(path)}")
@@ -124,10 +112,10 @@ def validate(cfg) -> None:
         raise ConfigError("give exactly one of --data_path and --switch_prompts (or inference.* in the config)")
     if run.switch_prompts and run.extended_prompt_path:
         raise ConfigError("--extended_prompt_path pairs with --data_path; --switch_prompts segments hold the prompts")
-    if _whole(cfg, "inference.num_samples") < 1:
+    if run.num_samples < 1:
         raise ConfigError(f"num_samples must be at least 1, got {run.num_samples}")
     validate_model(cfg)
-    check_num_frames(_whole(cfg, "inference.num_output_frames"), _whole(cfg, "num_frame_per_block"))
+    check_num_frames(run.num_output_frames, cfg.num_frame_per_block)
     if Path(run.output_folder).exists() and not Path(run.output_folder).is_dir():
         raise ConfigError(f"output folder {run.output_folder} exists and is not a directory")
 

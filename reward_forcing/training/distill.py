@@ -13,6 +13,7 @@ import torch
 
 from reward_forcing.inference.generator import latent_size
 from reward_forcing.rewards.registry import check_reward
+from reward_forcing.rng import keyed_randint
 from reward_forcing.sampling import FlowMatchSchedule
 from reward_forcing.training.data import PromptStream, read_prompt_texts
 from reward_forcing.training.frame_reward import FrameReward, choose_frames
@@ -27,14 +28,10 @@ from reward_forcing.training.losses import (
 )
 from reward_forcing.training.loop import Method
 from reward_forcing.training.networks import configured_reward, frozen_text_encoder, sharded_student, sharded_wan
-from reward_forcing.rng import keyed_randint
-from reward_forcing.training.rollout import exit_steps, rollout, sample_noise, training_sampler
+from reward_forcing.training.rollout import sample_noise, training_rollout, training_sampler
+from reward_forcing.training.schedule import micro_batches_before, optimiser_step, upstream_iteration
 from reward_forcing.training.state import export_generator
-from reward_forcing.training.schedule import (
-    micro_batches_before,
-    optimiser_step,
-    upstream_iteration,
-)
+
 
 class Distiller(Method):
     """The student (`generator`) and the critic (fake score) trained against the frozen teacher (real score)."""
@@ -86,25 +83,24 @@ class Distiller(Method):
                              device=x.device)
         return self.sampler.schedule.add_noise(x, noise, t), noise, t
 
-    def _rollout(self, purpose, step, micro, ids, context, with_grad):
-        cfg = self.cfg
-        frames = int(cfg.num_training_frames)
-        exits = exit_steps(cfg, len(self.sampler.timesteps), frames // self.sampler.chunk_frames,
-                           self.seed, purpose, step, micro)
-        return rollout(self.sampler, context, frames, self.latent_hw, exits, self.seed, (purpose, step), ids,
-                       self.dtype, float(cfg.context_noise), with_grad=with_grad,
-                       checkpoint=bool(cfg.gradient_checkpointing), cache_grad=str(cfg.rollout_cache_grad))
-
     def _encode(self, prompts):
         return self.text_encoder.encode(prompts).to(self.dtype)
 
+    def _rolled_out(self, purpose: str, step: int, micro: int, with_grad: bool):
+        """This rank's samples of micro-batch `micro` for `purpose` (generator | critic): their indices, prompts
+        (the purpose's own prompt stream), text context and rollout."""
+        ids = self.run.sample_ids(micro)
+        stream, before = (self.generator_prompts, 0) if purpose == "generator" else (self.critic_prompts, 1)
+        base = self._micro_batches_before(step)[before] * self.run.global_batch
+        prompts = [stream[base + i] for i in ids]
+        context = self._encode(prompts)
+        x = training_rollout(self.sampler, self.cfg, context, self.latent_hw, self.seed, purpose, step, micro, ids,
+                             self.dtype, with_grad)
+        return ids, prompts, context, x
+
     def generator_micro(self, step: int, micro: int) -> dict:
         cfg = self.cfg
-        ids = self.run.sample_ids(micro)
-        base = self._micro_batches_before(step)[0] * self.run.global_batch
-        prompts = [self.generator_prompts[base + i] for i in ids]
-        context = self._encode(prompts)
-        x = self._rollout("generator", step, micro, ids, context, with_grad=True)
+        ids, prompts, context, x = self._rolled_out("generator", step, micro, with_grad=True)
         row, weight = {}, None
         if self.reward is not None:
             scores = self.reward(x.detach(), prompts)
@@ -132,11 +128,7 @@ class Distiller(Method):
 
     def critic_micro(self, step: int, micro: int) -> dict:
         cfg = self.cfg
-        ids = self.run.sample_ids(micro)
-        base = self._micro_batches_before(step)[1] * self.run.global_batch
-        prompts = [self.critic_prompts[base + i] for i in ids]
-        context = self._encode(prompts)
-        x = self._rollout("critic", step, micro, ids, context, with_grad=False)
+        ids, _, context, x = self._rolled_out("critic", step, micro, with_grad=False)
         x_t, noise, t = self._noisy(x, "critic", step, ids)
         x_pred = self.score_schedule.flow_to_x0(self.critic(x_t, t, context), x_t, t)
         loss = critic_flow_loss(x_pred.float(), x_t.float(), x.float(), noise.float(), t, self.sampler.schedule)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from reward_forcing.distributed import compute_dtype
+from reward_forcing.progress import progress
 from reward_forcing.training.ema import EmaPolicy
 from reward_forcing.training.lr_schedule import ScheduledRate
 from reward_forcing.training.metrics import MetricsLogger, learning_rates, notice, reduce_across_ranks
-from reward_forcing.distributed import compute_dtype
 from reward_forcing.training.parallel import init_distributed, resolve_seed, shutdown
 from reward_forcing.training.schedule import Updater
 from reward_forcing.training.state import (
@@ -31,6 +32,8 @@ from reward_forcing.training.state import (
     resume_folder,
     save_checkpoint,
 )
+
+PROGRESS_KEYS = ("loss", "generator_loss", "critic_loss", "reward")  # the metrics a progress line shows
 
 
 @dataclass
@@ -172,10 +175,8 @@ def _train(method_class, run: Run, args) -> None:
     rates = [ScheduledRate(network.optimizer, cfg) for network in method.networks.values()]
     optimizers = {name: network.optimizer for name, network in method.networks.items()}
     began, exported = time.perf_counter(), []
-    from tqdm import tqdm
-
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not info.is_main,
-               desc=method.name)
+    bar = progress(range(start, cfg.max_steps), method.name, total=cfg.max_steps, unit="step", initial=start,
+                   enabled=info.is_main)
     for step in bar:
         step_began = time.perf_counter()
         for rate in rates:
@@ -185,6 +186,7 @@ def _train(method_class, run: Run, args) -> None:
         row.update(learning_rates(**optimizers))
         done = step + 1
         logger.log(done, row)
+        bar.set_postfix(**{key: f"{row[key]:.4g}" for key in PROGRESS_KEYS if key in row})
         if not args.no_save and (done % cfg.save_every == 0 or done == cfg.max_steps):
             meta = {"seed": run.seed, "has_ema": method.ema.average is not None, **method.meta(done)}
             save_checkpoint(run.logdir, done, _parts(method), meta, keep=cfg.keep_checkpoints)

@@ -12,14 +12,10 @@ from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import latent_size
 from reward_forcing.rewards.registry import check_reward
 from reward_forcing.training.data import PromptStream, read_prompt_texts
-from reward_forcing.training.frame_reward import (
-    DIFFERENTIABLE_EXAMPLES,
-    FrameReward,
-    choose_frames,
-)
+from reward_forcing.training.frame_reward import DIFFERENTIABLE_EXAMPLES, FrameReward, choose_frames
 from reward_forcing.training.loop import SingleNetworkMethod
 from reward_forcing.training.networks import frozen_text_encoder, sharded_student
-from reward_forcing.training.rollout import exit_steps, rollout, training_sampler
+from reward_forcing.training.rollout import training_rollout, training_sampler
 from reward_forcing.training.state import export_generator
 
 
@@ -54,13 +50,9 @@ class RewardFeedback(SingleNetworkMethod):
         ids = run.sample_ids(micro)  # global sample indices of this optimiser step
         prompts = [self.prompts[step * cfg.grad_accum * run.global_batch + i] for i in ids]
         context = self.text_encoder.encode(prompts).to(run.dtype)
-        frames = int(cfg.num_training_frames)
-        exits = exit_steps(cfg, len(self.sampler.timesteps), frames // self.sampler.chunk_frames,
-                           run.seed, "generator", step, micro)
-        x = rollout(self.sampler, context, frames, self.latent_hw, exits, run.seed, ("generator", step), ids,
-                    run.dtype, float(cfg.context_noise), with_grad=True, checkpoint=bool(cfg.gradient_checkpointing),
-                    cache_grad=str(cfg.rollout_cache_grad))
-        chosen = choose_frames(cfg.reward.frame, self.reward.num_pixel_frames(frames), run.seed, step, ids)
+        x = training_rollout(self.sampler, cfg, context, self.latent_hw, run.seed, "generator", step, micro, ids,
+                             run.dtype, with_grad=True)
+        chosen = choose_frames(cfg.reward.frame, self.reward.num_pixel_frames(x.shape[2]), run.seed, step, ids)
         scores = self.reward(x, prompts, chosen)
         loss = -scores.mean() / cfg.grad_accum
         loss.backward()

@@ -23,28 +23,15 @@ eviction, as at inference).
 import torch
 import torch.utils.checkpoint
 
-from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, check_num_frames
 from reward_forcing.rng import keyed_randint, keyed_randn
 
-CACHE_MODES = ("full", "window")
-CACHE_GRADS = ("straight_through", "detached")
-
-
 def training_sampler(model, cfg) -> StreamingGenerator:
     """The inference sampler configured for training rollouts (`rollout_cache` picks the sink policy)."""
-    if cfg.rollout_cache not in CACHE_MODES:
-        raise ConfigError(f"rollout_cache must be one of {', '.join(CACHE_MODES)}; got '{cfg.rollout_cache}'")
-    check_cache_grad(cfg.rollout_cache_grad)
     sampler = StreamingGenerator.from_config(model, cfg)
     if cfg.rollout_cache == "full":
         sampler.sink_mode = "static" if sampler.sink_frames > 0 else "none"
     return sampler
-
-
-def check_cache_grad(cache_grad: str) -> None:
-    if cache_grad not in CACHE_GRADS:
-        raise ConfigError(f"rollout_cache_grad must be one of {', '.join(CACHE_GRADS)}; got '{cache_grad}'")
 
 
 def exit_steps(cfg, num_steps: int, num_chunks: int, *key) -> list[int]:
@@ -132,8 +119,7 @@ def rollout(sampler: StreamingGenerator, context: torch.Tensor, num_frames: int,
             with_grad: bool = True, checkpoint: bool = False, cache_grad: str = "detached") -> torch.Tensor:
     """Generate [B, C, num_frames, h, w]; with_grad keeps each chunk's exit-step graph. checkpoint: keep only
     the exit step's inputs and recompute its activations during backward (one chunk at a time). cache_grad:
-    `straight_through` or `detached` gradient across chunks (module docstring)."""
-    check_cache_grad(cache_grad)
+    `straight_through` or `detached` gradient across chunks (module docstring; the config's type checks it)."""
     chunk = sampler.chunk_frames
     check_num_frames(num_frames, chunk)
     model, schedule, timesteps = sampler.model, sampler.schedule, sampler.timesteps
@@ -173,3 +159,14 @@ def _predict_x0(sampler, cache, context, x, t, start):
     t_frames = _frame_t(x, t)
     flow = sampler.model.stream_step(x, t_frames, context, cache, start)
     return sampler.schedule.flow_to_x0(flow, x, t_frames)
+
+
+def training_rollout(sampler: StreamingGenerator, cfg, context: torch.Tensor, latent_hw, seed: int, purpose: str,
+                     step: int, micro: int, sample_ids: list[int], dtype, with_grad: bool) -> torch.Tensor:
+    """A rollout of `num_training_frames` with the configured exit steps, context noise, checkpointing and gradient
+    across chunks; every draw keyed by (seed, purpose, step, micro-batch, global sample index)."""
+    frames = int(cfg.num_training_frames)
+    exits = exit_steps(cfg, len(sampler.timesteps), frames // sampler.chunk_frames, seed, purpose, step, micro)
+    return rollout(sampler, context, frames, latent_hw, exits, seed, (purpose, step), sample_ids, dtype,
+                   float(cfg.context_noise), with_grad=with_grad, checkpoint=bool(cfg.gradient_checkpointing),
+                   cache_grad=str(cfg.rollout_cache_grad))
