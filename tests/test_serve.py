@@ -22,6 +22,8 @@ from reward_forcing.errors import run_cli
 from reward_forcing.inference.cli import main as inference_main
 from reward_forcing.inference.pipeline import VideoPipeline
 from reward_forcing.serve.app import create_app
+from reward_forcing.serve import protocol as serve_protocol
+from reward_forcing.serve.protocol import Limits, ProtocolError, parse_message
 from reward_forcing.serve.cli import main as serve_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,13 +94,16 @@ def test_a_switching_stream_equals_the_switch_prompts_video(assets, client, tmp_
         ws.send_json({"type": "start", "prompt": A, "seed": seed, "frames": 9})
         ws.send_json({"type": "switch", "prompt": B, "at_frame": 6})
         events, frames = receive_until(ws, "done")
+    started = next(e for e in events if e["type"] == "started")
+    assert seed >= 2**53 and started == {"type": "started", "seed": str(seed), "latent_frames": 9,
+                                         "wait_s": started["wait_s"]}
     chunks = [e for e in events if e["type"] == "chunk"]
-    assert [(c["start_frame"], c["frames"]) for c in chunks] == [(0, 9), (3, 12), (6, 12)]
+    assert [(c["start_latent_frame"], c["video_frames"]) for c in chunks] == [(0, 9), (3, 12), (6, 12)]
     assert len(frames) == 33 and decode(frames[0]).shape == (16, 32, 3)
     assert "ttff_s" in chunks[0] and "switch_s" in chunks[2] and all(c["generate_s"] > 0 for c in chunks)
     switched = [e for e in events if e["type"] == "switched"]
-    assert switched == [{"type": "switched", "start_frame": 6, "prompt": B}]
-    assert events[-1]["reason"] == "finished" and events[-1]["frames"] == 33
+    assert switched == [{"type": "switched", "start_latent_frame": 6, "prompt": B}]
+    assert events[-1]["reason"] == "finished" and events[-1]["video_frames"] == 33 and events[-1]["latent_frames"] == 9
 
     download = client.get(events[-1]["video"])
     assert download.status_code == 200 and download.headers["content-type"] == "video/mp4"
@@ -117,22 +122,22 @@ def test_a_switch_changes_the_frames_from_its_chunk_on_only(client):
         ws.send_json({"type": "start", "prompt": A, "seed": 5})  # until stopped
         ws.send_json({"type": "pause"})  # arrives while the first chunk is being made: pauses after it
         events, frames = receive_until(ws, "paused")
-        paused = events[-1]["frame"]  # the boundary where the video goes on: 3, or 6 when decoding overlaps
+        paused = events[-1]["latent_frame"]  # the boundary where the video goes on: 3, or 6 when decoding overlaps
         assert paused in (3, 6)
         ws.send_json({"type": "switch", "prompt": B})  # while paused: applies at the paused boundary
         ws.send_json({"type": "resume"})
         events, more = receive_until(ws, "switched")
-        assert events[-2:] == [{"type": "resumed", "frame": paused}, {"type": "switched", "start_frame": paused,
-                                                                       "prompt": B}]
+        assert events[-2:] == [{"type": "resumed", "latent_frame": paused},
+                               {"type": "switched", "start_latent_frame": paused, "prompt": B}]
         frames += more
-        while events[-1].get("start_frame") != paused or events[-1]["type"] != "chunk":  # the first switched chunk
+        while events[-1].get("start_latent_frame") != paused or events[-1]["type"] != "chunk":  # first switched chunk
             events, more = receive_until(ws, "chunk")
             frames += more
         ws.send_json({"type": "stop"})
         events, more = receive_until(ws, "done")
         frames += more
     before = 1 + 4 * (paused - 1)  # frames of latent frames [0, paused)
-    assert events[-1]["reason"] == "stopped" and events[-1]["frames"] == len(frames) >= before + 12
+    assert events[-1]["reason"] == "stopped" and events[-1]["video_frames"] == len(frames) >= before + 12
     assert frames[:before] == plain[:before]
     assert all(a != b for a, b in zip(frames[before:before + 12], plain[before:before + 12]))
 
@@ -146,6 +151,10 @@ BAD = [
     ('{"type": "start", "prompt": "   "}', "start: prompt must be a non-empty string"),
     ('{"type": "start", "prompt": "' + "x" * 65 + '"}', "65 characters, more than serve.max_prompt_chars=64"),
     ('{"type": "start", "prompt": "x", "seed": -1}', "seed must be a whole number in [0, 2^63)"),
+    ('{"type": "start", "prompt": "x", "seed": "-1"}', "seed must be a whole number in [0, 2^63)"),
+    ('{"type": "start", "prompt": "x", "seed": "9223372036854775808"}', "got '9223372036854775808'"),  # 2^63
+    ('{"type": "start", "prompt": "x", "seed": "12a"}', "as a JSON integer or a string of digits, got '12a'"),
+    ('{"type": "start", "prompt": "x", "seed": 1.5}', "seed must be a whole number"),
     ('{"type": "start", "prompt": "x", "frames": 4}', "frames must be a positive multiple of the chunk"),
     ('{"type": "start", "prompt": "x", "frames": 33}', "more than serve.max_frames=30"),
     ('{"type": "switch", "prompt": "y"}', "switch: no stream is running on this connection"),
@@ -170,7 +179,8 @@ def test_bad_input_gets_one_error_each_and_the_server_serves_the_next_client(app
         receive_until(first, "chunk")
         receive_until(first, "chunk")  # chunk [3, 6) has begun
         for message, fragment in [({"type": "start", "prompt": A}, "a stream is already running"),
-                                  ({"type": "switch", "prompt": B, "at_frame": 3}, "frame 3 is already generated")]:
+                                  ({"type": "switch", "prompt": B, "at_frame": 3},
+                                   "latent frame 3 is already generated")]:
             first.send_json(message)
             assert fragment in receive_until(first, "error")[0][-1]["message"]
 
@@ -191,6 +201,90 @@ def test_bad_input_gets_one_error_each_and_the_server_serves_the_next_client(app
     new = set(app.state.video_folder.iterdir()) - kept
     # the second client's video only: the dropped stream left no file, partial or not
     assert [p.suffix for p in new] == [".mp4"] and not new.pop().name.startswith(".partial")
+
+
+def test_a_seed_beyond_2_53_given_as_a_string_makes_the_same_frames_as_the_integer(client):
+    seed = 2**62 + 1  # no float64 holds it: a JavaScript number would make it 2^62
+    events, as_text = stream(client, prompt=A, seed=str(seed), frames=3)
+    assert next(e for e in events if e["type"] == "started")["seed"] == str(seed)
+    _, as_integer = stream(client, prompt=A, seed=seed, frames=3)
+    _, rounded = stream(client, prompt=A, seed=2**62, frames=3)
+    assert as_text == as_integer and as_text != rounded
+
+
+def test_nesting_deeper_than_the_parser_goes_is_one_error_and_the_connection_carries_on(client):
+    with connected(client) as ws:
+        # 12 JSON characters per prompt character (serve.max_prompt_chars=64) + 1024: 1792 characters at most
+        for text, fragment in [("[" * 100_000, "the message has 100000 characters, more than the 1792"),
+                               ("[" * 1_500, "malformed JSON"), ('[{"a": ' * 250, "malformed JSON")]:
+            send(ws, text)
+            error = ws.receive_json()
+            assert error["type"] == "error" and fragment in error["message"] and len(error["message"]) < 200
+        ws.send_json({"type": "pause"})
+        assert "pause: no stream is running" in ws.receive_json()["message"]
+
+
+def test_parse_message_refuses_what_json_cannot_read_with_a_protocol_error():
+    limits = Limits(max_prompt_chars=10_000, max_frames=30, chunk_frames=3)  # messages up to 121,024 characters
+    digits = "3" * 5_000  # more digits than Python converts to an int (sys.int_info.default_max_str_digits)
+    for text, message in [("[" * 100_000, "malformed JSON: nested too deeply"),
+                          ('{"type": "start", "prompt": "x", "frames": ' + digits + "}",
+                           "malformed JSON: a number with too many digits"),
+                          ('{"type": "start", "prompt": "x", "seed": ' + digits + "}",
+                           "malformed JSON: a number with too many digits")]:
+        with pytest.raises(ProtocolError) as caught:
+            parse_message(text, limits)
+        assert str(caught.value) == message
+
+
+def test_errors_repeat_at_most_a_few_dozen_characters_of_the_offending_value(client):
+    long = "9" * 1_500
+    cases = [({"type": "start", "prompt": "x", "seed": long}, "start: seed must be a whole number"),
+             ({"type": "start", "prompt": "x", "frames": long}, "start: frames must be a positive multiple"),
+             ({"type": "start", "prompt": "x", "frames": int(long)}, "more than serve.max_frames=30"),
+             ({"type": "start", "prompt": "x", "frames": [1] * 500}, "got an array"),
+             ({"type": long}, "unknown message type"),
+             ({"type": "pause", long: 1}, "pause: unknown field(s)")]
+    with connected(client) as ws:
+        for message, fragment in cases:
+            ws.send_json(message)
+            error = ws.receive_json()["message"]
+            assert fragment in error and len(error) < 200, (fragment, len(error))
+            assert long not in error and ("characters)" in error or "an array" in error), error
+
+
+SURROGATE_SWITCH = '{"type": "switch", "prompt": "a fox \\ud83d leaps"}'  # valid JSON, but half a UTF-16 pair
+
+
+def test_a_prompt_with_a_lone_surrogate_is_refused_at_the_door(client):
+    with connected(client) as ws:
+        ws.send_text(SURROGATE_SWITCH.replace("switch", "start"))
+        ws.send_json({"type": "start", "prompt": A, "frames": 6})
+        ws.send_text(SURROGATE_SWITCH)
+        ws.send_json({"type": "dance"})
+        events, frames = receive_until(ws, "done")
+    errors = [e["message"] for e in events if e["type"] == "error"]
+    assert len(errors) == 3 and "unknown message type 'dance'" in errors[2], errors
+    for kind, error in zip(("start", "switch"), errors):
+        assert error == f"{kind}: prompt holds a lone UTF-16 surrogate '\\ud83d' at character 6, which is not text " \
+                        "(send the whole pair)"
+    assert "switched" not in [e["type"] for e in events] and len(frames) == 21
+
+
+def test_an_event_that_cannot_be_sent_ends_the_stream_with_an_error_and_frees_the_device(app, client, monkeypatch):
+    """Whatever fails while sending a connection's events: the client is told, the device goes to the next."""
+    monkeypatch.setattr(serve_protocol, "_lone_surrogate", lambda text: None)  # let the surrogate through the door
+    with connected(client) as ws:
+        ws.send_json({"type": "start", "prompt": A})  # until stopped
+        receive_until(ws, "chunk")
+        ws.send_text(SURROGATE_SWITCH)  # its `switched` event is not UTF-8 text
+        events, _ = receive_until(ws, "error")
+        assert "switched" not in [e["type"] for e in events]
+        assert events[-1] == {"type": "error", "ends_stream": True,
+                              "message": "internal error (UnicodeEncodeError); the stream is stopped"}
+        assert ws.receive() == {"type": "websocket.close", "code": 1011, "reason": ""}
+    _, frames = stream(client, prompt=B, frames=3)  # the device was freed
+    assert len(frames) == 9 and app.state.worker.queue_length == 0
 
 
 def test_page_is_served_offline(client):

@@ -12,7 +12,7 @@ from reward_forcing.errors import ConfigError
 from reward_forcing.inference.cli import OneLineParser, apply_flags, validate_model
 from reward_forcing.inference.pipeline import VideoPipeline, resolve_device
 
-POSITIVE_KEYS = ("max_prompt_chars", "max_queue", "max_frames", "keep_videos")
+POSITIVE_KEYS = ("max_prompt_chars", "max_queue", "max_frames", "keep_videos", "max_unsent_mib", "stall_timeout_s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     import uvicorn
 
     from reward_forcing.serve.app import create_app
+    from reward_forcing.serve.log import log_config
+    from reward_forcing.serve.protocol import max_message_chars
 
     with sock, tempfile.TemporaryDirectory(prefix="reward-forcing-videos-") as videos:
         device = resolve_device(str(cfg.inference.device))
@@ -63,6 +65,9 @@ def main(argv=None) -> int:
         app = create_app(pipeline, cfg, videos)
         host, port = sock.getsockname()[:2]
         print(f"serving on http://{host}:{port} ({device}); open it in a browser, Ctrl+C stops", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="websockets-sansio"))
+        # a message longer than any valid one is refused by the websocket layer (close code 1009) before it is read
+        max_message_bytes = 4 * max_message_chars(int(cfg.serve.max_prompt_chars))  # UTF-8: <= 4 bytes a character
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=log_config(),
+                                               ws="websockets-sansio", ws_max_size=max_message_bytes))
         server.run(sockets=[sock])
     return 0
