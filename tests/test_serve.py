@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -316,51 +317,119 @@ def test_server_bad_arguments_are_one_line(assets, capsys, args, message):
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
-def test_page_streams_and_switches_in_headless_chromium(assets, tmp_path):
-    """Debian's chromium + chromium-driver (.ci/run installs them), driven by Selenium, against the real server."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert browser and driver_path, "needs Debian's chromium and chromium-driver (apt-get install; .ci/run does it)"
+@contextmanager
+def serve_process(assets, *overrides, stderr=None):
+    """`python -m reward_forcing.serve` on the tiny assets on a free loopback port; yields its address."""
     server = subprocess.Popen([sys.executable, "-m", "reward_forcing.serve", "--config_path", str(assets / "tiny.yaml"),
-                               "--checkpoint_path", str(assets / "model.pt"), "--use_ema", "--port", "0"],
-                              stdout=subprocess.PIPE, text=True, cwd=REPO,
+                               "--checkpoint_path", str(assets / "model.pt"), "--use_ema", "--port", "0", *overrides],
+                              stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    options = Options()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800"):
-        options.add_argument(flag)
-    driver = None
     try:
         url = server.stdout.readline().split()[2]
         assert url.startswith("http://127.0.0.1:")
-        driver = webdriver.Chrome(service=Service(driver_path), options=options)
-        driver.get(url)
-        wait = WebDriverWait(driver, 60, poll_frequency=0.1)
-        text = lambda id_: driver.find_element("id", id_).text  # noqa: E731
-        wait.until(lambda d: text("status") == "idle")
-        driver.find_element("id", "start").click()
-        wait.until(lambda d: int(text("frames-shown")) >= 9)
-        painted = driver.execute_script(  # the canvas holds a decoded frame, not the blank initial canvas
-            "const c = document.getElementById('view'); const d = c.getContext('2d').getImageData(0, 0, c.width, "
-            "c.height).data; let lit = 0; for (let i = 0; i < d.length; i += 4) lit += d[i + 3] > 0 && "
-            "(d[i] + d[i + 1] + d[i + 2]) > 0; return lit / (d.length / 4);")
-        assert painted > 0.9
-        driver.find_element("id", "switch").click()
-        wait.until(lambda d: d.find_element("tag name", "body").get_attribute("data-switches") == "1")
-        shown = int(text("frames-shown"))
-        wait.until(lambda d: int(text("frames-shown")) >= shown + 12)  # frames keep coming after the switch
-        assert text("fps") != "–" and text("ttff").endswith(" s") and "switched at latent frame" in text("message")
-        driver.save_screenshot(str(tmp_path / "page.png"))
-        driver.find_element("id", "stop").click()
-        wait.until(lambda d: d.find_element("tag name", "body").get_attribute("data-state") == "done")
-        assert driver.find_element("id", "download").get_attribute("href").endswith(".mp4")
-        assert (tmp_path / "page.png").stat().st_size > 10_000
+        yield url
     finally:
-        if driver is not None:
-            driver.quit()
         server.terminate()
         server.wait(30)
+
+
+@pytest.fixture(scope="module")
+def page_server(assets):
+    with serve_process(assets) as url:
+        yield url
+
+
+@pytest.fixture
+def browser():
+    """Debian's chromium + chromium-driver (.ci/run installs them), driven by Selenium."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "needs Debian's chromium and chromium-driver (apt-get install; .ci/run does it)"
+    options = Options()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+class Page:
+    def __init__(self, driver, url):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.driver, self.url = driver, url
+        self.wait = WebDriverWait(driver, 60, poll_frequency=0.1).until
+        driver.get(url)
+        self.wait(lambda d: self.text("status") == "idle")
+
+    def element(self, id_):
+        return self.driver.find_element("id", id_)
+
+    def text(self, id_):
+        return self.element(id_).text
+
+    def body(self, attribute):
+        return self.driver.find_element("tag name", "body").get_attribute(attribute)
+
+
+def test_page_streams_and_switches_in_headless_chromium(page_server, browser, tmp_path):
+    page = Page(browser, page_server)
+    page.element("start").click()
+    page.wait(lambda d: int(page.text("frames-shown")) >= 9)
+    painted = browser.execute_script(  # the canvas holds a decoded frame, not the blank initial canvas
+        "const c = document.getElementById('view'); const d = c.getContext('2d').getImageData(0, 0, c.width, "
+        "c.height).data; let lit = 0; for (let i = 0; i < d.length; i += 4) lit += d[i + 3] > 0 && "
+        "(d[i] + d[i + 1] + d[i + 2]) > 0; return lit / (d.length / 4);")
+    assert painted > 0.9
+    page.element("switch").click()
+    page.wait(lambda d: page.body("data-switches") == "1")
+    shown = int(page.text("frames-shown"))
+    page.wait(lambda d: int(page.text("frames-shown")) >= shown + 12)  # frames keep coming after the switch
+    assert page.text("fps") != "–" and page.text("ttff").endswith(" s")
+    assert page.text("message").startswith("switched at latent frame ")
+    browser.save_screenshot(str(tmp_path / "page.png"))
+    page.element("stop").click()
+    page.wait(lambda d: page.body("data-state") == "done")
+    assert page.element("download").get_attribute("href").endswith(".mp4")
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def mp4_frames(url):
+    with urllib.request.urlopen(url) as response:
+        return iio.imread(response.read(), extension=".mp4", plugin="FFMPEG")
+
+
+def client_video(url, prompt, seed, frames):
+    """The mp4 a plain websocket client gets for this start message."""
+    from websockets.sync.client import connect
+
+    with connect(url.replace("http", "ws", 1) + "/ws", max_size=None) as ws:
+        ws.send(json.dumps({"type": "start", "prompt": prompt, "seed": seed, "frames": frames}))
+        while not isinstance(message := ws.recv(timeout=60), str) or json.loads(message)["type"] != "done":
+            pass
+    return mp4_frames(url + json.loads(message)["video"])
+
+
+@pytest.mark.parametrize("typed", ["6010975578069905001", ""])  # above 2^53 (no float64 holds it); the server's pick
+def test_the_seed_the_page_shows_regenerates_its_video(page_server, browser, typed):
+    page = Page(browser, page_server)
+    page.element("seed").send_keys(typed)
+    page.element("endless").click()
+    page.element("frames").clear()
+    page.element("frames").send_keys("6")
+    page.element("start").click()
+    page.wait(lambda d: page.body("data-state") == "done")
+    # 6 latent frames are 1 + 4 * (6 - 1) = 21 video frames (the VAE's 4x temporal stride)
+    assert page.text("status") == "finished · 21 video frames (6 latent frames)"
+    assert page.element("frames-shown-label").get_attribute("textContent") == "Video frames"
+    page.wait(lambda d: page.text("frames-shown") == "21")  # played at the video's frame rate
+    seed = page.text("seed-used")
+    assert seed == typed if typed else seed.isdigit()
+    on_page = mp4_frames(page.element("download").get_attribute("href"))
+    again = client_video(page_server, page.element("prompt").get_attribute("value"), seed, 6)
+    assert on_page.shape == (21, 16, 32, 3)
+    np.testing.assert_array_equal(on_page, again)

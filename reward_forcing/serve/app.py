@@ -87,6 +87,8 @@ async def _send_events(websocket: WebSocket, outbox: Outbox, stall_s: float) -> 
             await asyncio.wait_for(send, stall_s)
         except asyncio.TimeoutError:
             raise ClientStalled(f"took no message for {stall_s:g} s (serve.stall_timeout_s)") from None
+        except RuntimeError:  # the websocket layer has closed the connection (a protocol violation): the client is gone
+            return
 
 
 async def _report(websocket: WebSocket, failure: BaseException, stall_s: float) -> None:
@@ -163,6 +165,7 @@ def create_app(pipeline, cfg, video_folder) -> FastAPI:
             session.close()
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # a task's failure is never left unretrieved
         failure = next((task.exception() for task in done if task.exception() is not None), None)
         if failure is not None and not isinstance(failure, WebSocketDisconnect):
             await _report(websocket, failure, stall_s)

@@ -50,14 +50,24 @@ def listen(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
+def run_server(app, cfg, sock: socket.socket) -> None:
+    """Serve `app` on the listening `sock` until Ctrl+C: one-line log records, and the websocket layer refuses a
+    message longer than any valid one (close code 1009) before it is read."""
+    import uvicorn
+
+    from reward_forcing.serve.log import log_config
+    from reward_forcing.serve.protocol import max_message_chars
+
+    max_message_bytes = 4 * max_message_chars(int(cfg.serve.max_prompt_chars))  # UTF-8: <= 4 bytes a character
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=log_config(),
+                                           ws="websockets-sansio", ws_max_size=max_message_bytes))
+    server.run(sockets=[sock])
+
+
 def main(argv=None) -> int:
     args, cfg = load_serve_config(argv)
     sock = listen(args.host, args.port)  # before loading, so a taken port fails fast
-    import uvicorn
-
     from reward_forcing.serve.app import create_app
-    from reward_forcing.serve.log import log_config
-    from reward_forcing.serve.protocol import max_message_chars
 
     with sock, tempfile.TemporaryDirectory(prefix="reward-forcing-videos-") as videos:
         device = resolve_device(str(cfg.inference.device))
@@ -65,9 +75,5 @@ def main(argv=None) -> int:
         app = create_app(pipeline, cfg, videos)
         host, port = sock.getsockname()[:2]
         print(f"serving on http://{host}:{port} ({device}); open it in a browser, Ctrl+C stops", flush=True)
-        # a message longer than any valid one is refused by the websocket layer (close code 1009) before it is read
-        max_message_bytes = 4 * max_message_chars(int(cfg.serve.max_prompt_chars))  # UTF-8: <= 4 bytes a character
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=log_config(),
-                                               ws="websockets-sansio", ws_max_size=max_message_bytes))
-        server.run(sockets=[sock])
+        run_server(app, cfg, sock)
     return 0

@@ -58,7 +58,7 @@ class Outbox:
             self._append(frame, len(frame))
 
     def _put_event(self, event: dict) -> None:
-        text = json.dumps(event, ensure_ascii=False)
+        text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         size = len(text.encode("utf-8"))  # raises UnicodeEncodeError for text that is not Unicode (a lone surrogate)
         if self.unsent_bytes + size > self.max_bytes:
             raise ClientStalled(f"{self.unsent_bytes + size} bytes of events wait unsent, more than "
