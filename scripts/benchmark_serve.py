@@ -86,16 +86,16 @@ def measure_stream(url: str, seed: int, chunks: int, switch_after: int) -> dict:
             event = json.loads(message)
             if event["type"] == "chunk":
                 arrivals.append(now)
-                frames.append(event["frames"])
+                frames.append(event["video_frames"])
                 generate.append(event["generate_s"])
-                waiting_first_switched = waiting_first_switched or event["start_frame"] == switch_frame
+                waiting_first_switched = waiting_first_switched or event["start_latent_frame"] == switch_frame
                 if len(arrivals) == switch_after:
                     switch_sent = time.perf_counter()
                     ws.send(json.dumps({"type": "switch", "prompt": SWITCH}))
                 if len(arrivals) == chunks:
                     ws.send(json.dumps({"type": "stop"}))
             elif event["type"] == "switched":
-                switch_frame = event["start_frame"]
+                switch_frame = event["start_latent_frame"]
             elif event["type"] == "done":
                 break
             elif event["type"] == "error":
@@ -163,8 +163,8 @@ def main(argv=None) -> int:
     generate = [t for run in runs for t in run["generate"]]
     ttff = [run["ttff"] for run in runs]
     switch = [run["switch"] for run in runs if run["switch"] is not None]
-    print(f"server: {hello['width']}x{hello['height']}, {hello['chunk_frames']} latent frames per chunk, decoder "
-          f"{hello['decoder']} (overlap_decode {hello['overlap_decode']}), switch_sink {hello['switch_sink']}; "
+    print(f"server: {hello['width']}x{hello['height']}, {hello['chunk_latent_frames']} latent frames per chunk, "
+          f"decoder {hello['decoder']} (overlap_decode {hello['overlap_decode']}), switch_sink {hello['switch_sink']}; "
           f"ready {ready:.1f} s after launch")
     print(f"{args.runs} streams x {args.chunks} chunks, switch after chunk {args.switch_after}")
     print(f"time to first frame      p50 {percentile_ms(ttff, 50)} ms   max {1000 * max(ttff):.0f} ms")

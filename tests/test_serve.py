@@ -60,8 +60,8 @@ def connected(client):
         yield ws
 
 
-def receive_until(ws, kind):
-    """Events up to and including the first of type `kind`, and the JPEG frames received meanwhile."""
+def receive_until(ws, *kinds):
+    """Events up to and including the first of a type in `kinds`, and the JPEG frames received meanwhile."""
     events, frames = [], []
     while True:
         message = ws.receive()
@@ -69,14 +69,16 @@ def receive_until(ws, kind):
             frames.append(message["bytes"])
             continue
         events.append(json.loads(message["text"]))
-        if events[-1]["type"] == kind:
+        if events[-1]["type"] in kinds:
             return events, frames
 
 
 def stream(client, **start):
     with connected(client) as ws:
         ws.send_json({"type": "start", **start})
-        return receive_until(ws, "done")
+        events, frames = receive_until(ws, "done", "error")
+    assert events[-1]["type"] == "done", events[-1]
+    return events, frames
 
 
 def decode(jpeg):
@@ -213,6 +215,14 @@ def test_a_seed_beyond_2_53_given_as_a_string_makes_the_same_frames_as_the_integ
     assert as_text == as_integer and as_text != rounded
 
 
+def test_a_client_may_start_its_next_stream_as_soon_as_it_reads_done(client):
+    with connected(client) as ws:
+        for seed in range(8):
+            ws.send_json({"type": "start", "prompt": A, "seed": seed, "frames": 3})
+            events, frames = receive_until(ws, "done", "error")
+            assert events[-1]["type"] == "done" and len(frames) == 9, events[-1]
+
+
 def test_nesting_deeper_than_the_parser_goes_is_one_error_and_the_connection_carries_on(client):
     with connected(client) as ws:
         # 12 JSON characters per prompt character (serve.max_prompt_chars=64) + 1024: 1792 characters at most
@@ -259,7 +269,7 @@ SURROGATE_SWITCH = '{"type": "switch", "prompt": "a fox \\ud83d leaps"}'  # vali
 
 def test_a_prompt_with_a_lone_surrogate_is_refused_at_the_door(client):
     with connected(client) as ws:
-        ws.send_text(SURROGATE_SWITCH.replace("switch", "start"))
+        ws.send_text('{"type": "start", "prompt": "a fox \\ud83d leaps", "frames": 3}')
         ws.send_json({"type": "start", "prompt": A, "frames": 6})
         ws.send_text(SURROGATE_SWITCH)
         ws.send_json({"type": "dance"})
@@ -423,13 +433,13 @@ def test_the_seed_the_page_shows_regenerates_its_video(page_server, browser, typ
     page.element("frames").send_keys("6")
     page.element("start").click()
     page.wait(lambda d: page.body("data-state") == "done")
-    # 6 latent frames are 1 + 4 * (6 - 1) = 21 video frames (the VAE's 4x temporal stride)
-    assert page.text("status") == "finished · 21 video frames (6 latent frames)"
-    assert page.element("frames-shown-label").get_attribute("textContent") == "Video frames"
-    page.wait(lambda d: page.text("frames-shown") == "21")  # played at the video's frame rate
     seed = page.text("seed-used")
     assert seed == typed if typed else seed.isdigit()
     on_page = mp4_frames(page.element("download").get_attribute("href"))
     again = client_video(page_server, page.element("prompt").get_attribute("value"), seed, 6)
     assert on_page.shape == (21, 16, 32, 3)
     np.testing.assert_array_equal(on_page, again)
+    # 6 latent frames are 1 + 4 * (6 - 1) = 21 video frames (the VAE's 4x temporal stride)
+    assert page.text("status") == "finished · 21 video frames (6 latent frames)"
+    assert page.element("frames-shown-label").get_attribute("textContent") == "Video frames"
+    page.wait(lambda d: page.text("frames-shown") == "21")  # played at the video's frame rate

@@ -159,13 +159,14 @@ def create_app(pipeline, cfg, video_folder) -> FastAPI:
         outbox.put(hello)
         tasks = {asyncio.create_task(_receive_messages(websocket, session)),
                  asyncio.create_task(_send_events(websocket, outbox, stall_s))}
+        for task in tasks:  # one that fails after the connection ended has no one to tell: asyncio must not log it
+            task.add_done_callback(lambda task: task.cancelled() or task.exception())
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             session.close()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)  # a task's failure is never left unretrieved
         failure = next((task.exception() for task in done if task.exception() is not None), None)
         if failure is not None and not isinstance(failure, WebSocketDisconnect):
             await _report(websocket, failure, stall_s)

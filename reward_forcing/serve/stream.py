@@ -107,17 +107,19 @@ class StreamRunner:
         self.jpeg_quality = int(cfg.serve.jpeg_quality)
 
     def run(self, stream: Stream) -> None:
+        last = None  # the stream's last event
         try:
             if not stream.cancelled:
-                self._generate(stream)
+                last = self._generate(stream)
         except Cancelled:
             pass
         except Exception as err:  # a failed generation must not take the server down
             LOG.error("generation failed: %s", one_line(err))
-            stream.emit({"type": "error", "ends_stream": True,
-                         "message": f"generation failed: {type(err).__name__}: {err}"})
+            last = {"type": "error", "ends_stream": True, "message": f"generation failed: {type(err).__name__}: {err}"}
         finally:
-            stream.finished.set()
+            stream.finished.set()  # before the last event: a client that reads it may start its next stream at once
+            if last is not None:
+                stream.emit(last)
 
     def _switch_callback(self, stream: Stream, switched_at: dict):
         def switch(start):
@@ -129,7 +131,8 @@ class StreamRunner:
             return self.pipeline.encode(pending.prompt)
         return switch
 
-    def _generate(self, stream: Stream) -> None:
+    def _generate(self, stream: Stream) -> dict:
+        """Stream the video's chunks to the client; the `done` event, for `run` to send last."""
         began = time.perf_counter()
         stream.emit({"type": "started", "seed": str(stream.seed), "latent_frames": stream.frames,
                      "wait_s": round(began - stream.received, 4)})
@@ -168,6 +171,5 @@ class StreamRunner:
         finally:
             chunks.close()
         self.store.add(token, path)
-        stream.emit({"type": "done", "reason": reason, "video_frames": frames_sent,
-                     "latent_frames": start_frame, "seconds": round(time.perf_counter() - began, 3),
-                     "video": f"/video/{token}.mp4"})
+        return {"type": "done", "reason": reason, "video_frames": frames_sent, "latent_frames": start_frame,
+                "seconds": round(time.perf_counter() - began, 3), "video": f"/video/{token}.mp4"}

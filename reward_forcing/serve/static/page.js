@@ -114,7 +114,7 @@ const handlers = {
   },
   paused(event) {
     state.paused = true;
-    setState("paused", `paused before latent frame ${event.latent_frame}`);
+    setState("paused", `paused · goes on at latent frame ${event.latent_frame}`);
     buttons();
   },
   resumed(event) { state.paused = false; setState("streaming"); buttons(); },
