@@ -29,17 +29,22 @@ PROMPT = "a red fox trots through fresh snow in a pine forest at dawn"
 SWITCH = "the fox leaps into the air, snow bursting around it"
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that say which server to start (server_command)."""
     p.add_argument("--config_path", help="as for the server (default with --tiny: configs/tiny.yaml)")
     p.add_argument("--checkpoint_path", help="as for the server")
     p.add_argument("--use_ema", action="store_true")
     p.add_argument("--tiny", action="store_true", help="use random tiny checkpoints, written to a temporary folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="server config overrides, e.g. decoder=taehv")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_arguments(p)
     p.add_argument("--runs", type=int, default=3, help="streams measured one after another")
     p.add_argument("--chunks", type=int, default=8, help="chunks per stream")
     p.add_argument("--switch_after", type=int, default=4, help="chunks received before the switch message is sent")
     p.add_argument("--screenshot", help="also save a PNG of the page streaming (Debian chromium + chromium-driver)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="server config overrides, e.g. decoder=taehv")
     args = p.parse_args(argv)
     if args.runs < 1 or not 1 <= args.switch_after < args.chunks:
         raise UserError("need --runs >= 1 and 1 <= --switch_after < --chunks")

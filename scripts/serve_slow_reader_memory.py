@@ -25,24 +25,18 @@ import threading
 import time
 from pathlib import Path
 
-from benchmark_serve import ROOT, server_command
+from benchmark_serve import PROMPT, ROOT, add_server_arguments, server_command
 from websockets.sync.client import connect
 
 from reward_forcing.errors import UserError, run_cli
 
-PROMPT = "a red fox trots through fresh snow in a pine forest at dawn"
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config_path", help="as for the server (default with --tiny: configs/tiny.yaml)")
-    p.add_argument("--checkpoint_path", help="as for the server")
-    p.add_argument("--use_ema", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="use random tiny checkpoints, written to a temporary folder")
+    add_server_arguments(p)
     p.add_argument("--noise", action="store_true", help="serve frames of noise instead of a model's")
     p.add_argument("--latent_frames", type=int, default=30, help="length of the stream that is never read")
     p.add_argument("--chunk", type=int, default=3, help="latent frames per chunk (the config's num_frame_per_block)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="server config overrides, e.g. height=480")
     args = p.parse_args(argv)
     if args.chunk < 1 or args.latent_frames < args.chunk or args.latent_frames % args.chunk:
         raise UserError("--latent_frames must be a positive multiple of --chunk")
