@@ -310,6 +310,8 @@ def test_page_is_served_offline(client):
     (["not_a_key=1"], "unknown config key 'not_a_key'"),
     (["serve.max_queue=0"], "serve.max_queue must be a whole number >= 1"),
     (["serve.jpeg_quality=101"], "serve.jpeg_quality must be a whole number in [1, 95]"),
+    (["serve.max_unsent_mib=0"], "serve.max_unsent_mib must be a whole number >= 1"),
+    (["serve.stall_timeout_s=0.5"], "serve.stall_timeout_s must be a whole number >= 1"),
     (["overlap_decode=maybe"], "overlap_decode must be true or false"),
     (["--port", "70000"], "--port must be in [0, 65535]"),
     (["--port", "x"], "invalid int value"),
