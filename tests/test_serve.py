@@ -294,7 +294,11 @@ def test_an_event_that_cannot_be_sent_ends_the_stream_with_an_error_and_frees_th
         assert events[-1] == {"type": "error", "ends_stream": True,
                               "message": "internal error (UnicodeEncodeError); the stream is stopped"}
         assert ws.receive() == {"type": "websocket.close", "code": 1011, "reason": ""}
-    _, frames = stream(client, prompt=B, frames=3)  # the device was freed
+    deadline = time.monotonic() + 30  # the stream stops at its next chunk boundary
+    while app.state.worker.active is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.state.worker.active is None, "the device still runs the stream of a connection that failed"
+    _, frames = stream(client, prompt=B, frames=3)
     assert len(frames) == 9 and app.state.worker.queue_length == 0
 
 
