@@ -7,9 +7,8 @@ whatever reason, the connection's stream is stopped and the device freed, and a 
 (an error event) and to the log (one line).
 """
 import asyncio
-import contextlib
 import secrets
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 from fastapi import FastAPI, WebSocket
@@ -98,7 +97,7 @@ async def _report(websocket: WebSocket, failure: BaseException, stall_s: float) 
         LOG.warning("%s stopped reading (%s): its stream is stopped", client, failure)
         return
     LOG.error("%s: its stream is stopped by an internal error: %s", client, one_line(failure))
-    with contextlib.suppress(Exception):
+    with suppress(Exception):
         await asyncio.wait_for(websocket.send_json({"type": "error", "ends_stream": True, "message":
                                                     f"internal error ({type(failure).__name__}); the stream is "
                                                     "stopped"}), stall_s)
