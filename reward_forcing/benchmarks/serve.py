@@ -27,17 +27,22 @@ PROMPT = "a red fox trots through fresh snow in a pine forest at dawn"
 SWITCH = "the fox leaps into the air, snow bursting around it"
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that say which server to start (server_command)."""
     p.add_argument("--config_path", help="as for the server (default with --tiny: configs/tiny.yaml)")
     p.add_argument("--checkpoint_path", help="as for the server")
     p.add_argument("--use_ema", action="store_true")
     p.add_argument("--tiny", action="store_true", help="use random tiny checkpoints, written to a temporary folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="server config overrides, e.g. decoder=taehv")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_arguments(p)
     p.add_argument("--runs", type=int, default=3, help="streams measured one after another")
     p.add_argument("--chunks", type=int, default=8, help="chunks per stream")
     p.add_argument("--switch_after", type=int, default=4, help="chunks received before the switch message is sent")
     p.add_argument("--screenshot", help="also save a PNG of the page streaming (Debian chromium + chromium-driver)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="server config overrides, e.g. decoder=taehv")
     args = p.parse_args(argv)
     if args.runs < 1 or not 1 <= args.switch_after < args.chunks:
         raise UserError("need --runs >= 1 and 1 <= --switch_after < --chunks")
@@ -84,16 +89,16 @@ def measure_stream(url: str, seed: int, chunks: int, switch_after: int) -> dict:
             event = json.loads(message)
             if event["type"] == "chunk":
                 arrivals.append(now)
-                frames.append(event["frames"])
+                frames.append(event["video_frames"])
                 generate.append(event["generate_s"])
-                waiting_first_switched = waiting_first_switched or event["start_frame"] == switch_frame
+                waiting_first_switched = waiting_first_switched or event["start_latent_frame"] == switch_frame
                 if len(arrivals) == switch_after:
                     switch_sent = time.perf_counter()
                     ws.send(json.dumps({"type": "switch", "prompt": SWITCH}))
                 if len(arrivals) == chunks:
                     ws.send(json.dumps({"type": "stop"}))
             elif event["type"] == "switched":
-                switch_frame = event["start_frame"]
+                switch_frame = event["start_latent_frame"]
             elif event["type"] == "done":
                 break
             elif event["type"] == "error":
@@ -161,8 +166,8 @@ def main(argv=None) -> int:
     generate = [t for run in runs for t in run["generate"]]
     ttff = [run["ttff"] for run in runs]
     switch = [run["switch"] for run in runs if run["switch"] is not None]
-    print(f"server: {hello['width']}x{hello['height']}, {hello['chunk_frames']} latent frames per chunk, decoder "
-          f"{hello['decoder']} (overlap_decode {hello['overlap_decode']}), switch_sink {hello['switch_sink']}; "
+    print(f"server: {hello['width']}x{hello['height']}, {hello['chunk_latent_frames']} latent frames per chunk, "
+          f"decoder {hello['decoder']} (overlap_decode {hello['overlap_decode']}), switch_sink {hello['switch_sink']}; "
           f"ready {ready:.1f} s after launch")
     print(f"{args.runs} streams x {args.chunks} chunks, switch after chunk {args.switch_after}")
     print(f"time to first frame      p50 {percentile_ms(ttff, 50)} ms   max {1000 * max(ttff):.0f} ms")
