@@ -3,7 +3,9 @@
 x_t = (1 - sigma) * x0 + sigma * noise, and the networks predict the flow v = noise - x0, so
 x0 = x_t - sigma * v. Timesteps live in [0, num_train_timesteps]; sigma is found either on the
 shifted training grid (nearest point, as upstream) or exactly as t / num_train_timesteps.
-Latents are [B, C, F, H, W]; t may be a scalar, [B] or per-frame [B, F].
+Latents are [B, C, F, H, W]; t may be a scalar, [B] or per-frame [B, F]. The teachers' many-step sampler (an Euler
+solve of the flow ODE, for ODE pairs and the autoregressive teacher) and classifier-free guidance live here too, so
+inference and training share them.
 """
 import torch
 
