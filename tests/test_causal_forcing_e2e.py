@@ -124,6 +124,22 @@ def test_causal_pairs_are_the_teachers_streamed_samples(assets, teacher, pairs):
     torch.testing.assert_close(states[-1], video[0], atol=1e-5, rtol=1e-5)
 
 
+def test_causal_pairs_resume_exactly_and_refuse_other_cache_settings(assets, teacher, pairs, tmp_path, capsys):
+    import shutil
+
+    from reward_forcing.errors import run_cli
+    from reward_forcing.training.ode_data import shard_name
+
+    copy = tmp_path / "pairs"
+    shutil.copytree(pairs, copy)
+    (copy / shard_name(1)).unlink()  # pairs 2 and 3
+    _pairs(assets, copy, teacher / "model")
+    for i in range(5):
+        assert torch.equal(OdePairDataset(copy)[i]["ode_latent"], OdePairDataset(pairs)[i]["ode_latent"])
+    status = run_cli(lambda _: _pairs(assets, copy, teacher / "model", "local_attn_size=3"))
+    assert status == 2 and "made with local_attn_size=-1, not 3" in capsys.readouterr().err
+
+
 def test_a_non_chunk_multiple_is_refused_in_one_line(assets, teacher, tmp_path, capsys):
     from reward_forcing.errors import run_cli
 
