@@ -14,11 +14,10 @@ import torch
 from reward_forcing.inference.generator import latent_size
 from reward_forcing.rewards.registry import check_reward
 from reward_forcing.rng import keyed_randint
-from reward_forcing.sampling import FlowMatchSchedule
+from reward_forcing.sampling import FlowMatchSchedule, classifier_free_guidance
 from reward_forcing.training.data import PromptStream, read_prompt_texts
 from reward_forcing.training.frame_reward import FrameReward, choose_frames
 from reward_forcing.training.losses import (
-    classifier_free_guidance,
     critic_flow_loss,
     dmd_gradient,
     re_dmd_loss,
