@@ -95,7 +95,7 @@ class Method(ABC):
         cfg = self.cfg
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas),
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps, foreach=True)
-        self.networks[name] = Updater(name, model, optimizer, cfg.grad_clip)
+        self.networks[name] = Updater(name, model, optimizer, cfg.grad_clip, cfg.fsdp_reduce_every_micro_step)
         return self.networks[name]
 
     @abstractmethod

@@ -130,8 +130,8 @@ def local_tokens(x: torch.Tensor, group, rows: int) -> torch.Tensor:
 def _split_attention(attend, group, rows: int):
     """attend(q, k, v) on whole sequences with H/P heads, taking and returning this rank's token slice."""
     def attend_local(q, k, v):
-        batch = q.shape[0]
-        q, k, v = _SequenceToHeads.apply(torch.cat([q, k, v]), group, rows).split(batch)
+        # one all-to-all each: a cache or autograd that keeps v (or k) then holds no other tensor's storage
+        q, k, v = (_SequenceToHeads.apply(x, group, rows) for x in (q, k, v))
         return _HeadsToSequence.apply(attend(q, k, v), group, rows)
     return attend_local
 
