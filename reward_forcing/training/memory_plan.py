@@ -47,14 +47,16 @@ exit-step forward whole (reward_forcing/training/rollout.py): per chunk it keeps
 
 Held by the rollout outside autograd: the KV cache (the window's frames, H/P heads, keys and values in the compute
 dtype; an EMA sink in fp32) and, with straight-through cache gradient, the exit-step K/V of every chunk still in
-the window.
+the window (checkpointed: of every chunk a later one attends, until backward); in its backward, as many gradients
+wait for the window's K/V (a later chunk's backward makes them before the earlier chunk's runs).
 
 Gradient-free forwards (the teacher with its CFG batch, the critic on generator steps, the no-grad rollout
 steps) hold one block's working set at a time: at most 36 D bytes per token (the attention stage's live tensors,
 measured on CPU at tiny sizes in fp32; 30 D in bf16) plus the FFN's hidden pair, 2 c ffn_dim.
 
 Not modelled (kept free by --headroom): the reward scorer's weights and forward, the VAE decode's working set, the
-CUDA context and allocator fragmentation.
+gradients of one block's activations while its backward runs, attention kernels' workspace, the CUDA context and
+allocator fragmentation.
 """
 import math
 from dataclasses import dataclass, field
@@ -69,6 +71,11 @@ FP32_TENSORS, COMPUTE_TENSORS, FFN_TENSORS = 10, 12, 2
 STATISTICS_PER_HEAD, STATISTICS = 8, 36
 HEAD_FP32_TENSORS = 2  # the head's LayerNorm input and normalised output; its linear's input is in the compute dtype
 NO_GRAD_WIDTHS = {2: 30, 4: 36}  # live bytes per token / D of one block's gradient-free forward, bf16 and fp32
+# Kept free for what is not modelled. The one GPU peak this project measured, the 1.3B student's rollout and its
+# backward alone on one H200 (README, What it takes: 56.7 GiB, i.e. 60.9 GB, by scripts/gpu_fast_path.py): this plan
+# computes 49.9 GB for that run (44.2 of activations, 5.7 of bf16 weights and gradients), 18 % below it, while on CPU
+# its activations agree with the measured ones within 2 % (fp32 and bf16): what CUDA adds there is not broken down.
+HEADROOM = 0.2
 
 
 @dataclass(frozen=True)
@@ -183,10 +190,12 @@ class _CacheOnly:
 
 @dataclass
 class RolloutGeometry:
-    """Per chunk of a training rollout: frames attended, frames stored in the cache after it, and frames whose
-    exit-step K/V the straight-through path holds (whole chunks)."""
+    """Per chunk of a training rollout: frames attended and frames whose exit-step K/V the straight-through path
+    holds (whole chunks: a chunk's K/V are one tensor); and over the rollout, the frames of the chunks some later
+    chunk attends (what checkpointed exit steps keep until backward)."""
     attended: list = field(default_factory=list)
     live: list = field(default_factory=list)
+    attended_earlier: int = 0  # frames of the chunks that a later chunk attends
     cache_frames: int = 0      # frames the cache allocates (a bounded window's ring is allocated whole)
     fp32_sink_frames: int = 0  # an EMA sink is kept in fp32
 
@@ -201,11 +210,14 @@ def rollout_geometry(cfg) -> RolloutGeometry:
     geometry = RolloutGeometry(cache_frames=sampler.window_frames or frames,
                                fp32_sink_frames=sampler.sink_frames if sampler.sink_mode == "ema" else 0)
     zeros = torch.zeros(1, chunk, 1, 1)
+    earlier = set()
     for start in range(0, frames, chunk):
         layer.update(zeros, zeros, start, 1)
         attended = layer.attended_frames
         geometry.attended.append(len(attended))
         geometry.live.append(chunk * len({frame // chunk for frame in attended}))
+        earlier |= {frame // chunk for frame in attended if frame < start}
+    geometry.attended_earlier = chunk * len(earlier)
     return geometry
 
 
@@ -344,21 +356,26 @@ def plan(cfg, dits: dict, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     exits = [chunk_forward_bytes(generator, chunk_tokens, batch * frames * tokens_per_frame, c, split, batch, parts)
              for frames in geometry.attended]
     how = "checkpointed" if checkpoint else "no checkpointing"
-    if checkpoint:  # each chunk keeps its context K/V snapshot (views of its whole attended K/V); one recomputes
+    straight = cfg.rollout_cache_grad == "straight_through"
+    live = max(geometry.live) * frame_kv if straight else 0  # the exit K/V of the chunks in the window
+    if checkpoint:  # each chunk keeps its context K/V snapshot (views of its whole attended K/V) and the exit K/V
+        # that gradient reaches (every chunk a later one attends), until backward; one chunk recomputes at a time
         snapshots = ("rollout checkpoint snapshots (context K/V)", sum(frames * frame_kv for frames in geometry.attended))
-        held, backward = [snapshots], [snapshots, ("one chunk's exit-step forward recomputed", max(exits))]
+        kept = ("exit-step K/V the snapshots keep (straight-through)",
+                geometry.attended_earlier * frame_kv if straight else 0)
+        held, backward = [snapshots, kept], [snapshots, kept, ("one chunk's exit-step forward recomputed", max(exits))]
     else:
         held = backward = [("rollout activations (no checkpointing)", sum(exits))]
     cache = geometry.cache_frames * frame_kv + geometry.fp32_sink_frames * frame_kv * (4 - c) // c
-    live = max(geometry.live) * frame_kv if cfg.rollout_cache_grad == "straight_through" else 0
     step_working = no_grad_bytes(generator, chunk_tokens, c) + _fsdp_working(generator, c, False)
 
     video_tokens = batch * int(cfg.num_training_frames) * tokens_per_frame // parts
     moments = {
         "generator: rollout": gradients("generator") + held + [
-            ("rollout KV cache + straight-through exit K/V", cache + live),
+            ("rollout KV cache + the window's straight-through exit K/V", cache + live),
             ("one block's gradient-free step + gathered units", step_working)],
         "generator: backward": gradients("generator") + backward + [
+            ("straight-through gradients pending for earlier chunks' K/V", live),
             ("gathered units + one block's gradient", _fsdp_working(generator, c, True))]}
     if "critic" in dits:
         critic, teacher = dits["critic"], dits["teacher"]
@@ -439,31 +456,54 @@ def render(plan_: Plan, headroom: float, suggestion: str | None) -> str:
     return "\n".join(lines)
 
 
+def summary(cfg, dits: dict, counts, gpu_memory_gb: float, headroom: float, **where) -> str:
+    """One markdown row per GPU count: layout, what is held all run, the peak and where, and whether it fits."""
+    lines = [f"| GPUs x {gpu_memory_gb:g} GB | FSDP shard x replicate, data-parallel ranks | held all run | "
+             f"peak per rank (at) | fits in {(1 - headroom) * gpu_memory_gb:g} GB ({headroom:.0%} headroom) |",
+             "|---|---|---|---|---|"]
+    for count in counts:
+        result = plan(cfg, dits, count, gpu_memory_gb, **where)
+        usable = result.capacity * (1 - headroom)
+        at = max(result.moments, key=result.total)
+        verdict = "yes" if result.peak <= usable else f"no; change: {remedy(cfg, dits, count, gpu_memory_gb, usable, **where)}"
+        lines.append(f"| {count} | {result.layout.shard} x {result.layout.replicate}, {result.layout.data_parallel} | "
+                     f"{result.static / GB:.1f} GB | {result.peak / GB:.1f} GB ({at}) | {verdict} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     from reward_forcing.config import load_config
     from reward_forcing.errors import OneLineParser
+    from reward_forcing.training.sequence_parallel import check_sequence_parallel
 
     parser = OneLineParser(description="Per-rank GPU memory of a training config, computed before renting GPUs "
                                        "(reward_forcing/training/memory_plan.py explains the model).")
     parser.add_argument("--config", required=True, help="training config (e.g. configs/reward_forcing_14b.yaml)")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the run (torchrun's world size)")
+    parser.add_argument("--gpus", required=True,
+                        help="GPUs in the run (torchrun's world size); a comma list (8,16,64) prints one row each")
     parser.add_argument("--gpu_memory_gb", type=float, required=True, help="memory of one GPU, GB (1e9 bytes)")
     parser.add_argument("--gpus_per_node", type=int, default=8, help="GPUs per node (for fsdp_replicate 0)")
-    parser.add_argument("--headroom", type=float, default=0.1,
-                        help="fraction of a GPU kept for what the plan does not model (default 0.1)")
+    parser.add_argument("--headroom", type=float, default=HEADROOM,
+                        help=f"fraction of a GPU kept for what the plan does not model (default {HEADROOM})")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. sequence_parallel=4)")
     args = parser.parse_intermixed_args(argv)
-    if args.gpus < 1 or args.gpu_memory_gb <= 0 or not 0 <= args.headroom < 1:
-        raise UserError("--gpus must be >= 1, --gpu_memory_gb > 0 and --headroom in [0, 1)")
+    try:
+        counts = [int(count) for count in args.gpus.split(",")]
+    except ValueError:
+        counts = [0]
+    if min(counts) < 1 or args.gpu_memory_gb <= 0 or not 0 <= args.headroom < 1:
+        raise UserError("--gpus must be counts >= 1, --gpu_memory_gb > 0 and --headroom in [0, 1)")
     cfg = load_config(args.config, args.overrides)
     dits = trainer_dits(cfg)
-    from reward_forcing.training.sequence_parallel import check_sequence_parallel
-
-    check_sequence_parallel(cfg, ROLES[str(cfg.trainer)].values(), args.gpus)
+    for count in counts:
+        check_sequence_parallel(cfg, ROLES[str(cfg.trainer)].values(), count)
     where = {"gpus_per_node": args.gpus_per_node}
-    result = plan(cfg, dits, args.gpus, args.gpu_memory_gb, **where)
+    print(f"memory plan of {args.config} (trainer {cfg.trainer}; computed, not measured)")
+    if len(counts) > 1:
+        print(summary(cfg, dits, counts, args.gpu_memory_gb, args.headroom, **where))
+        return 0
+    result = plan(cfg, dits, counts[0], args.gpu_memory_gb, **where)
     usable = result.capacity * (1 - args.headroom)
-    suggestion = remedy(cfg, dits, args.gpus, args.gpu_memory_gb, usable, **where) if result.peak > usable else None
-    print(f"memory plan of {args.config} (trainer {cfg.trainer})")
+    suggestion = remedy(cfg, dits, counts[0], args.gpu_memory_gb, usable, **where) if result.peak > usable else None
     print(render(result, args.headroom, suggestion))
     return 0
