@@ -60,6 +60,7 @@ allocator fragmentation.
 """
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -222,19 +223,12 @@ def rollout_geometry(cfg) -> RolloutGeometry:
 
 
 # ---- the plan ----
-@dataclass
-class Layout:
+class Layout(NamedTuple):
     gpus: int
     sequence_parallel: int
     replicate: int
-
-    @property
-    def shard(self) -> int:
-        return self.gpus // self.replicate
-
-    @property
-    def data_parallel(self) -> int:
-        return self.gpus // self.sequence_parallel
+    shard: int          # ranks an FSDP shard group spans (sequence-parallel ranks included)
+    data_parallel: int  # ranks that train different samples
 
 
 @dataclass
@@ -323,7 +317,8 @@ def plan(cfg, dits: dict, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     from reward_forcing.training.parallel import replica_groups
 
     parts = int(cfg.sequence_parallel)
-    layout = Layout(gpus, parts, replica_groups(int(cfg.fsdp_replicate), gpus, gpus_per_node, parts))
+    replicate = replica_groups(int(cfg.fsdp_replicate), gpus, gpus_per_node, parts)
+    layout = Layout(gpus, parts, replicate, gpus // replicate, gpus // parts)
     c = torch.finfo(compute_dtype(bool(cfg.mixed_precision), torch.device(device))).bits // 8
     split, batch, checkpoint = parts > 1, int(cfg.batch_size), bool(cfg.gradient_checkpointing)
     generator = dits["generator"]

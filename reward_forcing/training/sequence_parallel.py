@@ -59,29 +59,17 @@ def check_sequence_parallel(cfg, folders, world_size: int) -> None:
         split_sizes(name, {"heads": model.num_heads, "tokens per frame": frame_tokens}, parts)
 
 
-class _SequenceToHeads(torch.autograd.Function):
-    """[B, n/P, H, D] (this rank's token slice of every row, all heads) -> [B, n, H/P, D] (all tokens in order,
-    this rank's heads)."""
+class _Exchange(torch.autograd.Function):
+    """An all-to-all, `there` (sequence_to_heads or heads_to_sequence), whose gradient is the opposite one, `back`."""
 
     @staticmethod
-    def forward(ctx, x, group, rows):
-        ctx.group, ctx.rows = group, rows
-        return sequence_to_heads(x, group, rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return heads_to_sequence(grad, ctx.group, ctx.rows), None, None
-
-
-class _HeadsToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group, rows):
-        ctx.group, ctx.rows = group, rows
-        return heads_to_sequence(y, group, rows)
+    def forward(ctx, x, group, rows, there, back):
+        ctx.group, ctx.rows, ctx.back = group, rows, back
+        return there(x, group, rows)
 
     @staticmethod
     def backward(ctx, grad):
-        return sequence_to_heads(grad, ctx.group, ctx.rows), None, None
+        return ctx.back(grad, ctx.group, ctx.rows), None, None, None, None
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -102,6 +90,8 @@ class _GatherTokens(torch.autograd.Function):
 
 
 def sequence_to_heads(x: torch.Tensor, group, rows: int) -> torch.Tensor:
+    """[B, n/P, H, D] (this rank's token slice of every row, all heads) -> [B, n, H/P, D] (every token in order,
+    this rank's heads)."""
     parts = dist.get_world_size(group)
     send = x.unflatten(2, (parts, -1)).unflatten(1, (rows, -1))  # [B, rows, n/(rows P), P, H/P, D]
     send = send.permute(3, 0, 1, 2, 4, 5).contiguous()
@@ -111,6 +101,7 @@ def sequence_to_heads(x: torch.Tensor, group, rows: int) -> torch.Tensor:
 
 
 def heads_to_sequence(y: torch.Tensor, group, rows: int) -> torch.Tensor:
+    """The inverse of sequence_to_heads: [B, n, H/P, D] -> [B, n/P, H, D]."""
     parts = dist.get_world_size(group)
     send = y.unflatten(1, (rows, parts, -1)).permute(2, 0, 1, 3, 4, 5).contiguous()  # [P, B, rows, n/(rows P), ..]
     received = torch.empty_like(send)  # source rank = which heads
@@ -131,8 +122,8 @@ def _split_attention(attend, group, rows: int):
     """attend(q, k, v) on whole sequences with H/P heads, taking and returning this rank's token slice."""
     def attend_local(q, k, v):
         # one all-to-all each: a cache or autograd that keeps v (or k) then holds no other tensor's storage
-        q, k, v = (_SequenceToHeads.apply(x, group, rows) for x in (q, k, v))
-        return _HeadsToSequence.apply(attend(q, k, v), group, rows)
+        q, k, v = (_Exchange.apply(x, group, rows, sequence_to_heads, heads_to_sequence) for x in (q, k, v))
+        return _Exchange.apply(attend(q, k, v), group, rows, heads_to_sequence, sequence_to_heads)
     return attend_local
 
 
