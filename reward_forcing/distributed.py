@@ -19,10 +19,24 @@ class DistInfo:
     local_rank: int
     device: torch.device
     mesh: object  # torch.distributed.device_mesh.DeviceMesh, 1-D (FSDP) or 2-D ("replicate", "shard") for HSDP
+    # Ulysses sequence parallelism: ranks per group (consecutive ranks) that share their samples and split their
+    # tokens, and this rank's group (a ProcessGroup; None when sequence_parallel is 1)
+    sequence_parallel: int = 1
+    sequence_group: object = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which data-parallel rank this is: the ranks of one sequence-parallel group run the same samples."""
+        return self.rank // self.sequence_parallel
+
+    @property
+    def data_world(self) -> int:
+        """How many ranks run different samples."""
+        return self.world_size // self.sequence_parallel
 
 
 def compute_dtype(mixed_precision: bool, device: torch.device) -> torch.dtype:

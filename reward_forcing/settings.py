@@ -180,6 +180,8 @@ class Settings:
     reward: RewardSettings = field(default_factory=RewardSettings)
     gradient_checkpointing: bool = MISSING
     fsdp_replicate: int = MISSING
+    fsdp_reduce_every_micro_step: bool = MISSING
+    sequence_parallel: int = MISSING
     wandb_mode: WandbMode = MISSING
     wandb_project: str = MISSING
     wandb_run_name: Optional[str] = MISSING

@@ -161,3 +161,37 @@ def test_every_model_shards_block_by_block_and_two_ranks_equal_one(tmp_path):
                 assert grad.abs().max() > 0, key
                 torch.testing.assert_close(got[key], grad, rtol=0, atol=1e-5 * float(grad.abs().max()),
                                            msg=f"{nproc} rank(s), {name}: {key}")
+
+
+def test_reduce_every_micro_step_accumulates_sharded_gradients():
+    """fsdp_reduce_every_micro_step: after the first of 2 micro-steps the gradient is already a reduced shard (FSDP2
+    keeps no unsharded one), and the accumulated gradient equals the default's (which reduces once, at the end)."""
+    import copy
+
+    from reward_forcing.training.parallel import init_distributed, shard_model, shutdown
+    from reward_forcing.training.schedule import Updater
+
+    info = init_distributed()  # a world of one inside the test process
+    try:
+        torch.manual_seed(0)
+        plain = Toy()
+        x = torch.stack([keyed_randn((6,), 7, "x", 0, i) for i in range(GLOBAL_BATCH)])
+        grads = {}
+        for every in (False, True):
+            model = shard_model(copy.deepcopy(plain), info)
+            updater = Updater("toy", model, torch.optim.SGD(model.parameters(), lr=0.0), 1e9, every)
+            after_first = []
+
+            def micro(index):
+                (model(x[index:index + 1]) ** 2).mean().backward()
+                if index == 0:
+                    after_first.append(all(p.grad is not None for p in model.parameters()))
+                return {"loss": torch.tensor(0.0)}
+
+            updater.accumulate(2, micro)
+            assert after_first == [every]
+            grads[every] = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        for name, grad in grads[False].items():
+            torch.testing.assert_close(grads[True][name], grad, rtol=1e-6, atol=1e-7)
+    finally:
+        shutdown()

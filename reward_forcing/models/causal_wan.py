@@ -115,8 +115,8 @@ class CausalWanModel(WanModel):
         for i in range(len(self.blocks)):
             tokens = self.run_block(i, tokens, e0, ctx, attend)
 
-        if clean_x is not None:  # keep the noisy half only
-            tokens, e = tokens[:, frames * frame_tokens:], e[:, frames:]
+        if clean_x is not None:  # keep the noisy half only (by count: a sequence-parallel rank holds a slice of it)
+            tokens, e = tokens[:, tokens.shape[1] // 2:], e[:, frames:]
         return self.unpatchify(tokens, e, grid)
 
     def stream_step(self, x, t, context, cache, start_frame=0):

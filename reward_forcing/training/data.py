@@ -53,5 +53,5 @@ def open_pairs(cfg, run):
     from reward_forcing.training.ode_data import OdePairDataset
 
     dataset = OdePairDataset(cfg.data_path)
-    return dataset, PairBatches(dataset, run.seed, cfg.batch_size, cfg.grad_accum, run.info.rank,
-                                run.info.world_size)
+    return dataset, PairBatches(dataset, run.seed, cfg.batch_size, cfg.grad_accum, run.info.data_rank,
+                                run.info.data_world)

@@ -36,6 +36,7 @@ class Distiller(Method):
     """The student (`generator`) and the critic (fake score) trained against the frozen teacher (real score)."""
     name = "distill"
     ema_of = "generator"
+    dit_folders = ("model_name", "fake_name", "real_name")
 
     @classmethod
     def check(cls, cfg) -> None:

@@ -23,6 +23,7 @@ from reward_forcing.training.lr_schedule import ScheduledRate
 from reward_forcing.training.metrics import MetricsLogger, learning_rates, notice, reduce_across_ranks
 from reward_forcing.training.parallel import init_distributed, resolve_seed, shutdown
 from reward_forcing.training.schedule import Updater
+from reward_forcing.training.sequence_parallel import check_sequence_parallel
 from reward_forcing.training.state import (
     ModelState,
     OptimizerState,
@@ -54,17 +55,18 @@ class Run:
         resumed = resume_folder(logdir, resume)
         meta = read_meta(resumed) if resumed is not None else {}
         seed = int(meta["seed"]) if meta else resolve_seed(int(cfg.seed))
-        torch.manual_seed(seed + info.rank)
+        torch.manual_seed(seed + info.data_rank)
         return cls(cfg, Path(logdir), info, seed, compute_dtype(cfg.mixed_precision, info.device), resumed, meta)
 
     @property
     def global_batch(self) -> int:
-        """Samples per micro-step over all ranks."""
-        return self.info.world_size * self.cfg.batch_size
+        """Samples per micro-step over all data-parallel ranks (a sequence-parallel group counts once)."""
+        return self.info.data_world * self.cfg.batch_size
 
     def sample_ids(self, micro: int) -> list[int]:
-        """This rank's samples among the grad_accum * world * batch samples of one optimiser step."""
-        first = (micro * self.info.world_size + self.info.rank) * self.cfg.batch_size
+        """This rank's samples among the grad_accum * global_batch samples of one optimiser step (the ranks of one
+        sequence-parallel group run the same ones)."""
+        first = (micro * self.info.data_world + self.info.data_rank) * self.cfg.batch_size
         return list(range(first, first + self.cfg.batch_size))
 
 
@@ -75,6 +77,7 @@ class Method(ABC):
     optimiser step of that network (SingleNetworkMethod does)."""
     name = "train"
     ema_of: str | None = None
+    dit_folders = ("model_name",)  # config keys of the Wan folders whose DiTs it builds (split by sequence_parallel)
 
     def __init__(self, run: Run):
         self.run, self.cfg, self.info = run, run.cfg, run.info
@@ -92,7 +95,7 @@ class Method(ABC):
         cfg = self.cfg
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas),
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps, foreach=True)
-        self.networks[name] = Updater(name, model, optimizer, cfg.grad_clip)
+        self.networks[name] = Updater(name, model, optimizer, cfg.grad_clip, cfg.fsdp_reduce_every_micro_step)
         return self.networks[name]
 
     @abstractmethod
@@ -151,10 +154,11 @@ def train(method_class, cfg, logdir, args) -> None:
     """Run `method_class` (a Method) from `cfg` in `logdir`; args: disable_wandb, no_save, resume (None or a
     checkpoint folder)."""
     method_class.check(cfg)
+    check_sequence_parallel(cfg, method_class.dit_folders, int(os.environ.get("WORLD_SIZE", 1)))
     logdir = Path(logdir)
     if _nothing_to_do(cfg, logdir, args.resume):
         return
-    info = init_distributed(cfg.fsdp_replicate)
+    info = init_distributed(cfg.fsdp_replicate, cfg.sequence_parallel)
     try:
         _train(method_class, Run.open(cfg, logdir, info, args.resume), args)
     finally:

@@ -1,12 +1,14 @@
 """The networks trainers build, sharded with FSDP2 (reward_forcing/training/parallel.py): the causal student, a
 bidirectional Wan model (teacher, critic, diffusion target) and the frozen text encoder. Each is built on the meta
-device and filled from weights only rank 0 reads."""
+device and filled from weights only rank 0 reads; the DiTs split their tokens over the sequence-parallel ranks
+(reward_forcing/training/sequence_parallel.py)."""
 from functools import partial
 
 from reward_forcing.checkpoints import asset_path, load_generator_state_dict, load_wan_folder, read_wan_config
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.models.wan import WanModel
 from reward_forcing.training.parallel import load_sharded, shard_model
+from reward_forcing.training.sequence_parallel import split_sequence
 
 
 def sharded_student(cfg, info, dtype):
@@ -17,7 +19,7 @@ def sharded_student(cfg, info, dtype):
     build = partial(CausalWanModel.from_config, read_wan_config(base), num_frame_per_block=int(cfg.num_frame_per_block),
                     local_attn_size=int(cfg.local_attn_size))
     weights = (lambda: load_generator_state_dict(init)) if init else (lambda: load_wan_folder(base)[1])
-    return load_sharded(build, weights, info, dtype, str(init or base))
+    return split_sequence(load_sharded(build, weights, info, dtype, str(init or base)), info)
 
 
 def sharded_wan(cfg, info, dtype, name):
@@ -26,7 +28,7 @@ def sharded_wan(cfg, info, dtype, name):
     config = read_wan_config(folder)
     model = load_sharded(partial(WanModel.from_config, config), lambda: load_wan_folder(folder)[1], info, dtype,
                          str(folder))
-    return model, config
+    return split_sequence(model, info), config
 
 
 def configured_reward(cfg, info, dtype):

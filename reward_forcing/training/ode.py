@@ -127,7 +127,7 @@ class OdeRegression(SingleNetworkMethod):
         cfg, run = self.cfg, self.run
         prompts, ode_latent = self.batches(step, micro)
         context = self.text_encoder.encode(prompts)
-        generator = keyed_generator(run.seed, "ode_state_index", step, micro, self.info.rank)
+        generator = keyed_generator(run.seed, "ode_state_index", step, micro, self.info.data_rank)
         loss = ode_loss(self.model, self.schedule, ode_latent.to(self.info.device), context, self.labels,
                         cfg.num_frame_per_block, generator)
         (loss / cfg.grad_accum).backward()

@@ -1,4 +1,4 @@
-"""Process group, device mesh and FSDP2 sharding, applied to plain models from outside.
+"""Process group, device mesh, FSDP2 sharding and sequence parallelism, applied to plain models from outside.
 
 Works under `torchrun` (one node or several) and as one plain process (a world of one, so the code
 path is the same). gloo on CPU, nccl on CUDA. Nothing here touches CUDA at import. The DistInfo it
@@ -14,7 +14,7 @@ from reward_forcing.distributed import DistInfo, broadcast_object, on_main
 from reward_forcing.errors import ConfigError
 
 
-def init_distributed(fsdp_replicate: int = 1) -> DistInfo:
+def init_distributed(fsdp_replicate: int = 1, sequence_parallel: int = 1) -> DistInfo:
     """Initialise torch.distributed (from torchrun's environment, or a world of one) and the device mesh."""
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
@@ -31,21 +31,47 @@ def init_distributed(fsdp_replicate: int = 1) -> DistInfo:
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    mesh = build_mesh(device.type, world_size, fsdp_replicate, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-    return DistInfo(rank, world_size, local_rank, device, mesh)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    replicate = replica_groups(fsdp_replicate, world_size, local_world_size, sequence_parallel)
+    mesh = build_mesh(device.type, world_size, replicate)
+    group = sequence_group(device.type, world_size, replicate, sequence_parallel) if sequence_parallel > 1 else None
+    return DistInfo(rank, world_size, local_rank, device, mesh, sequence_parallel, group)
 
 
-def build_mesh(device_type: str, world_size: int, replicate: int, local_world_size: int):
-    """1-D mesh for FSDP, or a 2-D (replicate, shard) mesh for HSDP; replicate 0 = one replica per node."""
-    from torch.distributed.device_mesh import init_device_mesh
-
+def replica_groups(replicate: int, world_size: int, local_world_size: int, sequence_parallel: int = 1) -> int:
+    """HSDP replica groups for `fsdp_replicate` (0 = one per node), checked against the world and the
+    sequence-parallel groups."""
+    check_sequence_parallel_world(sequence_parallel, world_size)
     if replicate == 0:
         replicate = max(1, world_size // max(1, local_world_size))
-    if replicate < 1 or world_size % replicate:
-        raise ConfigError(f"fsdp_replicate={replicate} must be >= 1 and divide the world size {world_size}")
+    if replicate < 1 or (world_size // sequence_parallel) % replicate:
+        raise ConfigError(f"fsdp_replicate={replicate} must be >= 1 and divide the {world_size // sequence_parallel} "
+                          f"data-parallel ranks (world size {world_size} / sequence_parallel {sequence_parallel})")
+    return replicate
+
+
+def check_sequence_parallel_world(sequence_parallel: int, world_size: int) -> None:
+    if sequence_parallel < 1 or world_size % sequence_parallel:
+        raise ConfigError(f"sequence_parallel {sequence_parallel} must be >= 1 and divide the world size {world_size}")
+
+
+def build_mesh(device_type: str, world_size: int, replicate: int):
+    """The mesh FSDP shards over: 1-D, or a 2-D (replicate, shard) mesh for HSDP. With sequence parallelism its
+    shard dimension spans the (shard x sp) ranks, so parameters are sharded over the sp ranks too."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     if replicate == 1:
         return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
     return init_device_mesh(device_type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def sequence_group(device_type: str, world_size: int, replicate: int, sequence_parallel: int):
+    """This rank's group of the (replicate, shard, sp) mesh's sp dimension: `sequence_parallel` consecutive
+    ranks (on one node whenever it divides the GPUs per node, where the all-to-alls are fastest)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (replicate, world_size // (replicate * sequence_parallel), sequence_parallel)
+    return init_device_mesh(device_type, shape, mesh_dim_names=("replicate", "shard", "sp"))["sp"].get_group()
 
 
 def shutdown() -> None:
