@@ -96,6 +96,15 @@ class InferenceSettings:
     save_with_index: bool = MISSING
     overwrite: bool = MISSING
     device: str = MISSING
+    image_path: Optional[str] = MISSING
+    extend_video: Optional[str] = MISSING
+    keep_prefix: bool = MISSING
+
+
+@dataclass
+class ConditioningSettings:
+    max_pixels: int = MISSING
+    max_upscale: float = MISSING
 
 
 @dataclass
@@ -141,6 +150,8 @@ class Settings:
     mixed_precision: bool = MISSING
     compile: bool = MISSING
     overlap_decode: bool = MISSING
+    # image-to-video and video continuation (defaults/base.yaml)
+    conditioning: ConditioningSettings = field(default_factory=ConditioningSettings)
     # inference.py and the server (defaults/inference.yaml, defaults/serve.yaml)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
