@@ -11,11 +11,12 @@ latent (Wan2.1 wan/modules/vae.py), so a picture is latent frame 0 and a video o
 The autoencoder is the pipeline's decoder: the Wan VAE, or TAEHV's own encoder with `decoder: taehv` (its
 checkpoint always holds one: TAEHV.from_state_dict refuses a file without the encoder's weights).
 
-A video to continue is resampled to `fps` (the nearest frame at each 1/fps instant; frames given as an array are
-taken to be at `fps` already), and its last 1 + 4(n - 1) frames are kept, n the largest multiple of the chunk
+A video to continue is resampled to `fps` (at each 1/fps instant, the frame on screen then: a faster video loses
+frames, a slower one repeats them; frames given as an array are taken to be at `fps` already), and its last 1 + 4(n - 1) frames are kept, n the largest multiple of the chunk
 (num_frame_per_block) that fits, so the continuation starts where the video ends.
 """
 import hashlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -165,7 +166,7 @@ def _open_image(path: Path, conditioning: Conditioning) -> Image.Image:
 
 
 def _read_video_file(path: Path, conditioning: Conditioning) -> list[np.ndarray]:
-    """Every frame of the video at `path`, fitted, at `conditioning.fps` (nearest source frame per instant)."""
+    """Every frame of the video at `path`, fitted, at `conditioning.fps` (the frame on screen at each instant)."""
     import imageio.v3 as iio
 
     if not path.is_file():
@@ -178,7 +179,7 @@ def _read_video_file(path: Path, conditioning: Conditioning) -> list[np.ndarray]
         frames = []
         for index, frame in enumerate(iio.imiter(path, plugin="FFMPEG")):
             fitted = None
-            while round(len(frames) * step) == index:  # output frame len(frames) is nearest to this one
+            while math.floor(len(frames) * step + 1e-9) == index:  # the frame on screen at the next instant
                 fitted = conditioning.fit(Image.fromarray(frame), str(path)) if fitted is None else fitted
                 frames.append(fitted)
     except ConditioningError:
