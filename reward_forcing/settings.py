@@ -180,6 +180,7 @@ class Settings:
     rollout_cache: RolloutCache = MISSING
     rollout_cache_grad: CacheGrad = MISSING
     same_step_across_blocks: bool = MISSING
+    first_frame_prob: float = MISSING
     last_step_only: bool = MISSING
     score_timestep_shift: float = MISSING
     min_score_timestep: float = MISSING
