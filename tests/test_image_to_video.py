@@ -15,31 +15,21 @@ from reward_forcing.config import load_config
 from reward_forcing.errors import UserError, run_cli
 from reward_forcing.inference import cli
 from reward_forcing.inference.conditioning import Conditioning, VideoStart
-from reward_forcing.testing.assets import (TINY_TAEHV_WIDTHS, TINY_WAN_CONFIG, random_wan_state_dict, write_t5,
-                                           write_taehv, write_tokenizer, write_vae, write_wan_folder)
+from reward_forcing.testing.assets import TINY_TAEHV_WIDTHS, TINY_WAN_CONFIG, write_taehv
 from reward_forcing.video import export_to_video
+from test_python_api import tiny_dir  # noqa: F401  (the fixture: checkpoints/tiny as generation reads it)
 
 # configs/tiny.yaml's VAE (z_dim 16, so the latents carry Wan's per-channel mean/std) at its smallest frame size
 SIZE = ["height=16", "width=32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A base Wan folder sized by configs/tiny.yaml (its weights are the student's), a TAEHV, and the config."""
-    root = tmp_path_factory.mktemp("i2v")
-    cfg = load_config("tiny")
-    base = write_wan_folder(root / cfg.model_name, TINY_WAN_CONFIG, random_wan_state_dict(TINY_WAN_CONFIG, 0))
-    write_tokenizer(base, cfg.text_encoder.vocab_size)
-    write_t5(base / "models_t5_umt5-xxl-enc-bf16.pth", cfg.text_encoder, 0)
-    write_vae(base / "Wan2.1_VAE.pth", cfg.vae, 0)
+def tiny(tiny_dir):
+    """checkpoints/tiny (configs/tiny.yaml's sizes; the base folder's weights are the student's) and a TAEHV."""
+    root = tiny_dir / "checkpoints" / "tiny"
     write_taehv(root / "taew2_1.pth", TINY_WAN_CONFIG["in_dim"], seed=0, **TINY_TAEHV_WIDTHS)
     return root
 
