@@ -12,8 +12,9 @@ The autoencoder is the pipeline's decoder: the Wan VAE, or TAEHV's own encoder w
 checkpoint always holds one: TAEHV.from_state_dict refuses a file without the encoder's weights).
 
 A video to continue is resampled to `fps` (at each 1/fps instant, the frame on screen then: a faster video loses
-frames, a slower one repeats them; frames given as an array are taken to be at `fps` already), and its last 1 + 4(n - 1) frames are kept, n the largest multiple of the chunk
-(num_frame_per_block) that fits, so the continuation starts where the video ends.
+frames, a slower one repeats them; frames given as an array are taken to be at `fps` already), and its last
+1 + 4(n - 1) frames are kept, n the largest multiple of the chunk (num_frame_per_block) that fits, so the
+continuation starts where the video ends.
 """
 import hashlib
 import math
