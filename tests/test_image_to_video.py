@@ -137,14 +137,19 @@ def test_a_video_is_cut_to_its_last_whole_chunks_and_resampled_to_fps(pipe, tmp_
         assert len(grey) == len(want) and np.abs(grey - want).max() <= 4  # H.264 keeps flat greys within 4
 
 
-def test_the_api_and_inference_py_make_the_same_frames(tiny, tmp_path, monkeypatch):
-    frames_seen = []
-
+def recording_writer(frames_seen: list):
+    """inference.py's mp4 writer, also keeping every chunk of frames it is given in `frames_seen`."""
     class RecordingWriter(cli.Mp4Writer):
         def append(self, frames):
             frames_seen.append(frames.copy())
             super().append(frames)
 
+    return RecordingWriter
+
+
+def test_the_api_and_inference_py_make_the_same_frames(tiny, tmp_path, monkeypatch):
+    frames_seen = []
+    RecordingWriter = recording_writer(frames_seen)
     image = save_png(picture(7), tmp_path / "start.png")
     clip = export_to_video(VideoPipeline.from_config(config(tiny))("a cat", num_frames=3, seed=0), tmp_path / "c.mp4")
     (tmp_path / "p.txt").write_text("a red fox running\n")
@@ -160,6 +165,22 @@ def test_the_api_and_inference_py_make_the_same_frames(tiny, tmp_path, monkeypat
         video = pipe("a red fox running", num_frames=3, seed=record["seed"], **{argument: path})
         np.testing.assert_array_equal(np.concatenate(frames_seen), video)
         assert record["video_frames"] == len(video) == (9 if argument == "image" else 12)
+
+
+def test_a_switch_prompts_video_starts_from_the_picture_and_switches_after_it(tiny, tmp_path, monkeypatch, pipe):
+    frames_seen = []
+    monkeypatch.setattr(cli, "Mp4Writer", recording_writer(frames_seen))
+    image = save_png(picture(15), tmp_path / "start.png")
+    segments = [{"prompt": "a red fox", "latent_frames": 3}, {"prompt": "the fox jumps", "latent_frames": 3}]
+    (tmp_path / "s.jsonl").write_text(json.dumps(segments) + "\n")
+    out = tmp_path / "out"
+    assert run_cli(cli.main, ["--config_path", "tiny", f"checkpoint_dir={tiny}", *SIZE, "--switch_prompts",
+                              str(tmp_path / "s.jsonl"), "--image_path", str(image), "--output_folder", str(out)]) == 0
+    record = json.loads((out / "manifest.jsonl").read_text())
+    assert record["conditioning"]["kind"] == "image" and len(record["segments"]) == 2
+    unswitched = pipe("a red fox", num_frames=6, seed=record["seed"], image=image)
+    np.testing.assert_array_equal(frames_seen[0], unswitched[:9])  # chunk 0: the picture's start, first prompt
+    assert not np.array_equal(frames_seen[1], unswitched[9:])  # then the second prompt takes over
 
 
 def sha256(path):
