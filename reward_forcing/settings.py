@@ -114,6 +114,8 @@ class ServeSettings:
     max_frames: int = MISSING
     keep_videos: int = MISSING
     jpeg_quality: int = MISSING
+    max_unsent_mib: int = MISSING
+    stall_timeout_s: int = MISSING
 
 
 @dataclass

@@ -7,12 +7,12 @@ ends the video at the next chunk boundary. Events go to the client through `emit
 import io
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image
 
+from reward_forcing.serve.log import LOG, one_line
 from reward_forcing.serve.protocol import ProtocolError, Start
 from reward_forcing.serve.videos import VideoStore
 from reward_forcing.video import Mp4Writer
@@ -31,7 +31,7 @@ class PendingSwitch:
 
 class Stream:
     def __init__(self, start: Start, seed: int, emit: Callable):
-        self.prompt, self.seed, self.frames = start.prompt, seed, start.frames
+        self.prompt, self.seed, self.frames = start.prompt, seed, start.frames  # frames: latent frames or None
         self.emit = emit
         self.received = time.perf_counter()
         self.finished = threading.Event()  # set by the device thread when it is done with this stream
@@ -47,10 +47,11 @@ class Stream:
     def request_switch(self, prompt: str, at_frame: int | None) -> None:
         with self._lock:
             if at_frame is not None and at_frame < self._next_frame:
-                raise ProtocolError(f"switch: frame {at_frame} is already generated or being generated; the next "
-                                    f"chunk boundary is frame {self._next_frame}")
+                raise ProtocolError(f"switch: latent frame {at_frame} is already generated or being generated; the "
+                                    f"next chunk boundary is latent frame {self._next_frame}")
             if at_frame is not None and self.frames is not None and at_frame >= self.frames:
-                raise ProtocolError(f"switch: at_frame={at_frame} is not before the video's end ({self.frames} frames)")
+                raise ProtocolError(f"switch: at_frame={at_frame} is not before the video's end ({self.frames} latent "
+                                    "frames)")
             self._switches.append(PendingSwitch(prompt, at_frame, time.perf_counter()))
 
     def pause(self) -> None:
@@ -83,10 +84,10 @@ class Stream:
             return
         with self._lock:
             frame = self._next_frame
-        self.emit({"type": "paused", "frame": frame})
+        self.emit({"type": "paused", "latent_frame": frame})
         self._running.wait()
         if not self.cancelled:
-            self.emit({"type": "resumed", "frame": frame})
+            self.emit({"type": "resumed", "latent_frame": frame})
 
 
 def jpeg(frame, quality: int) -> bytes:
@@ -106,16 +107,19 @@ class StreamRunner:
         self.jpeg_quality = int(cfg.serve.jpeg_quality)
 
     def run(self, stream: Stream) -> None:
+        last = None  # the stream's last event
         try:
             if not stream.cancelled:
-                self._generate(stream)
+                last = self._generate(stream)
         except Cancelled:
             pass
         except Exception as err:  # a failed generation must not take the server down
-            traceback.print_exc()
-            stream.emit({"type": "error", "message": f"generation failed: {type(err).__name__}: {err}"})
+            LOG.error("generation failed: %s", one_line(err))
+            last = {"type": "error", "ends_stream": True, "message": f"generation failed: {type(err).__name__}: {err}"}
         finally:
-            stream.finished.set()
+            stream.finished.set()  # before the last event: a client that reads it may start its next stream at once
+            if last is not None:
+                stream.emit(last)
 
     def _switch_callback(self, stream: Stream, switched_at: dict):
         def switch(start):
@@ -123,13 +127,14 @@ class StreamRunner:
             if pending is None:
                 return None
             switched_at[start] = pending.received
-            stream.emit({"type": "switched", "start_frame": start, "prompt": pending.prompt})
+            stream.emit({"type": "switched", "start_latent_frame": start, "prompt": pending.prompt})
             return self.pipeline.encode(pending.prompt)
         return switch
 
-    def _generate(self, stream: Stream) -> None:
+    def _generate(self, stream: Stream) -> dict:
+        """Stream the video's chunks to the client; the `done` event, for `run` to send last."""
         began = time.perf_counter()
-        stream.emit({"type": "started", "seed": stream.seed, "frames": stream.frames,
+        stream.emit({"type": "started", "seed": str(stream.seed), "latent_frames": stream.frames,
                      "wait_s": round(began - stream.received, 4)})
         switched_at = {}
         chunks = self.pipeline.frames(self.pipeline.encode(stream.prompt), stream.frames, stream.seed,
@@ -146,7 +151,7 @@ class StreamRunner:
                         break
                     done = time.perf_counter()
                     writer.append(frames)
-                    event = {"type": "chunk", "start_frame": start_frame, "frames": len(frames),
+                    event = {"type": "chunk", "start_latent_frame": start_frame, "video_frames": len(frames),
                              "generate_s": round(done - tick, 4)}
                     if start_frame == 0:
                         event["ttff_s"] = round(done - stream.received, 4)
@@ -166,6 +171,5 @@ class StreamRunner:
         finally:
             chunks.close()
         self.store.add(token, path)
-        stream.emit({"type": "done", "reason": reason, "frames": frames_sent,
-                     "latent_frames": start_frame, "seconds": round(time.perf_counter() - began, 3),
-                     "video": f"/video/{token}.mp4"})
+        return {"type": "done", "reason": reason, "video_frames": frames_sent, "latent_frames": start_frame,
+                "seconds": round(time.perf_counter() - began, 3), "video": f"/video/{token}.mp4"}

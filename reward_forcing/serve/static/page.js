@@ -1,5 +1,7 @@
-// The streaming page: one websocket (protocol in reward_forcing/serve/protocol.py); frames arrive as JPEG
-// messages after each chunk event and are played on the canvas at the video's frame rate.
+// The streaming page: one websocket (protocol in reward_forcing/serve/protocol.py); video frames arrive as JPEG
+// messages after each chunk event and are played on the canvas at the video's frame rate. Counts say their unit:
+// the server works in latent frames (a chunk is a few), the canvas shows video frames. Seeds stay strings: they
+// reach 2^63, and JavaScript numbers round above 2^53.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -9,7 +11,8 @@ const ctx = view.getContext("2d");
 const state = {
   socket: null, hello: null, streaming: false, paused: false,
   pending: [],        // decoded frames waiting for their turn on the canvas
-  started: false, shown: 0, received: 0, arrivals: [], chunkTimes: [], startClicked: 0, firstFrame: false, timer: null,
+  started: false, shown: 0, received: 0, dropped: 0, arrivals: [], chunkTimes: [], startClicked: 0, firstFrame: false,
+  timer: null,
 };
 
 function setState(name, text) {
@@ -78,8 +81,12 @@ const handlers = {
     state.hello = event;
     view.width = event.width;
     view.height = event.height;
-    $("model-info").textContent = `${event.width}×${event.height} at ${event.fps} fps · ${event.chunk_frames} latent ` +
-      `frames per chunk · decoder ${event.decoder} · sink on switch: ${event.switch_sink}`;
+    $("model-info").textContent = `${event.width}×${event.height} at ${event.fps} fps · ` +
+      `${event.chunk_latent_frames} latent frames per chunk · decoder ${event.decoder} · ` +
+      `sink on switch: ${event.switch_sink}`;
+    $("frames").step = event.chunk_latent_frames;
+    $("frames").min = event.chunk_latent_frames;
+    $("frames").max = event.max_latent_frames;
     $("prompt").maxLength = event.max_prompt_chars;
     $("switch-prompt").maxLength = event.max_prompt_chars;
     startPlayback(event.fps);
@@ -92,22 +99,30 @@ const handlers = {
   started(event) {
     state.started = true;
     $("queue").textContent = "–";
-    state.seed = event.seed;
-    $("current-prompt").textContent = `seed ${event.seed} · ${$("current-prompt").textContent}`;
+    $("seed-used").textContent = event.seed;  // a string of digits, shown as sent
     setState("streaming");
   },
   chunk(event) {
-    updateFps(event.frames);
+    updateFps(event.video_frames);
     state.chunkTimes.push(event.generate_s);
     $("chunk").textContent = `${(median(state.chunkTimes) * 1000).toFixed(0)} ms`;
   },
   switched(event) {
-    $("current-prompt").textContent = `seed ${state.seed} · Now: ${event.prompt}`;
-    say(`switched at latent frame ${event.start_frame}`);
+    $("current-prompt").textContent = `Now: ${event.prompt}`;
+    say(`switched at latent frame ${event.start_latent_frame}`);
     document.body.dataset.switches = String(Number(document.body.dataset.switches || 0) + 1);
   },
-  paused(event) { state.paused = true; setState("paused"); buttons(); },
+  paused(event) {
+    state.paused = true;
+    setState("paused", `paused · goes on at latent frame ${event.latent_frame}`);
+    buttons();
+  },
   resumed(event) { state.paused = false; setState("streaming"); buttons(); },
+  dropped(event) {
+    state.dropped += event.video_frames;
+    say(`${state.dropped} video frames not shown: this connection is slower than the stream (the mp4 has them all)`,
+      true);
+  },
   done(event) {
     state.streaming = false;
     state.paused = false;
@@ -116,12 +131,12 @@ const handlers = {
     link.classList.remove("disabled");
     link.setAttribute("aria-disabled", "false");
     link.setAttribute("download", "");
-    setState("done", `${event.reason} · ${event.frames} frames`);
+    setState("done", `${event.reason} · ${event.video_frames} video frames (${event.latent_frames} latent frames)`);
     buttons();
   },
   error(event) {
     say(event.message, true);
-    if (state.streaming && (!state.started || /generation failed/.test(event.message))) {
+    if (state.streaming && (!state.started || event.ends_stream)) {
       state.streaming = false;
       setState("error");
     }
@@ -153,16 +168,19 @@ function connect() {
 
 $("start").onclick = () => {
   const message = { type: "start", prompt: $("prompt").value };
-  if ($("seed").value !== "") message.seed = Number($("seed").value);
+  const seed = $("seed").value.trim();
+  if (seed !== "") message.seed = seed;  // the server checks it: digits, below 2^63
   if (!$("endless").checked) message.frames = Number($("frames").value);
   state.streaming = true;
   state.started = false;
   state.paused = false;
   state.firstFrame = false;
+  state.dropped = 0;
   state.chunkTimes = [];
   state.arrivals = [];
   state.startClicked = performance.now();
   $("current-prompt").textContent = `Now: ${$("prompt").value.trim()}`;
+  $("seed-used").textContent = "…";
   $("download").classList.add("disabled");
   $("ttff").textContent = "…";
   say("");
