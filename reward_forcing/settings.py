@@ -116,6 +116,9 @@ class ServeSettings:
     jpeg_quality: int = MISSING
     max_unsent_mib: int = MISSING
     stall_timeout_s: int = MISSING
+    max_image_bytes: int = MISSING
+    image_types: List[str] = MISSING
+    keep_images: int = MISSING
 
 
 @dataclass

@@ -17,6 +17,7 @@ frames, a slower one repeats them; frames given as an array are taken to be at `
 continuation starts where the video ends.
 """
 import hashlib
+import io
 import math
 import os
 import warnings
@@ -100,10 +101,16 @@ class Conditioning:
         crop = image.convert("RGB").crop(self.crop_box(*image.size))
         return np.asarray(crop.resize((self.width, self.height), Image.Resampling.BICUBIC))
 
-    def read_image(self, source) -> np.ndarray:
-        """uint8 [height, width, 3] from a file path, a PIL image or a uint8 array [H, W, 3]."""
+    def read_image(self, source, formats: tuple[str, ...] | None = None) -> np.ndarray:
+        """uint8 [height, width, 3] from a file path, a PIL image, a uint8 array [H, W, 3] or an encoded file's
+        bytes (an upload); formats: the file formats taken (PIL's names, any case; None: any PIL reads)."""
         if isinstance(source, (str, os.PathLike)):
-            return self.fit(_open_image(Path(source), self), str(source))
+            path = Path(source)
+            if not path.is_file():
+                raise ConditioningError(f"image not found: {path}")
+            return self.fit(_open_image(path, str(path), self, formats), str(source))
+        if isinstance(source, (bytes, bytearray)):
+            return self.fit(_open_image(io.BytesIO(source), "the picture", self, formats), "the picture")
         if isinstance(source, Image.Image):
             return self.fit(source, "the image")
         return self.fit(Image.fromarray(_uint8_frames(source, "image", 3)), "the image")
@@ -146,24 +153,25 @@ def _uint8_frames(array, what: str, ndim: int) -> np.ndarray:
     return array
 
 
-def _open_image(path: Path, conditioning: Conditioning) -> Image.Image:
-    """The decoded picture at `path` (EXIF orientation applied); its size is checked before it is decoded."""
-    if not path.is_file():
-        raise ConditioningError(f"image not found: {path}")
+def _open_image(file, name: str, conditioning: Conditioning, formats=None) -> Image.Image:
+    """The decoded picture in `file` (a path or a binary file; EXIF orientation applied); its format and size are
+    checked before it is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the limit here
-            with Image.open(path) as image:
-                conditioning.check_pixels(image.size, str(path))
+            with Image.open(file) as image:
+                if formats is not None and image.format.lower() not in {f.lower() for f in formats}:
+                    raise ConditioningError(f"{name} is {image.format}; the formats taken are {', '.join(formats)}")
+                conditioning.check_pixels(image.size, name)
                 image.load()
                 return ImageOps.exif_transpose(image)
     except Image.DecompressionBombError:
-        raise ConditioningError(f"{path} has more pixels than PIL will decode "
+        raise ConditioningError(f"{name} has more pixels than PIL will decode "
                                 f"(conditioning.max_pixels={conditioning.max_pixels})") from None
     except UnidentifiedImageError:
-        raise ConditioningError(f"{path} is not an image (PIL cannot read its format)") from None
+        raise ConditioningError(f"{name} is not an image (PIL cannot read its format)") from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt files
-        raise ConditioningError(f"cannot read image {path}: {str(err).splitlines()[0]}") from None
+        raise ConditioningError(f"cannot read image {name}: {str(err).splitlines()[0]}") from None
 
 
 def _read_video_file(path: Path, conditioning: Conditioning) -> list[np.ndarray]:

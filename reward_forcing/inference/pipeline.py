@@ -203,17 +203,21 @@ class VideoPipeline:
         return encode_frames(self.decoder, frames, self.device).to(self.dtype)
 
     def frames(self, context: torch.Tensor, num_frames: int | None, seed: int, switch=None,
-               start: VideoStart | None = None) -> Iterator[np.ndarray]:
+               start: VideoStart | None = None, on_latents=None) -> Iterator[np.ndarray]:
         """uint8 frames [n, H, W, 3] of one video, yielded as each latent chunk is generated and decoded.
 
         switch: see StreamingGenerator.stream (prompt switches); num_frames=None streams until the caller stops.
         start: the latents the video starts from (start_from). A continuation's prefix goes through the decoder
-        first, so the new frames go on from its state; those frames are yielded only under keep_prefix."""
+        first, so the new frames go on from its state; those frames are yielded only under keep_prefix.
+        on_latents: called with each new latent chunk as it is made, ahead of its frames when decoding overlaps
+        (the server keeps them to continue a stopped video)."""
         rng = torch.Generator(device=self.device).manual_seed(seed)
         decoder = self.decoder.stream_decoder()
         start = start or VideoStart()
         chunks = self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype,
                                        switch=switch, first_frame=start.first_frame, prefix=start.prefix)
+        if on_latents is not None:
+            chunks = _told(chunks, on_latents)
         prefix = [] if start.prefix is None else list(start.prefix.split(self.generator.chunk_frames, dim=2))
         if not start.keep_prefix:
             for chunk in prefix:
@@ -228,3 +232,10 @@ class VideoPipeline:
             yield from overlapped(chunks, decode, self.device)
         else:
             yield from map(decode, chunks)
+
+
+def _told(chunks, on_latents):
+    """The latent chunks of `chunks`, each first handed to on_latents."""
+    for chunk in chunks:
+        on_latents(chunk)
+        yield chunk
