@@ -49,7 +49,7 @@ def _refused_global(err: BaseException) -> str:
 
 def _require_file(path: Path, what: str) -> Path:
     if not path.exists():
-        raise CheckpointError(f"{what} not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}{download_hint(path)}")
     if not path.is_file():
         raise CheckpointError(f"{what} is not a file: {path}")
     return path
@@ -104,7 +104,8 @@ def _load_torch(path: Path):
 
 # download_checkpoints.sh's flag for each folder or file it fetches by that name (its --help lists the parts).
 DOWNLOAD_FLAGS = {"wan2.1-t2v-1.3b": "--only wan-1.3b", "wan2.1-t2v-14b": "--with-teacher",
-                  "rewardforcing.pt": "--only reward-forcing", "ode_init.pt": "--only ode-init"}
+                  "rewardforcing.pt": "--only reward-forcing", "ode_init.pt": "--only ode-init",
+                  "ar_diffusion.pt": "--only causal-forcing", "causal_ode.pt": "--only causal-forcing"}
 
 
 def download_hint(path) -> str:

@@ -200,6 +200,7 @@ class Settings:
     wandb_run_name: Optional[str] = MISSING
     # ODE pairs and regression (defaults/ode.yaml)
     ode_teacher_name: str = MISSING
+    ode_teacher_causal: bool = MISSING
     ode_num_steps: int = MISSING
     ode_shift: float = MISSING
     ode_guidance_scale: float = MISSING
@@ -210,7 +211,8 @@ class Settings:
     data_path: Optional[str] = MISSING
     ode_timesteps: List[float] = MISSING
     ode_warp_timesteps: bool = MISSING
-    # flow matching of a bidirectional Wan (defaults/diffusion.yaml)
+    # flow matching of a bidirectional Wan, or of the causal one with teacher forcing (defaults/diffusion.yaml)
+    causal: bool = MISSING
     diffusion_text_dropout: float = MISSING
     diffusion_timestep_shift: float = MISSING
 

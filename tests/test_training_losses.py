@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-from reward_forcing.sampling import FlowMatchSchedule
+from reward_forcing.sampling import FlowMatchSchedule, classifier_free_guidance
 from reward_forcing.training.losses import (
-    classifier_free_guidance,
     critic_flow_loss,
     dmd_gradient,
     re_dmd_loss,

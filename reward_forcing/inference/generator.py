@@ -85,20 +85,18 @@ class StreamingGenerator:
         self.switch_sink = switch_sink
         self.compiled_step = None  # set by compile()
 
+    @staticmethod
+    def cache_settings(cfg) -> dict:
+        """The chunking and cache arguments of the constructor, from the streaming-student keys of a config."""
+        return dict(chunk_frames=int(cfg.num_frame_per_block),
+                    window_frames=None if cfg.local_attn_size == -1 else int(cfg.local_attn_size),
+                    sink_frames=int(cfg.sink_size), sink_mode=str(cfg.sink_mode),
+                    ema_alpha=float(cfg.compression_alpha), switch_sink=str(cfg.switch_sink))
+
     @classmethod
     def from_config(cls, model, cfg) -> "StreamingGenerator":
-        window = None if cfg.local_attn_size == -1 else int(cfg.local_attn_size)
-        return cls(
-            model,
-            FlowMatchSchedule(cfg.timestep_shift, sigma_lookup=cfg.sigma_lookup),
-            denoising_timesteps(cfg),
-            chunk_frames=int(cfg.num_frame_per_block),
-            window_frames=window,
-            sink_frames=int(cfg.sink_size),
-            sink_mode=str(cfg.sink_mode),
-            ema_alpha=float(cfg.compression_alpha),
-            switch_sink=str(cfg.switch_sink),
-        )
+        return cls(model, FlowMatchSchedule(cfg.timestep_shift, sigma_lookup=cfg.sigma_lookup),
+                   denoising_timesteps(cfg), **cls.cache_settings(cfg))
 
     def compile(self, mode=None) -> "StreamingGenerator":
         """torch.compile the model's in-place streaming step (CausalWanModel.static_step: fullgraph, static

@@ -104,6 +104,9 @@ RELEASE_FOLDER = "Reward-Forcing-T2V-1.3B"
 RELEASE_FILE = "rewardforcing.pt"
 ODE_INIT_FILE = "ode_init.pt"
 QWEN_FOLDER = "Qwen2-VL-2B-Instruct"  # where download_checkpoints.sh puts the VideoReward base files
+# Causal Forcing's released chunk-wise teacher and causal ODE init (zhuhz22/Causal-Forcing), where
+# download_checkpoints.sh --only causal-forcing puts them.
+CAUSAL_FORCING_FILES = ("chunkwise/ar_diffusion.pt", "chunkwise/causal_ode.pt")
 
 
 def random_wan_state_dict(config: dict, seed: int = 0) -> dict:
@@ -176,5 +179,23 @@ def write_tiny_checkpoint_dir(output_dir, cfg, seed: int = 0) -> dict:
     imagereward = write_tiny_imagereward(out, seed=seed)
     taehv = out / cfg.taehv_path
     write_taehv(taehv, TINY_WAN_CONFIG["in_dim"], seed=seed, **TINY_TAEHV_WIDTHS)
+    causal_forcing = write_causal_forcing_release(out, seed + 4)
     return {"base": base, "teacher": teacher, "release": release, "ode_init": ode_init,
-            "videoreward": reward["root"], "qwen_dir": qwen_dir, "imagereward": imagereward, "taehv": taehv}
+            "videoreward": reward["root"], "qwen_dir": qwen_dir, "imagereward": imagereward, "taehv": taehv,
+            "causal_forcing": causal_forcing[0].parent}
+
+
+def write_causal_forcing_release(output_dir, seed: int = 0) -> list[Path]:
+    """Causal Forcing's released files (CAUSAL_FORCING_FILES) in their layout, {"generator": {"model.<Wan key>": ...}}:
+    its trainer/diffusion.py and trainer/ode.py torch.save the FSDP full state dict of the WanDiffusionWrapper
+    (utils/wan_wrapper.py), which holds the causal Wan model as `.model`, under "generator". The global RNG is left
+    as it was."""
+    written = []
+    with torch.random.fork_rng():
+        for offset, name in enumerate(CAUSAL_FORCING_FILES):
+            weights = random_wan_state_dict(TINY_WAN_CONFIG, seed + offset)
+            path = Path(output_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"generator": {f"model.{key}": value for key, value in weights.items()}}, path)
+            written.append(path)
+    return written

@@ -2,7 +2,8 @@
 
 The config key `trainer` picks the method: `distill` (DMD / Re-DMD, reward_forcing.training.distill), `ode`
 (ODE-regression initialisation, reward_forcing.training.ode), `diffusion` (flow-matching training of the
-bidirectional Wan model on a latent dataset, reward_forcing.training.diffusion) or `reward_feedback`
+bidirectional Wan model on a latent dataset, or with `causal: true` of the autoregressive teacher,
+reward_forcing.training.diffusion) or `reward_feedback`
 (ImageReward on a decoded frame, reward_forcing.training.reward_feedback). Each runs inside the one training loop,
 reward_forcing.training.loop.train(method, config, logdir, args). Re-running with the same --logdir resumes from
 its latest complete checkpoint.

@@ -15,12 +15,11 @@ from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import latent_size
 from reward_forcing.rewards.registry import check_reward
 from reward_forcing.rng import keyed_generator, keyed_randint
-from reward_forcing.sampling import FlowMatchSchedule
+from reward_forcing.sampling import FlowMatchSchedule, classifier_free_guidance
 from reward_forcing.training.data import (PromptStream, check_first_frame_prob, check_first_frames, open_pairs,
                                           read_prompt_texts)
 from reward_forcing.training.frame_reward import FrameReward, choose_frames
 from reward_forcing.training.losses import (
-    classifier_free_guidance,
     critic_flow_loss,
     dmd_gradient,
     re_dmd_loss,

@@ -16,11 +16,6 @@ def score_timesteps(uniform_steps: torch.Tensor, shift: float, min_t: float, max
     return (num_train_timesteps * shift_sigma(u, shift)).clamp(min_t, max_t)
 
 
-def classifier_free_guidance(x_cond: torch.Tensor, x_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Upstream's form x_c + s * (x_c - x_u), i.e. classic CFG with weight 1 + s."""
-    return x_cond + scale * (x_cond - x_uncond)
-
-
 def dmd_gradient(x: torch.Tensor, x_real: torch.Tensor, x_fake: torch.Tensor) -> torch.Tensor:
     """g = (x_fake - x_real) / mean|x - x_real|, the normaliser taken per sample over C, F, H, W."""
     dims = tuple(range(1, x.dim()))
