@@ -214,11 +214,13 @@ class VideoPipeline:
         rng = torch.Generator(device=self.device).manual_seed(seed)
         decoder = self.decoder.stream_decoder()
         start = start or VideoStart()
+        first_frame, prefix = (None if latents is None else latents.to(device=self.device, dtype=self.dtype)
+                               for latents in (start.first_frame, start.prefix))  # e.g. a server's CPU copy
         chunks = self.generator.stream(context, num_frames, self.latent_hw, generator=rng, dtype=self.dtype,
-                                       switch=switch, first_frame=start.first_frame, prefix=start.prefix)
+                                       switch=switch, first_frame=first_frame, prefix=prefix)
         if on_latents is not None:
             chunks = _told(chunks, on_latents)
-        prefix = [] if start.prefix is None else list(start.prefix.split(self.generator.chunk_frames, dim=2))
+        prefix = [] if prefix is None else list(prefix.split(self.generator.chunk_frames, dim=2))
         if not start.keep_prefix:
             for chunk in prefix:
                 decoder.decode_chunk(chunk)
