@@ -253,7 +253,8 @@ class StreamingGenerator:
                 x = noise[:, :, start - first:start - first + self.chunk_frames].to(device=context.device, dtype=dtype)
             else:
                 x = self._noise(shape, context.device, dtype, generator)
-            x0 = self.denoise_chunk(cache, context, x, start, generator, first_frame if start == 0 else None)
+            picture = {"first_frame": first_frame} if start == 0 and first_frame is not None else {}
+            x0 = self.denoise_chunk(cache, context, x, start, generator, **picture)  # subclasses may not take one
             self.context_pass(cache, context, x0, start)
             if switch is not None:
                 self._keep_for_switch(held, start, x0, cache)
