@@ -96,6 +96,15 @@ class InferenceSettings:
     save_with_index: bool = MISSING
     overwrite: bool = MISSING
     device: str = MISSING
+    image_path: Optional[str] = MISSING
+    extend_video: Optional[str] = MISSING
+    keep_prefix: bool = MISSING
+
+
+@dataclass
+class ConditioningSettings:
+    max_pixels: int = MISSING
+    max_upscale: float = MISSING
 
 
 @dataclass
@@ -107,6 +116,9 @@ class ServeSettings:
     jpeg_quality: int = MISSING
     max_unsent_mib: int = MISSING
     stall_timeout_s: int = MISSING
+    max_image_bytes: int = MISSING
+    image_types: List[str] = MISSING
+    keep_images: int = MISSING
 
 
 @dataclass
@@ -143,6 +155,8 @@ class Settings:
     mixed_precision: bool = MISSING
     compile: bool = MISSING
     overlap_decode: bool = MISSING
+    # image-to-video and video continuation (defaults/base.yaml)
+    conditioning: ConditioningSettings = field(default_factory=ConditioningSettings)
     # inference.py and the server (defaults/inference.yaml, defaults/serve.yaml)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
@@ -171,6 +185,7 @@ class Settings:
     rollout_cache: RolloutCache = MISSING
     rollout_cache_grad: CacheGrad = MISSING
     same_step_across_blocks: bool = MISSING
+    first_frame_prob: float = MISSING
     last_step_only: bool = MISSING
     score_timestep_shift: float = MISSING
     min_score_timestep: float = MISSING

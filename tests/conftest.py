@@ -34,6 +34,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny convolutions lose more to thread hand-offs than they gain, badly so on
+    a shared 2-core machine (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _write_training_assets(root) -> Path:
     root = Path(root)
     write_tiny_checkpoint_dir(root, load_config(ROOT / "configs" / "tiny_train.yaml"), seed=1)

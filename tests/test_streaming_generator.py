@@ -39,10 +39,12 @@ def count_forwards(generator, seen_t=None):
     return calls
 
 
-def reference_video(model, context, frames, seed, switch=None):
+def reference_video(model, context, frames, seed, switch=None, first_frame=None):
     """The sampler written out with teacher forcing: noisy chunk c attends to itself and the clean chunks < c.
 
-    switch=(chunk, new_context): from that chunk on the whole forward, clean history included, sees new_context."""
+    switch=(chunk, new_context): from that chunk on the whole forward, clean history included, sees new_context.
+    first_frame [1, C, 1, h, w]: chunk 0's frame 0 is this clean latent at timestep 0 in every forward, and in the
+    result (image-to-video)."""
     rng = torch.Generator().manual_seed(seed)
     shape = (1, TINY["in_dim"], CHUNK, *HW)
     clean = torch.zeros(1, TINY["in_dim"], frames, *HW)
@@ -51,13 +53,17 @@ def reference_video(model, context, frames, seed, switch=None):
             context = switch[1]
         x = torch.randn(shape, generator=rng)
         for i, sigma in enumerate(SIGMAS):
+            t = torch.full((1, frames), 1000 * sigma)
+            if c == 0 and first_frame is not None:
+                x[:, :, :1], t[:, 0] = first_frame, 0.0
             noisy = torch.zeros_like(clean)
             noisy[:, :, CHUNK * c:CHUNK * (c + 1)] = x
-            t = torch.full((1, frames), 1000 * sigma)
             flow = model(noisy, t, context, clean_x=clean)[:, :, CHUNK * c:CHUNK * (c + 1)]
             x0 = x - sigma * flow
             if i + 1 < len(SIGMAS):
                 x = (1 - SIGMAS[i + 1]) * x0 + SIGMAS[i + 1] * torch.randn(shape, generator=rng)
+        if c == 0 and first_frame is not None:
+            x0[:, :, :1] = first_frame
         clean[:, :, CHUNK * c:CHUNK * (c + 1)] = x0
     return clean
 

@@ -52,6 +52,18 @@ def test_encode_end_pads_with_last_frame(tiny_file):
     assert torch.equal(model.encode(pixels), model.encode(padded))
 
 
+def test_encode_pad_front_mirrors_decodes_trim(tiny_file):
+    """pad_front: 17 frames get 3 copies of frame 0 in front (latent j sees frames 4j-3..4j, as decode's trim
+    puts them); a single picture is 4 copies of itself either way."""
+    model = TAEHV.from_file(tiny_file[0])
+    pixels = torch.rand(1, 3, 17, 16, 16) * 2 - 1
+    front = torch.cat([pixels[:, :, :1]] * 3 + [pixels], dim=2)
+    assert torch.equal(model.encode(pixels, pad_front=True), model.encode(front))
+    assert not torch.equal(model.encode(pixels, pad_front=True), model.encode(pixels))
+    picture = pixels[:, :, :1]
+    assert torch.equal(model.encode(picture, pad_front=True), model.encode(picture.expand(-1, -1, 4, -1, -1)))
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 def test_streaming_equals_parallel_and_is_causal(tiny_file, dtype, tol):
     model = TAEHV.from_file(tiny_file[0], dtype=dtype)

@@ -7,6 +7,8 @@ Starts `python -m reward_forcing.serve` and talks to it over a real websocket.
     python scripts/benchmark_serve.py --config_path configs/reward_forcing.yaml \\
         --checkpoint_path checkpoints/Reward-Forcing-T2V-1.3B/rewardforcing.pt --use_ema
     python scripts/benchmark_serve.py --tiny --screenshot docs/serve.png   # also: the page streaming, in Chromium
+    python scripts/benchmark_serve.py --tiny --screenshot docs/serve_picture.png --picture start.png
+                                                              # instead: the page showing an uploaded picture
 """
 import argparse
 import json
@@ -43,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--chunks", type=int, default=8, help="chunks per stream")
     p.add_argument("--switch_after", type=int, default=4, help="chunks received before the switch message is sent")
     p.add_argument("--screenshot", help="also save a PNG of the page streaming (Debian chromium + chromium-driver)")
+    p.add_argument("--picture", help="with --screenshot: upload this picture on the page and take it showing the "
+                                     "picture the next video starts from, instead of streaming")
     args = p.parse_args(argv)
     if args.runs < 1 or not 1 <= args.switch_after < args.chunks:
         raise UserError("need --runs >= 1 and 1 <= --switch_after < --chunks")
@@ -107,7 +111,7 @@ def measure_stream(url: str, seed: int, chunks: int, switch_after: int) -> dict:
             "switch": switch_latency, "rate": sum(frames[2:]) / (arrivals[-1] - arrivals[1])}
 
 
-def take_screenshot(url: str, path: Path) -> None:
+def take_screenshot(url: str, path: Path, picture: str | None = None) -> None:
     from PIL import Image
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
@@ -124,12 +128,16 @@ def take_screenshot(url: str, path: Path) -> None:
         wait = WebDriverWait(driver, 120, poll_frequency=0.1)
         shown = lambda: int(driver.find_element("id", "frames-shown").text)  # noqa: E731
         wait.until(lambda d: d.find_element("id", "status").text == "idle")
-        driver.find_element("id", "start").click()
-        wait.until(lambda d: shown() >= 33)
-        driver.find_element("id", "switch").click()
-        wait.until(lambda d: d.find_element("tag name", "body").get_attribute("data-switches") == "1")
-        target = shown() + 24
-        wait.until(lambda d: shown() >= target)
+        if picture is not None:
+            driver.find_element("id", "picture").send_keys(str(Path(picture).resolve()))
+            wait.until(lambda d: d.find_element("tag name", "body").get_attribute("data-picture") == "shown")
+        else:
+            driver.find_element("id", "start").click()
+            wait.until(lambda d: shown() >= 33)
+            driver.find_element("id", "switch").click()
+            wait.until(lambda d: d.find_element("tag name", "body").get_attribute("data-switches") == "1")
+            target = shown() + 24
+            wait.until(lambda d: shown() >= target)
         path.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(path))
     finally:
@@ -157,7 +165,7 @@ def main(argv=None) -> int:
             ready = time.perf_counter() - started
             runs = [measure_stream(url, seed, args.chunks, args.switch_after) for seed in range(args.runs)]
             if args.screenshot:
-                take_screenshot(url, Path(args.screenshot))
+                take_screenshot(url, Path(args.screenshot), args.picture)
         finally:
             server.terminate()
             server.wait(60)

@@ -51,16 +51,20 @@ def certain_weights(cfg, checkpoint_path, use_ema: bool) -> set[str]:
     return {file, f"{file} [{'generator_ema' if use_ema else 'generator'}]"}
 
 
-def video_record(settings: dict, seed: int, generated_from) -> dict:
+def video_record(settings: dict, seed: int, generated_from, conditioning: dict | None = None) -> dict:
     """Everything that shapes one video: the run's settings, its seed and what it was generated from (the
-    text, or the manifest's segment list of a --switch_prompts video)."""
-    return {"settings": settings, "seed": seed, "generated_from": generated_from}
+    text, or the manifest's segment list of a --switch_prompts video), and the picture or video it starts from
+    (the manifest's `conditioning`: its digest decides, not the file's name)."""
+    record = {"settings": settings, "seed": seed, "generated_from": generated_from}
+    if conditioning is not None:
+        record["conditioning"] = {key: value for key, value in conditioning.items() if key != "file"}
+    return record
 
 
 def _recorded(record: dict) -> dict:
     segments = record.get("segments")
     source = recorded_segments(segments) if segments else record.get("extended_prompt") or record.get("prompt")
-    return video_record(record.get("settings"), record.get("seed"), source)
+    return video_record(record.get("settings"), record.get("seed"), source, record.get("conditioning"))
 
 
 def finished_before(folder, records: list[dict], planned: dict, weights: set[str]) -> bool:
@@ -86,13 +90,16 @@ def _first_difference(old, new: dict) -> str:
         return "no settings recorded"
     for key, value in new.items():
         before = old.get(key)
-        if isinstance(value, dict):
+        if isinstance(value, dict) and isinstance(before, dict):
             inner = _first_difference(before, value)
             if inner:
                 return inner
+        elif isinstance(value, dict) and before is None:
+            return f"no {key} recorded"
         elif before != value:
             return f"{key} {before!r} -> {value!r}"
-    return ""
+    extra = [key for key in old if key not in new]
+    return f"{extra[0]} {old[extra[0]]!r} -> none" if extra else ""
 
 
 def check_output_folder(folder, records: list[dict], planned: dict, settings: dict, overwrite: bool) -> None:

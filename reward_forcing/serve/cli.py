@@ -12,7 +12,8 @@ from reward_forcing.errors import ConfigError
 from reward_forcing.inference.cli import OneLineParser, apply_flags, validate_model
 from reward_forcing.inference.pipeline import VideoPipeline, resolve_device
 
-POSITIVE_KEYS = ("max_prompt_chars", "max_queue", "max_frames", "keep_videos", "max_unsent_mib", "stall_timeout_s")
+POSITIVE_KEYS = ("max_prompt_chars", "max_queue", "max_frames", "keep_videos", "max_unsent_mib", "stall_timeout_s",
+                 "max_image_bytes", "keep_images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +37,21 @@ def load_serve_config(argv=None):
             raise ConfigError(f"serve.{key} must be a whole number >= 1, got {cfg.serve[key]!r}")
     if not 1 <= cfg.serve.jpeg_quality <= 95:
         raise ConfigError(f"serve.jpeg_quality must be a whole number in [1, 95], got {cfg.serve.jpeg_quality!r}")
+    check_image_types(cfg.serve.image_types)
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     return args, cfg
+
+
+def check_image_types(image_types) -> None:
+    """serve.image_types: a non-empty list of the file formats PIL reads (its names, any case)."""
+    from PIL import Image
+
+    Image.init()
+    unknown = [kind for kind in image_types if str(kind).upper() not in Image.OPEN]
+    if not image_types or unknown:
+        raise ConfigError(f"serve.image_types must name file formats PIL reads (png, jpeg, webp, ...), got "
+                          f"{list(image_types)}")
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -4,33 +4,43 @@ Counts name their unit: a latent frame is one frame of the DiT's latent video, a
 [0, n) decode to 1 + 4 (n - 1) video frames (the Wan VAE's 4x temporal stride, arXiv 2503.20314 §3.1).
 
 Client -> server:
-    {"type": "start", "prompt": str, "seed": int | str?, "frames": int?}
+    {"type": "start", "prompt": str, "seed": int | str?, "frames": int?, "picture": str?, "continue": bool?}
         seed: a whole number in [0, 2^63), as a JSON integer or a string of digits (JavaScript numbers round
         above 2^53, so the page sends a string); absent or null: the server picks one.
         frames: latent frames, a multiple of the chunk; absent or null: until stopped.
+        picture: the token POST /picture returned for an uploaded picture: the video starts from it (frame 0).
+        continue: true: the video goes on from this connection's last one (after Stop or its end), whose latent
+            frames the model replays; `frames` counts the new ones, and the mp4 holds the whole video.
     {"type": "switch", "prompt": str, "at_frame": int?}
         at the next chunk boundary, or at latent frame `at_frame` (a later chunk boundary)
     {"type": "pause"} | {"type": "resume"} | {"type": "stop"}
 Server -> client: JSON events; each chunk event is followed by its video frames, one binary JPEG message each.
     hello     chunk_latent_frames, max_latent_frames, fps, height, width, max_prompt_chars, decoder, ...
     queued    position (1 = next), busy
-    started   seed (a string: exact in every JSON reader), latent_frames (null: until stopped), wait_s
+    started   seed (a string: exact in every JSON reader), latent_frames (null: until stopped), wait_s,
+              continues_from? (the latent frames of the video it continues), picture? (true: starts from one)
     chunk     start_latent_frame, video_frames (JPEG messages that follow), generate_s, ttff_s?, switch_s?
     switched  start_latent_frame, prompt
     paused | resumed   latent_frame: the chunk boundary where the video goes on
     dropped   video_frames: frames not sent since the last event, the client reads slower than the stream
               (the downloadable mp4 holds every frame)
-    done      reason, video_frames, latent_frames, seconds, video (the mp4's address)
+    done      reason, video_frames (sent by this stream), latent_frames (of the whole video), seconds, video (the
+              mp4's address), continuable (a start with "continue" may go on from it)
+HTTP: POST /picture, body the picture file (serve.max_image_bytes, serve.image_types) -> {"picture": token,
+    "width", "height", "preview": the fitted picture's PNG address}, or {"error": one line} with 400 / 413.
     error     message; ends_stream: true when the stream is over (otherwise the connection carries on)
 """
 import json
 import re
 from dataclasses import dataclass
 
+from reward_forcing.serve.videos import TOKEN
+
 MAX_SEED = 2**63 - 1
 SEED_DIGITS = re.compile(r"[0-9]{1,19}")
 CONTROLS = ("pause", "resume", "stop")
-KEYS = {"start": {"prompt", "seed", "frames"}, "switch": {"prompt", "at_frame"}, **{c: set() for c in CONTROLS}}
+KEYS = {"start": {"prompt", "seed", "frames", "picture", "continue"}, "switch": {"prompt", "at_frame"},
+        **{c: set() for c in CONTROLS}}
 # A message is refused unread when longer than its prompt could make it: one character's longest JSON spelling
 # is 12 characters (a surrogate pair's escapes, \ud83d\ude00), plus room for the other fields and whitespace.
 JSON_CHARS_PER_CHAR = 12
@@ -62,6 +72,8 @@ class Start:
     prompt: str
     seed: int | None
     frames: int | None  # latent frames; None: until stopped
+    picture: str | None = None  # an uploaded picture's token
+    continues: bool = False  # goes on from the connection's last video
 
 
 @dataclass(frozen=True)
@@ -168,4 +180,11 @@ def parse_message(text, limits: Limits) -> Start | Switch | Control:
         if frames > limits.max_frames:
             raise ProtocolError(f"start: frames={shown(frames)} latent frames is more than serve.max_frames="
                                 f"{limits.max_frames} (leave frames out to stream until stopped)")
-    return Start(prompt, seed, frames)
+    picture, continues = message.get("picture"), message.get("continue", False)
+    if picture is not None and not (isinstance(picture, str) and TOKEN.fullmatch(picture)):
+        raise ProtocolError(f"start: picture must be the token POST /picture returned, got {shown(picture)}")
+    if not isinstance(continues, bool):
+        raise ProtocolError(f"start: continue must be true or false, got {shown(continues)}")
+    if picture is not None and continues:
+        raise ProtocolError("start: a video starts from a picture or continues the last one, not both")
+    return Start(prompt, seed, frames, picture, continues)

@@ -27,7 +27,10 @@ class StaticNoiseVideo:
     def encode(self, prompt):
         return prompt
 
-    def frames(self, context, num_frames, seed, switch=None):
+    def frames(self, context, num_frames, seed, switch=None, start=None, on_latents=None):
+        """`start` (a picture or a continued video) is not supported; no latents are made for on_latents."""
+        if start is not None:
+            raise ValueError("the noise server starts every video from noise")
         image = np.random.default_rng(seed).integers(0, 256, (1, self.height, self.width, 3), dtype=np.uint8)
         start = 0
         while num_frames is None or start < num_frames:

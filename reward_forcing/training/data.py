@@ -7,6 +7,7 @@ and the data position to resume from is one integer.
 """
 import torch
 
+from reward_forcing.errors import ConfigError
 from reward_forcing.rng import keyed_generator
 from reward_forcing.video import read_prompts
 
@@ -55,3 +56,17 @@ def open_pairs(cfg, run):
     dataset = OdePairDataset(cfg.data_path)
     return dataset, PairBatches(dataset, run.seed, cfg.batch_size, cfg.grad_accum, run.info.data_rank,
                                 run.info.data_world)
+
+
+def check_first_frame_prob(cfg) -> None:
+    """`first_frame_prob` (trainers distill and ode) is a probability."""
+    if not 0.0 <= cfg.first_frame_prob <= 1.0:
+        raise ConfigError(f"first_frame_prob is a probability, got {cfg.first_frame_prob}")
+
+
+def check_first_frames(dataset, channels: int, latent_hw) -> None:
+    """ODE pairs whose clean frame 0 can start this student's rollouts ([K, C, F, h, w] with its C and h, w)."""
+    shape = tuple(dataset[0]["ode_latent"].shape)
+    if shape[1] != channels or tuple(shape[3:]) != tuple(latent_hw):
+        raise ConfigError(f"ODE pairs of latents {list(shape[1:])} [C, F, h, w] cannot start rollouts of "
+                          f"{channels} channels at {latent_hw[0]}x{latent_hw[1]} latents")

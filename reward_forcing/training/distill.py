@@ -11,11 +11,13 @@ from functools import partial
 
 import torch
 
+from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import latent_size
 from reward_forcing.rewards.registry import check_reward
-from reward_forcing.rng import keyed_randint
+from reward_forcing.rng import keyed_generator, keyed_randint
 from reward_forcing.sampling import FlowMatchSchedule, classifier_free_guidance
-from reward_forcing.training.data import PromptStream, read_prompt_texts
+from reward_forcing.training.data import (PromptStream, check_first_frame_prob, check_first_frames, open_pairs,
+                                          read_prompt_texts)
 from reward_forcing.training.frame_reward import FrameReward, choose_frames
 from reward_forcing.training.losses import (
     critic_flow_loss,
@@ -42,6 +44,10 @@ class Distiller(Method):
     def check(cls, cfg) -> None:
         if cfg.distill_loss == "re_dmd":
             check_reward(cfg.reward)
+        check_first_frame_prob(cfg)
+        if cfg.first_frame_prob > 0 and cfg.data_path is None:
+            raise ConfigError("first_frame_prob > 0 takes its first frames from ODE pairs: set data_path=<ODE pairs> "
+                              "(see scripts/generate_ode_pairs.py)")
 
     def __init__(self, run):
         super().__init__(run)
@@ -71,6 +77,12 @@ class Distiller(Method):
         self.generator_prompts = PromptStream(prompts, self.seed, "generator")
         self.critic_prompts = PromptStream(prompts, self.seed, "critic")
         self.uncond = self.text_encoder.encode([cfg.negative_prompt]).to(dtype)
+        self.pairs = None  # the ODE pairs first frames come from (first_frame_prob > 0)
+        if cfg.first_frame_prob > 0:
+            self.pairs = open_pairs(cfg, run)[0]
+            check_first_frames(self.pairs, self.generator.in_dim, self.latent_hw)
+            self.pair_order = {purpose: PromptStream(list(range(len(self.pairs))), self.seed, f"{purpose}_first_frames")
+                               for purpose in ("generator", "critic")}
 
     # ---- one micro-step ----
     def _noisy(self, x, purpose, step, ids):
@@ -93,10 +105,28 @@ class Distiller(Method):
         stream, before = (self.generator_prompts, 0) if purpose == "generator" else (self.critic_prompts, 1)
         base = self._micro_batches_before(step)[before] * self.run.global_batch
         prompts = [stream[base + i] for i in ids]
+        first_frame = None
+        if self.pairs is not None:
+            prompts, first_frame = self._first_frames(purpose, step, [base + i for i in ids], ids, prompts)
         context = self._encode(prompts)
         x = training_rollout(self.sampler, self.cfg, context, self.latent_hw, self.seed, purpose, step, micro, ids,
-                             self.dtype, with_grad)
+                             self.dtype, with_grad, first_frame)
         return ids, prompts, context, x
+
+    def _first_frames(self, purpose: str, step: int, positions: list[int], ids: list[int], prompts: list[str]):
+        """first_frame_prob: which samples start from a clean first frame (a keyed draw per sample) and, for those,
+        the prompt and clean latent frame 0 of an ODE pair (the purpose's own keyed order over the pairs).
+        Returns the prompts and rollout's first_frame (latents [B, C, 1, h, w], mask [B])."""
+        mask = [torch.rand((), generator=keyed_generator(self.seed, purpose, "first_frame", step, i)).item()
+                < self.cfg.first_frame_prob for i in ids]
+        latents = torch.zeros(len(ids), self.generator.in_dim, 1, *self.latent_hw)
+        prompts = list(prompts)
+        for b, (position, held) in enumerate(zip(positions, mask)):
+            if held:
+                pair = self.pairs[self.pair_order[purpose][position]]
+                prompts[b], latents[b] = pair["prompts"], pair["ode_latent"][-1][:, :1]
+        device = self.info.device
+        return prompts, (latents.to(device=device, dtype=self.dtype), torch.tensor(mask, device=device))
 
     def generator_micro(self, step: int, micro: int) -> dict:
         cfg = self.cfg

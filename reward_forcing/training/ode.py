@@ -13,7 +13,7 @@ import torch
 
 from reward_forcing.errors import ConfigError
 from reward_forcing.sampling import FlowMatchSchedule, warped_steps
-from reward_forcing.training.data import open_pairs
+from reward_forcing.training.data import check_first_frame_prob, open_pairs
 from reward_forcing.training.loop import SingleNetworkMethod
 from reward_forcing.training.networks import frozen_text_encoder, sharded_student
 from reward_forcing.rng import keyed_generator
@@ -66,20 +66,27 @@ def ode_regression_loss(pred_x0: torch.Tensor, clean: torch.Tensor, timesteps: t
 
 
 def student_inputs(ode_latent: torch.Tensor, timestep_list, frames_per_block: int,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy input [B, C, F, H, W] and per-frame timesteps [B, F] for a batch of pairs."""
+                   generator: torch.Generator | None = None, first_frame_prob: float = 0.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy input [B, C, F, H, W] and per-frame timesteps [B, F] for a batch of pairs. first_frame_prob: the
+    probability that a sample's frame 0 is its clean state (label 0, so not regressed), the picture an
+    image-conditioned student starts from; drawn after the state indices, from the same generator."""
     b, k, _, f = ode_latent.shape[:4]
     if len(timestep_list) != k:
         raise ConfigError(f"ode_timesteps has {len(timestep_list)} entries but the ODE pairs hold {k} states")
     index = sample_state_indices(b, f, frames_per_block, k, generator)
+    if first_frame_prob > 0:
+        index[torch.rand(b, generator=generator) < first_frame_prob, 0] = k - 1
     timesteps = torch.as_tensor(list(timestep_list), dtype=torch.float32)[index]
     return gather_states(ode_latent, index), timesteps.to(ode_latent.device)
 
 
 def ode_loss(model, schedule, ode_latent: torch.Tensor, context: torch.Tensor, timestep_list,
-             frames_per_block: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One regression loss: block-causal student forward (no cache) on a random state per chunk."""
-    noisy, timesteps = student_inputs(ode_latent, timestep_list, frames_per_block, generator)
+             frames_per_block: int, generator: torch.Generator | None = None,
+             first_frame_prob: float = 0.0) -> torch.Tensor:
+    """One regression loss: block-causal student forward (no cache) on a random state per chunk (frame 0 clean
+    with probability first_frame_prob, see student_inputs)."""
+    noisy, timesteps = student_inputs(ode_latent, timestep_list, frames_per_block, generator, first_frame_prob)
     flow = model(noisy, timesteps, context)
     pred_x0 = schedule.flow_to_x0(flow, noisy, timesteps)
     return ode_regression_loss(pred_x0, ode_latent[:, -1], timesteps)
@@ -110,6 +117,7 @@ class OdeRegression(SingleNetworkMethod):
     def check(cls, cfg) -> None:
         if cfg.data_path is None:
             raise ConfigError("trainer 'ode' needs data_path=<ODE pairs> (see scripts/generate_ode_pairs.py)")
+        check_first_frame_prob(cfg)
 
     def __init__(self, run):
         super().__init__(run)
@@ -129,7 +137,7 @@ class OdeRegression(SingleNetworkMethod):
         context = self.text_encoder.encode(prompts)
         generator = keyed_generator(run.seed, "ode_state_index", step, micro, self.info.data_rank)
         loss = ode_loss(self.model, self.schedule, ode_latent.to(self.info.device), context, self.labels,
-                        cfg.num_frame_per_block, generator)
+                        cfg.num_frame_per_block, generator, float(cfg.first_frame_prob))
         (loss / cfg.grad_accum).backward()
         return {"loss": loss.detach() / cfg.grad_accum}
 
