@@ -1,13 +1,19 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from reward_forcing.config import load_config
-from reward_forcing.testing.assets import (random_wan_state_dict, write_t5, write_tiny_checkpoint_dir, write_tokenizer,
-                                           write_vae, write_wan_folder)
+from reward_forcing.inference.pipeline import VideoPipeline
+from reward_forcing.serve.app import create_app
+from reward_forcing.testing.assets import (RELEASE_FILE, RELEASE_FOLDER, TINY_WAN_CONFIG, random_wan_state_dict,
+                                           write_t5, write_tiny_checkpoint_dir, write_tokenizer, write_vae,
+                                           write_wan_folder)
+from reward_forcing.testing.server import LIMITS, serve_process
 
 # Tests compare against closed forms and library oracles in fp32; keep CPU work bounded on 2 cores.
 torch.set_num_threads(max(1, min(int(os.environ.get("OMP_NUM_THREADS", 2)), os.cpu_count() or 1)))
@@ -80,3 +86,70 @@ def write_inference_assets():
     """write(root) -> root: a Wan folder (DiT config + weights, T5, tokenizer, VAE), a sectioned student checkpoint
     model.pt (generator, generator_ema), its config tiny.yaml and prompts.txt, for inference.py and the server."""
     return _write_inference_assets
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """checkpoints/tiny as scripts/make_tiny_checkpoints.py lays it out, limited to what generation reads."""
+    root = tmp_path_factory.mktemp("api")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    out = root / "checkpoints" / "tiny"
+    base = write_wan_folder(out / cfg.model_name, TINY_WAN_CONFIG, random_wan_state_dict(TINY_WAN_CONFIG, 0))
+    write_tokenizer(base, cfg.text_encoder.vocab_size)
+    write_t5(base / "models_t5_umt5-xxl-enc-bf16.pth", cfg.text_encoder, 0)
+    write_vae(base / "Wan2.1_VAE.pth", cfg.vae, 0)
+    (out / RELEASE_FOLDER).mkdir()
+    torch.save({f"model.{k}": v for k, v in random_wan_state_dict(TINY_WAN_CONFIG, 2).items()},
+               out / RELEASE_FOLDER / RELEASE_FILE)
+    shutil.copytree(ROOT / "configs", root / "configs")
+    return root
+
+
+# The streaming server's tests (test_serve.py, test_serve_pictures.py): module-scoped, so each module has its own
+# assets, app and server process.
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, write_inference_assets):
+    """write_inference_assets in a fresh folder; modules that train define their own `assets` (training assets)."""
+    return write_inference_assets(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def app(assets, tmp_path_factory):
+    """The server's app on the tiny inference assets under LIMITS, its finished videos in a fresh folder."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = load_config(assets / "tiny.yaml", LIMITS)
+    pipeline = VideoPipeline.from_config(cfg, assets / "model.pt", use_ema=True)
+    yield create_app(pipeline, cfg, tmp_path_factory.mktemp("videos"))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def client(app):
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def page_server(assets):
+    """`python -m reward_forcing.serve` on the tiny inference assets in its own process; its address."""
+    with serve_process(assets) as url:
+        yield url
+
+
+@pytest.fixture
+def browser():
+    """Debian's chromium + chromium-driver (.ci/run installs them), driven by Selenium."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "needs Debian's chromium and chromium-driver (apt-get install; .ci/run does it)"
+    options = Options()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()

@@ -7,7 +7,7 @@ import torch
 from reward_forcing.inference.ar_teacher import ARTeacherSampler
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.sampling import euler_sigmas
-from reward_forcing.testing.assets import randomise_
+from reward_forcing.testing.assets import perturb_parameters_ as randomise_
 from reward_forcing.training.diffusion import sample_chunk_timesteps
 from reward_forcing.training.ode_pairs import causal_trajectory
 

@@ -7,7 +7,7 @@ from diffusers import WanTransformer3DModel
 from reward_forcing.models import CausalWanModel, WanModel, diffusers_config, wan_to_diffusers_state_dict
 from reward_forcing.models.attention import attention
 from reward_forcing.models.causal_wan import attention_plan, planned_attention
-from test_wan_parity import TINY, Fp64Sinusoid, randomise
+from reward_forcing.testing.wan_parity import TINY, Fp64Sinusoid, init_fan_in_normal_
 
 B, H, W = 1, 4, 4  # latent 4x4 -> 2x2 tokens per frame
 L = (H // 2) * (W // 2)
@@ -15,7 +15,7 @@ L = (H // 2) * (W // 2)
 
 def causal(**extra):
     model = CausalWanModel(**TINY, **extra).eval()
-    randomise(model)
+    init_fan_in_normal_(model)
     return model
 
 

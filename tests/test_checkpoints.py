@@ -24,7 +24,7 @@ from reward_forcing.config import load_config
 from reward_forcing.errors import CheckpointError
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.models.wan import WanModel, wan_to_diffusers_state_dict
-from reward_forcing.testing.assets import TINY_WAN_CONFIG, randomise_
+from reward_forcing.testing.assets import TINY_WAN_CONFIG, perturb_parameters_
 from reward_forcing.testing.assets import write_wan_folder as write_tiny_wan_folder
 
 
@@ -32,7 +32,7 @@ def new_model(seed):
     """The causal student at the tiny sizes, every parameter perturbed by `seed`."""
     torch.manual_seed(seed)
     model = CausalWanModel.from_config(TINY_WAN_CONFIG, num_frame_per_block=3)
-    return randomise_(model, seed).eval()
+    return perturb_parameters_(model, seed).eval()
 
 
 def forward(model, inputs):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from reward_forcing.errors import ConfigError
-from test_streaming_generator import HW, TINY, count_forwards, reference_video, switch_at, tiny_generator, tiny_model
+from reward_forcing.testing.streaming import (HW, TINY, count_forwards, reference_video, switch_at, tiny_generator,
+                                              tiny_model)
 
 WINDOW = dict(window_frames=9, sink_frames=3, sink_mode="ema")
 

@@ -2,7 +2,7 @@
 against eager: same outputs, one graph, no recompiles once the window is full."""
 import torch
 
-from test_streaming_generator import HW, tiny_generator, tiny_model
+from reward_forcing.testing.streaming import HW, tiny_generator, tiny_model
 
 WINDOW = dict(window_frames=9, sink_frames=3, sink_mode="ema")
 

@@ -8,13 +8,13 @@ import torch
 
 from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError
+from reward_forcing.testing.rollout import HW, initial_noise, rollout_setup
 from reward_forcing.training import distill
 from reward_forcing.training.loop import Run
 from reward_forcing.training.ode import student_inputs
 from reward_forcing.training.ode_data import write_lmdb
 from reward_forcing.training.parallel import init_distributed, shutdown
 from reward_forcing.training.rollout import rollout, sample_noise, training_sampler
-from test_training_rollout import HW, _initial_noise, _setup
 
 ROOT = Path(__file__).parents[1]
 
@@ -25,12 +25,12 @@ def _stream_with_rollout_noise(sampler, context, first_frame, ids, steps, chunks
     step_noise = iter([sample_noise(shape, 3, "g", 0, c, s, sample_ids=ids, dtype=torch.float32, device="cpu")
                        for c in range(chunks) for s in range(steps - 1)])
     sampler._noise = lambda *args, **kwargs: next(step_noise)
-    noise = _initial_noise(sampler, 3 * chunks, ("g", 0), ids)
+    noise = initial_noise(sampler, 3 * chunks, ("g", 0), ids)
     return torch.cat(list(sampler.stream(context, 3 * chunks, HW, noise=noise, first_frame=first_frame)), dim=2)
 
 
 def test_rollout_from_a_first_frame_equals_the_sampler_started_from_it():
-    cfg, model, context = _setup("rollout_cache=window", "compression_alpha=0.7")
+    cfg, model, context = rollout_setup("rollout_cache=window", "compression_alpha=0.7")
     sampler = training_sampler(model, cfg)
     steps, ids = len(sampler.timesteps), [5, 6]
     first = torch.randn(2, model.in_dim, 1, *HW, generator=torch.Generator().manual_seed(1))
@@ -46,7 +46,7 @@ def test_rollout_from_a_first_frame_equals_the_sampler_started_from_it():
 
 
 def test_a_held_first_frame_gets_no_gradient_and_goes_in_at_t_0():
-    cfg, model, context = _setup("rollout_cache=full")
+    cfg, model, context = rollout_setup("rollout_cache=full")
     sampler = training_sampler(model, cfg)
     seen = []
     step = model.stream_step

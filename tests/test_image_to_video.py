@@ -17,7 +17,6 @@ from reward_forcing.inference import cli
 from reward_forcing.inference.conditioning import Conditioning, VideoStart
 from reward_forcing.testing.assets import TINY_TAEHV_WIDTHS, TINY_WAN_CONFIG, write_taehv
 from reward_forcing.video import export_to_video
-from test_python_api import tiny_dir  # noqa: F401  (the fixture: checkpoints/tiny as generation reads it)
 
 # configs/tiny.yaml's VAE (z_dim 16, so the latents carry Wan's per-channel mean/std) at its smallest frame size
 SIZE = ["height=16", "width=32"]

@@ -1,5 +1,7 @@
 """The package's floors, read from its source with ast (nothing is imported): models/, rewards/ and inference/
 never reach training/, rewards/ never reach inference/, and no module reaches itself through a chain of imports.
+Test modules never import one another (nor conftest.py): what several tests share lives in reward_forcing/testing/
+(helpers) and tests/conftest.py (fixtures).
 
 Every import statement counts, at module level or inside a function: a lazy import that goes back up is still an
 arrow back up, and a cycle closed by a lazy import still ties its modules together. An arrow points at the module
@@ -156,3 +158,44 @@ def test_the_graph_sees_lazy_relative_and_from_package_imports(tmp_path):
     assert find_cycle(made_up) == ["pkg.high.b", "pkg.high.c", "pkg.low.a", "pkg.high.b"]
     (top / "low" / "a.py").write_text("from pkg import base\n")
     assert find_cycle(import_graph(top)) is None
+
+
+def imported_test_modules(tests_dir: Path) -> dict[str, list[str]]:
+    """Python file under tests_dir -> the modules of tests_dir (test modules, conftest, the folder itself as a
+    package) that it imports anywhere in its source; files that import none are left out."""
+    local = {path.stem for path in tests_dir.rglob("*.py")} | {tests_dir.name}
+    found = {}
+    for path in sorted(tests_dir.rglob("*.py")):
+        names = []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level and not node.module:  # `from . import test_x`
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names.append(node.module)
+        hits = sorted({name for name in names if name.partition(".")[0] in local})
+        if hits:
+            found[str(path.relative_to(tests_dir))] = hits
+    return found
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in reward_forcing/testing/ (helpers) and tests/conftest.py (fixtures, which pytest
+    loads itself): an import from another test module only works because pytest puts tests/ on sys.path."""
+    tests_dir = Path(__file__).parent
+    assert len(list(tests_dir.glob("test_*.py"))) > 10, "no test modules found"
+    assert imported_test_modules(tests_dir) == {}
+
+
+def test_imports_of_test_modules_are_found_wherever_they_are(tmp_path):
+    """The check above on a made-up tests folder: every way of importing a sibling is seen, other imports are not."""
+    tests_dir = tmp_path / "tests"
+    tests_dir.mkdir()
+    (tests_dir / "conftest.py").write_text("import torch\n")
+    (tests_dir / "test_b.py").write_text("X = 1\n")
+    (tests_dir / "test_c.py").write_text("from reward_forcing.testing import assets\nimport pathlib\n")
+    (tests_dir / "test_a.py").write_text("import os\nfrom test_b import X\n\ndef f():\n    import conftest\n"
+                                         "    from . import test_c\n    from .test_b import X\n"
+                                         "    from tests.test_c import Y\n")
+    assert imported_test_modules(tests_dir) == {"test_a.py": ["conftest", "test_b", "test_c", "tests.test_c"]}

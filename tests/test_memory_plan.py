@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
-from test_training_parallel import GLOO_TEARDOWN_ABORT, ROOT
 
 from reward_forcing.config import load_config
 from reward_forcing.testing.memory_worker import settings
+from reward_forcing.testing.runs import ROOT, run_retrying_gloo_abort
 from reward_forcing.training.memory_plan import HEADROOM, plan, rollout_geometry, shard_bytes, trainer_dits
 
 # 256 x 128 pixels: 16 x 8 tokens per frame, so the split tokens outweigh what every rank keeps whole (the prompt)
@@ -34,9 +34,7 @@ def _measure(assets, out, *overrides):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
            "reward_forcing.testing.memory_worker", str(assets), str(out), *overrides]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:  # rare gloo abort at exit: retry once
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = run_retrying_gloo_abort(cmd, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out / "memory.pt", weights_only=True)
 

@@ -2,7 +2,6 @@
 inference.py for the manifest's seed, and checkpoint_dir resolution."""
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,33 +10,14 @@ import torch
 from omegaconf import OmegaConf
 
 from reward_forcing import VideoPipeline
-from reward_forcing.config import load_config
 from reward_forcing.errors import CheckpointError, ConfigError, run_cli
 from reward_forcing.inference import cli
-from reward_forcing.testing.assets import (RELEASE_FILE, RELEASE_FOLDER, TINY_WAN_CONFIG, random_wan_state_dict,
-                                           write_t5, write_tokenizer, write_vae, write_wan_folder)
+from reward_forcing.testing.assets import RELEASE_FILE, RELEASE_FOLDER, TINY_WAN_CONFIG, random_wan_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """checkpoints/tiny as scripts/make_tiny_checkpoints.py lays it out, limited to what generation reads."""
-    root = tmp_path_factory.mktemp("api")
-    cfg = load_config(REPO / "configs" / "tiny.yaml")
-    out = root / "checkpoints" / "tiny"
-    base = write_wan_folder(out / cfg.model_name, TINY_WAN_CONFIG, random_wan_state_dict(TINY_WAN_CONFIG, 0))
-    write_tokenizer(base, cfg.text_encoder.vocab_size)
-    write_t5(base / "models_t5_umt5-xxl-enc-bf16.pth", cfg.text_encoder, 0)
-    write_vae(base / "Wan2.1_VAE.pth", cfg.vae, 0)
-    (out / RELEASE_FOLDER).mkdir()
-    torch.save({f"model.{k}": v for k, v in random_wan_state_dict(TINY_WAN_CONFIG, 2).items()},
-               out / RELEASE_FOLDER / RELEASE_FILE)
-    shutil.copytree(REPO / "configs", root / "configs")
-    return root
 
 
 def readme_example() -> str:

@@ -12,17 +12,16 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_training_e2e import _rows, _train, _without_timing
-from test_training_parallel import ROOT, _run
 
 from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError
+from reward_forcing.testing.runs import ROOT, metrics_rows, run_worker, train_py, without_timing
 from reward_forcing.testing.sequence_parallel_worker import results, student, teacher
 from reward_forcing.training.sequence_parallel import check_sequence_parallel
 
 
 def test_two_ranks_splitting_the_sequence_equal_one_process(tmp_path):
-    _run(2, "2", tmp_path, worker=["-m", "reward_forcing.testing.sequence_parallel_worker"])
+    run_worker(2, "2", tmp_path, worker=["-m", "reward_forcing.testing.sequence_parallel_worker"])
     got = torch.load(tmp_path / "sequence_parallel.pt", weights_only=True)
     want = results(teacher(), student())  # plain modules, one process, whole sequences
     assert got.keys() == want.keys()
@@ -46,9 +45,9 @@ def test_sequence_parallel_two_ranks_train_as_one_rank_and_resume_exactly(assets
     """configs/tiny_train.yaml for 3 steps (generator steps 0 and 2, the critic every step): 1 rank, and 2 ranks
     that split every sequence (one data-parallel rank: the same samples, the same global batch)."""
     one, split = tmp_path / "one", tmp_path / "split"
-    _train(assets, one, "max_steps=3", "--no_save", nproc=1)
-    _train(assets, split, "max_steps=3", "sequence_parallel=2")
-    single, parallel = _without_timing(_rows(one)), _without_timing(_rows(split))
+    train_py(assets, one, "max_steps=3", "--no_save", nproc=1)
+    train_py(assets, split, "max_steps=3", "sequence_parallel=2")
+    single, parallel = without_timing(metrics_rows(one)), without_timing(metrics_rows(split))
     assert [row["step"] for row in parallel] == [1, 2, 3]
     for a, b in zip(single, parallel):
         assert a.keys() == b.keys()
@@ -59,10 +58,10 @@ def test_sequence_parallel_two_ranks_train_as_one_rank_and_resume_exactly(assets
     shutil.rmtree(split / "checkpoints" / "step_00000003")
     uninterrupted = split / "uninterrupted.jsonl"
     shutil.copy(split / "metrics.jsonl", uninterrupted)
-    resumed = _train(assets, split, "max_steps=3", "sequence_parallel=2")
+    resumed = train_py(assets, split, "max_steps=3", "sequence_parallel=2")
     assert "resumed from step 2" in resumed.stdout
     straight = [json.loads(line) for line in uninterrupted.read_text().splitlines()]
-    assert _without_timing(_rows(split)) == _without_timing(straight)
+    assert without_timing(metrics_rows(split)) == without_timing(straight)
 
 
 def _settings(assets, **overrides):

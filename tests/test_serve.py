@@ -1,73 +1,24 @@
 """The streaming server on tiny random assets: the websocket protocol, prompt switches (against the offline
 --switch_prompts video), bad input, the queue, dropped clients, and the page in a real headless Chromium."""
 import json
-import shutil
 import socket
 import time
 import urllib.request
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
-import torch
-from fastapi.testclient import TestClient
 
-from reward_forcing.config import load_config
 from reward_forcing.errors import run_cli
 from reward_forcing.inference.cli import main as inference_main
-from reward_forcing.inference.pipeline import VideoPipeline
-from reward_forcing.serve.app import create_app
 from reward_forcing.serve import protocol as serve_protocol
 from reward_forcing.serve.protocol import Limits, ProtocolError, parse_message
 from reward_forcing.serve.cli import main as serve_main
-from reward_forcing.testing.server import serve_process
+from reward_forcing.testing.server import A, B, Page, connected, receive_until
 
 REPO = Path(__file__).resolve().parents[1]
-LIMITS = ["serve.max_prompt_chars=64", "serve.max_queue=1", "serve.max_frames=30"]
-A, B = "a cat walks on the grass", "waves crash on a beach"
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory, write_inference_assets):
-    return write_inference_assets(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def app(assets, tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cfg = load_config(assets / "tiny.yaml", LIMITS)
-    pipeline = VideoPipeline.from_config(cfg, assets / "model.pt", use_ema=True)
-    yield create_app(pipeline, cfg, tmp_path_factory.mktemp("videos"))
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def client(app):
-    with TestClient(app) as client:
-        yield client
-
-
-@contextmanager
-def connected(client):
-    with client.websocket_connect("/ws") as ws:
-        assert ws.receive_json()["type"] == "hello"
-        yield ws
-
-
-def receive_until(ws, *kinds):
-    """Events up to and including the first of a type in `kinds`, and the JPEG frames received meanwhile."""
-    events, frames = [], []
-    while True:
-        message = ws.receive()
-        if message.get("bytes") is not None:
-            frames.append(message["bytes"])
-            continue
-        events.append(json.loads(message["text"]))
-        if events[-1]["type"] in kinds:
-            return events, frames
 
 
 def stream(client, **start):
@@ -329,49 +280,6 @@ def test_server_bad_arguments_are_one_line(assets, capsys, args, message):
         assert run_cli(serve_main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
-
-
-@pytest.fixture(scope="module")
-def page_server(assets):
-    with serve_process(assets) as url:
-        yield url
-
-
-@pytest.fixture
-def browser():
-    """Debian's chromium + chromium-driver (.ci/run installs them), driven by Selenium."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_path, "needs Debian's chromium and chromium-driver (apt-get install; .ci/run does it)"
-    options = Options()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
-
-
-class Page:
-    def __init__(self, driver, url):
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        self.driver, self.url = driver, url
-        self.wait = WebDriverWait(driver, 60, poll_frequency=0.1).until
-        driver.get(url)
-        self.wait(lambda d: self.text("status") == "idle")
-
-    def element(self, id_):
-        return self.driver.find_element("id", id_)
-
-    def text(self, id_):
-        return self.element(id_).text
-
-    def body(self, attribute):
-        return self.driver.find_element("tag name", "body").get_attribute(attribute)
 
 
 def test_page_streams_and_switches_in_headless_chromium(page_server, browser, tmp_path):

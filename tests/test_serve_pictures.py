@@ -15,8 +15,8 @@ from reward_forcing.errors import run_cli
 from reward_forcing.inference.cli import main as inference_main
 from reward_forcing.inference.conditioning import Conditioning, VideoStart
 from reward_forcing.serve.stream import encoded
+from reward_forcing.testing.server import A, B, LIMITS, Page, connected, receive_until
 from reward_forcing.video import export_to_video
-from test_serve import A, B, LIMITS, Page, app, assets, browser, client, connected, page_server, receive_until  # noqa: F401
 
 
 def picture_file(seed=0, size=(48, 80), image_format="PNG") -> bytes:

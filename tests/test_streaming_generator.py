@@ -5,67 +5,9 @@ import torch
 from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, latent_size, pixel_frames
-from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.sampling import FlowMatchSchedule
-from reward_forcing.testing.assets import randomise_
-
-TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=16, text_len=8, freq_dim=16)
-CHUNK, HW = 3, (4, 6)
-# sigma = 5u / (1 + 4u) for u = 1, 0.75, 0.5, 0.25 (shift 5), as timesteps
-SIGMAS = [1.0, 0.9375, 5 / 6, 0.625]
-
-
-def tiny_model(local_attn_size=-1):
-    torch.manual_seed(0)
-    model = randomise_(CausalWanModel(**TINY, num_frame_per_block=CHUNK, local_attn_size=local_attn_size))
-    return model.eval().requires_grad_(False)
-
-
-def tiny_generator(model, **cache):
-    return StreamingGenerator(model, FlowMatchSchedule(5.0), [1000 * s for s in SIGMAS], CHUNK, **cache)
-
-
-def count_forwards(generator, seen_t=None):
-    """start_frame of every DiT call the generator makes (StreamingGenerator.flow), and its t in seen_t."""
-    calls, flow = [], generator.flow
-
-    def spy(cache, context, x, t, start_frame):
-        calls.append(start_frame)
-        if seen_t is not None:
-            seen_t.append(t[0, 0].item())
-        return flow(cache, context, x, t, start_frame)
-
-    generator.flow = spy
-    return calls
-
-
-def reference_video(model, context, frames, seed, switch=None, first_frame=None):
-    """The sampler written out with teacher forcing: noisy chunk c attends to itself and the clean chunks < c.
-
-    switch=(chunk, new_context): from that chunk on the whole forward, clean history included, sees new_context.
-    first_frame [1, C, 1, h, w]: chunk 0's frame 0 is this clean latent at timestep 0 in every forward, and in the
-    result (image-to-video)."""
-    rng = torch.Generator().manual_seed(seed)
-    shape = (1, TINY["in_dim"], CHUNK, *HW)
-    clean = torch.zeros(1, TINY["in_dim"], frames, *HW)
-    for c in range(frames // CHUNK):
-        if switch is not None and c == switch[0]:
-            context = switch[1]
-        x = torch.randn(shape, generator=rng)
-        for i, sigma in enumerate(SIGMAS):
-            t = torch.full((1, frames), 1000 * sigma)
-            if c == 0 and first_frame is not None:
-                x[:, :, :1], t[:, 0] = first_frame, 0.0
-            noisy = torch.zeros_like(clean)
-            noisy[:, :, CHUNK * c:CHUNK * (c + 1)] = x
-            flow = model(noisy, t, context, clean_x=clean)[:, :, CHUNK * c:CHUNK * (c + 1)]
-            x0 = x - sigma * flow
-            if i + 1 < len(SIGMAS):
-                x = (1 - SIGMAS[i + 1]) * x0 + SIGMAS[i + 1] * torch.randn(shape, generator=rng)
-        if c == 0 and first_frame is not None:
-            x0[:, :, :1] = first_frame
-        clean[:, :, CHUNK * c:CHUNK * (c + 1)] = x0
-    return clean
+from reward_forcing.testing.streaming import (CHUNK, HW, SIGMAS, TINY, count_forwards, reference_video, switch_at,
+                                              tiny_generator, tiny_model)
 
 
 def test_stream_equals_teacher_forcing_reference():
@@ -125,10 +67,6 @@ def test_from_config_reads_the_streaming_keys():
     gen = StreamingGenerator.from_config(tiny_model(), cfg)
     assert (gen.window_frames, gen.sink_frames, gen.sink_mode, gen.chunk_frames) == (None, 0, "none", 3)
     assert gen.timesteps == pytest.approx([1000 * s for s in SIGMAS])
-
-
-def switch_at(frame, context):
-    return lambda start: context if start == frame else None
 
 
 def test_switch_equals_teacher_forcing_under_the_new_prompt():

@@ -7,18 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from reward_forcing.checkpoints import load_generator_state_dict
 from reward_forcing.config import load_config
+from reward_forcing.testing.runs import ROOT, metrics_rows, train_py, without_timing
 from reward_forcing.training.state import latest_checkpoint
-
-ROOT = Path(__file__).parents[1]
-TIMING = {"step_time", "wall_time"}
-GLOO_TEARDOWN_ABORT = "terminate called without an active exception"  # see test_training_parallel.py
 
 
 @pytest.fixture(scope="module")
@@ -26,37 +22,15 @@ def assets(tmp_path_factory, write_training_assets):
     return write_training_assets(tmp_path_factory.mktemp("tiny_training_assets"))
 
 
-def _train(assets, logdir, *overrides, nproc=2, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + [
-        str(ROOT / "train.py"), "--config_path", str(ROOT / "configs" / "tiny_train.yaml"), "--logdir", str(logdir),
-        "--disable-wandb", f"checkpoint_dir={assets}", f"prompt_path={assets / 'prompts.txt'}", "seed=7", *overrides]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:  # rare gloo abort at exit: retry once
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def _rows(logdir):
-    return [json.loads(line) for line in (Path(logdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _without_timing(rows):
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(assets, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("uninterrupted")
-    _train(assets, logdir)  # max_steps 4, save_every 2, generator on steps 1 and 3
+    train_py(assets, logdir)  # max_steps 4, save_every 2, generator on steps 1 and 3
     return logdir
 
 
 def test_metrics_schema_and_checkpoints(uninterrupted):
-    rows = _rows(uninterrupted)
+    rows = metrics_rows(uninterrupted)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:
         assert {"critic_loss", "critic_grad_norm", "step_time", "wall_time"} <= row.keys()
@@ -77,17 +51,17 @@ def test_metrics_schema_and_checkpoints(uninterrupted):
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(assets, uninterrupted, tmp_path):
-    _train(assets, tmp_path, "max_steps=3")
+    train_py(assets, tmp_path, "max_steps=3")
     # the run "crashed" after logging step 3 but before its checkpoint finished: only step 2 is complete
     shutil.rmtree(tmp_path / "checkpoints" / "step_00000003")
     (tmp_path / "checkpoints" / "step_00000003.tmp").mkdir()
     assert latest_checkpoint(tmp_path).name == "step_00000002"
-    resumed = _train(assets, tmp_path)  # the same command: resumes from step 2, rewrites steps 3 and 4
+    resumed = train_py(assets, tmp_path)  # the same command: resumes from step 2, rewrites steps 3 and 4
     assert "resumed from step 2" in resumed.stdout
     assert f"exported the generator to {tmp_path}: generator.pt, generator.safetensors, generator_ema.safetensors" \
         in resumed.stdout
     assert "max_steps: 4" in (tmp_path / "config.yaml").read_text()
-    assert _without_timing(_rows(tmp_path)) == _without_timing(_rows(uninterrupted))
+    assert without_timing(metrics_rows(tmp_path)) == without_timing(metrics_rows(uninterrupted))
     for use_ema in (False, True):  # the EMA (really updated at step 2, see below) resumes too
         a = load_generator_state_dict(tmp_path / "generator.pt", use_ema=use_ema)
         b = load_generator_state_dict(uninterrupted / "generator.pt", use_ema=use_ema)
@@ -116,8 +90,8 @@ def test_generator_ema_is_updated_in_the_tiny_run(uninterrupted, tmp_path):
 
 
 def test_one_rank_batch_two_matches_two_ranks_batch_one(assets, uninterrupted, tmp_path):
-    _train(assets, tmp_path, "batch_size=2", "max_steps=1", "--no_save", nproc=1)
-    one, two = _without_timing(_rows(tmp_path))[0], _without_timing(_rows(uninterrupted))[0]
+    train_py(assets, tmp_path, "batch_size=2", "max_steps=1", "--no_save", nproc=1)
+    one, two = without_timing(metrics_rows(tmp_path))[0], without_timing(metrics_rows(uninterrupted))[0]
     assert one.keys() == two.keys()
     # fp32 GEMMs over a batch of 2 and over two batches of 1 sum in different orders (~1e-6 relative here);
     # the reward weight exp(beta * MQ_norm) then amplifies that by beta * |MQ - mean| / std, measured up to
@@ -130,11 +104,11 @@ def test_one_rank_batch_two_matches_two_ranks_batch_one(assets, uninterrupted, t
 
 def test_nan_stops_with_one_line_and_keeps_the_last_checkpoint(assets, tmp_path):
     # a huge critic learning rate makes the critic's weights non-finite after its first step
-    result = _train(assets, tmp_path, "lr_critic=1e30", "save_every=1", "distill_loss=dmd", nproc=1, check=False)
+    result = train_py(assets, tmp_path, "lr_critic=1e30", "save_every=1", "distill_loss=dmd", nproc=1, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: critic loss is nan")
     assert latest_checkpoint(tmp_path).name == "step_00000001"
-    assert [r["step"] for r in _rows(tmp_path)] == [1]
+    assert [r["step"] for r in metrics_rows(tmp_path)] == [1]
 
 
 def test_exported_generator_generates_with_inference_py(assets, uninterrupted, tmp_path):
@@ -159,8 +133,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank(assets, uninterrupted, tmp_path
     shutil.copytree(uninterrupted / "checkpoints" / "step_00000002", tmp_path / "checkpoints" / "step_00000002")
     rows = (uninterrupted / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
-    _train(assets, tmp_path, "batch_size=2", "--no_save", nproc=1)
-    resumed, straight = _without_timing(_rows(tmp_path)), _without_timing(_rows(uninterrupted))
+    train_py(assets, tmp_path, "batch_size=2", "--no_save", nproc=1)
+    resumed, straight = without_timing(metrics_rows(tmp_path)), without_timing(metrics_rows(uninterrupted))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for one, two in zip(resumed[2:], straight[2:]):
         assert one.keys() == two.keys()
@@ -172,7 +146,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(assets, uninterrupted, tmp_path
 
 def test_a_checkpoint_error_read_on_rank_0_stops_every_rank(assets, tmp_path):
     # only rank 0 reads weights; the others must learn of the error instead of waiting for the broadcast
-    result = _train(assets, tmp_path, "generator_ckpt=missing.pt", check=False)
+    result = train_py(assets, tmp_path, "generator_ckpt=missing.pt", check=False)
     assert result.returncode != 0
     # every rank stops with the error; rank 0 alone prints it (reward_forcing/errors.py run_cli)
     assert result.stderr.count(f"error: checkpoint not found: {assets / 'missing.pt'}") == 1

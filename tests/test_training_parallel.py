@@ -1,36 +1,17 @@
 """FSDP2 machinery under torchrun (gloo, CPU): on a toy and on the Wan models (sharded block by block), gradients
 match a plain single-process oracle for 1 and 2 ranks at the same global batch; DCP resume replays exactly; the
 export loads with weights_only."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from reward_forcing.rng import keyed_randn
 from reward_forcing.testing.dist_worker import GLOBAL_BATCH, Toy
+from reward_forcing.testing.runs import run_worker
 from reward_forcing.testing.sharded_models_worker import forward_loss, global_batch, rollout_loss, student
 from reward_forcing.training.state import latest_checkpoint
 
-WORKER = ["-m", "reward_forcing.testing.dist_worker"]
 SHARDED_WORKER = ["-m", "reward_forcing.testing.sharded_models_worker"]
-# A gloo rank very rarely aborts in teardown on this shared CPU box (seen once in ~30 runs, see ENVIRONMENT.md)
-GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
-ROOT = Path(__file__).parents[1]
-
-
-def _run(nproc, mode, out, worker=WORKER):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    args = [*worker, *([mode] if mode else []), str(out)]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args]
-           if nproc > 1 else [sys.executable, *args])
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:  # rare gloo abort at exit: retry once
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _oracle_grads():
@@ -43,14 +24,14 @@ def _oracle_grads():
 
 @pytest.mark.parametrize("nproc, mode", [(1, "grads"), (2, "grads"), (2, "hsdp")])
 def test_first_step_gradients_match_plain_autograd(tmp_path, nproc, mode):
-    _run(nproc, mode, tmp_path)
+    run_worker(nproc, mode, tmp_path)
     got = torch.load(tmp_path / "grads.pt", weights_only=True)
     for name, grad in _oracle_grads().items():
         assert torch.allclose(got[name], grad, atol=1e-6), name
 
 
 def test_resume_replays_exactly_and_export_loads(tmp_path):
-    _run(2, "resume", tmp_path)
+    run_worker(2, "resume", tmp_path)
     result = torch.load(tmp_path / "resume.pt", weights_only=True)
     for straight, resumed in zip(result["straight"], result["resumed"]):
         assert straight.keys() == resumed.keys() and len(straight) == 6
@@ -139,7 +120,7 @@ def test_every_model_shards_block_by_block_and_two_ranks_equal_one(tmp_path):
     for nproc in (1, 2):
         out = tmp_path / f"ranks{nproc}"
         out.mkdir()
-        _run(nproc, None, out, worker=SHARDED_WORKER)
+        run_worker(nproc, None, out, worker=SHARDED_WORKER)
         results[nproc] = torch.load(out / "sharded.pt", weights_only=True)
     model = student()
     x, t, context = global_batch()

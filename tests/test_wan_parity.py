@@ -1,45 +1,19 @@
 """WanModel vs diffusers WanTransformer3DModel, fp32, all parameters randomised."""
-import math
-
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
 from reward_forcing.errors import ConfigError
 from reward_forcing.models.wan import WanModel, diffusers_config, diffusers_to_wan_state_dict, wan_to_diffusers_state_dict
+from reward_forcing.testing.wan_parity import TINY, Fp64Sinusoid, init_fan_in_normal_
 
-TINY = dict(dim=32, ffn_dim=48, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=24, text_len=16, freq_dim=32)
 HEAD128 = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=1, in_dim=4, out_dim=4, text_dim=24, text_len=16,
                freq_dim=256)
 
 
-class Fp64Sinusoid(torch.nn.Module):
-    """diffusers computes the timestep sinusoid in fp32 while Wan computes it in fp64; at t ~ 1000 the fp32
-    phase error alone moves outputs by ~1e-5. Swapping in an fp64 sinusoid (closed form
-    [cos(t w_i) | sin(t w_i)], w_i = 10000^(-i/half)) isolates the architecture comparison."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t):
-        half = self.dim // 2
-        w = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
-        s = torch.outer(t.to(torch.float64), w)
-        return torch.cat([torch.cos(s), torch.sin(s)], dim=-1).float()
-
-
-def randomise(model):
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():  # unit-scale activations: fan-in scaled matrices, O(0.1) vectors
-            scale = p[0].numel() ** -0.5 if p.ndim > 1 and p.shape[0] > 1 else 0.1
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
 def make_pair(cfg):
     ours = WanModel(**cfg).eval()
-    randomise(ours)
+    init_fan_in_normal_(ours)
     ref = WanTransformer3DModel(**diffusers_config(cfg)).eval()
     ref.load_state_dict(wan_to_diffusers_state_dict(ours.state_dict()), strict=True)
     ref.condition_embedder.timesteps_proj = Fp64Sinusoid(cfg["freq_dim"])
@@ -94,7 +68,7 @@ def test_from_config_and_bad_config():
 
 def test_bf16_autocast_keeps_fp32_islands():
     ours = WanModel(**TINY)
-    randomise(ours)
+    init_fan_in_normal_(ours)
     x, t, context = torch.randn(1, 4, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 6, TINY["text_dim"])
     with torch.no_grad():
         want = ours(x, t, context)

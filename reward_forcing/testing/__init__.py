@@ -4,5 +4,8 @@ assets.py       Wan folders, umT5, Wan VAE, TAEHV and a whole tiny `checkpoint_d
 videoreward.py  a tiny VideoReward (VideoAlign) checkpoint; imagereward.py: a tiny ImageReward
 corpus.py       the captions the tiny tokenizers are trained on
 closed_forms.py closed forms the tests compare against, written independently of the code under test
+rollout.py      a tiny self-forcing rollout set-up (configs/tiny_train.yaml) and the initial noise it draws
+streaming.py    a tiny causal model and StreamingGenerator, and the teacher-forcing oracle of the sampler
+wan_parity.py   a tiny Wan config, a fan-in init and an fp64 sinusoid for comparing our Wan models with diffusers'
 dist_worker.py  the torchrun worker of tests/test_training_parallel.py
 """

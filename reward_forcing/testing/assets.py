@@ -12,9 +12,10 @@ from reward_forcing.testing.imagereward import write_tiny_imagereward
 from reward_forcing.testing.videoreward import write_tiny_videoreward
 
 
-def randomise_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
-    """Perturb every parameter (gammas/norm weights around 1, biases around 0) so that a key mixed up by a
-    converter changes the output; default inits leave norms at 1 and biases at 0, hiding such mistakes."""
+def perturb_parameters_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Add seeded noise of std `scale` to every parameter, in place (gammas/norm weights end up around 1, biases
+    around 0), so that a key mixed up by a converter changes the output; default inits leave norms at 1 and biases
+    at 0, hiding such mistakes. Unlike wan_parity.init_fan_in_normal_, each parameter keeps its value as the mean."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in module.parameters():
@@ -49,7 +50,7 @@ def write_t5(path, te_cfg, seed: int = 0, dtype=torch.bfloat16) -> dict:
     from reward_forcing.models.text_encoder import transformers_to_wan_t5, umt5_config
 
     torch.manual_seed(seed)
-    model = randomise_(UMT5EncoderModel(umt5_config(te_cfg)), seed)
+    model = perturb_parameters_(UMT5EncoderModel(umt5_config(te_cfg)), seed)
     sd = model.state_dict()
     wan = {k: v.to(dtype).clone() for k, v in transformers_to_wan_t5(sd).items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ def write_vae(path, vae_cfg, seed: int = 0) -> dict:
     from reward_forcing.models.vae import build_autoencoder, diffusers_to_wan_vae
 
     torch.manual_seed(seed)
-    sd = randomise_(build_autoencoder(vae_cfg), seed).state_dict()
+    sd = perturb_parameters_(build_autoencoder(vae_cfg), seed).state_dict()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.clone() for k, v in diffusers_to_wan_vae(sd, vae_cfg["num_res_blocks"]).items()}, path)
     return sd
@@ -115,7 +116,7 @@ def random_wan_state_dict(config: dict, seed: int = 0) -> dict:
     from reward_forcing.models.wan import WanModel
 
     torch.manual_seed(seed)
-    model = randomise_(WanModel.from_config(config), seed)
+    model = perturb_parameters_(WanModel.from_config(config), seed)
     return {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
 
 
