@@ -108,18 +108,18 @@ def tiny_dir(tmp_path_factory):
 # The streaming server's tests (test_serve.py, test_serve_pictures.py): module-scoped, so each module has its own
 # assets, app and server process.
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, write_inference_assets):
-    """write_inference_assets in a fresh folder; modules that train define their own `assets` (training assets)."""
+def serve_assets(tmp_path_factory, write_inference_assets):
+    """write_inference_assets in a fresh folder; named apart from the `assets` fixtures of the modules that train."""
     return write_inference_assets(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
-def app(assets, tmp_path_factory):
+def app(serve_assets, tmp_path_factory):
     """The server's app on the tiny inference assets under LIMITS, its finished videos in a fresh folder."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg = load_config(assets / "tiny.yaml", LIMITS)
-    pipeline = VideoPipeline.from_config(cfg, assets / "model.pt", use_ema=True)
+    cfg = load_config(serve_assets / "tiny.yaml", LIMITS)
+    pipeline = VideoPipeline.from_config(cfg, serve_assets / "model.pt", use_ema=True)
     yield create_app(pipeline, cfg, tmp_path_factory.mktemp("videos"))
     torch.set_num_threads(threads)
 
@@ -131,9 +131,9 @@ def client(app):
 
 
 @pytest.fixture(scope="module")
-def page_server(assets):
+def page_server(serve_assets):
     """`python -m reward_forcing.serve` on the tiny inference assets in its own process; its address."""
-    with serve_process(assets) as url:
+    with serve_process(serve_assets) as url:
         yield url
 
 

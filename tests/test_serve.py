@@ -33,11 +33,11 @@ def decode(jpeg):
     return iio.imread(jpeg, extension=".jpeg")
 
 
-def test_a_switching_stream_equals_the_switch_prompts_video(assets, client, tmp_path):
+def test_a_switching_stream_equals_the_switch_prompts_video(serve_assets, client, tmp_path):
     segments = [{"prompt": A, "frames": 6}, {"prompt": B, "frames": 3}]
     (tmp_path / "switch.jsonl").write_text(json.dumps(segments) + "\n")
-    assert run_cli(inference_main, ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path",
-                                    str(assets / "model.pt"), "--use_ema", "--switch_prompts",
+    assert run_cli(inference_main, ["--config_path", str(serve_assets / "tiny.yaml"), "--checkpoint_path",
+                                    str(serve_assets / "model.pt"), "--use_ema", "--switch_prompts",
                                     str(tmp_path / "switch.jsonl"), "--output_folder", str(tmp_path / "out")]) == 0
     seed = json.loads((tmp_path / "out" / "manifest.jsonl").read_text())["seed"]
 
@@ -271,12 +271,12 @@ def test_page_is_served_offline(client):
     (["--checkpoint_path", "{d}/missing.pt"], "checkpoint not found"),
     (["--port", "{port}"], "cannot listen on 127.0.0.1:"),
 ])
-def test_server_bad_arguments_are_one_line(assets, capsys, args, message):
+def test_server_bad_arguments_are_one_line(serve_assets, capsys, args, message):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        argv = ["--config_path", str(assets / "tiny.yaml")] + [a.format(d=assets, port=port) for a in args]
+        argv = ["--config_path", str(serve_assets / "tiny.yaml")] + [a.format(d=serve_assets, port=port) for a in args]
         assert run_cli(serve_main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err

@@ -35,12 +35,12 @@ def frames_of(mp4_bytes):
     return iio.imread(mp4_bytes, extension=".mp4", plugin="FFMPEG")
 
 
-def test_an_uploaded_picture_makes_the_video_inference_py_makes_from_it(assets, client, tmp_path):
+def test_an_uploaded_picture_makes_the_video_inference_py_makes_from_it(serve_assets, client, tmp_path):
     body = picture_file(1)
     (tmp_path / "start.png").write_bytes(body)
     (tmp_path / "p.txt").write_text(A + "\n")
-    assert run_cli(inference_main, ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path",
-                                    str(assets / "model.pt"), "--use_ema", "--data_path", str(tmp_path / "p.txt"),
+    assert run_cli(inference_main, ["--config_path", str(serve_assets / "tiny.yaml"), "--checkpoint_path",
+                                    str(serve_assets / "model.pt"), "--use_ema", "--data_path", str(tmp_path / "p.txt"),
                                     "--image_path", str(tmp_path / "start.png"), "--num_output_frames", "6",
                                     "--output_folder", str(tmp_path / "out")]) == 0
     seed = json.loads((tmp_path / "out" / "manifest.jsonl").read_text())["seed"]
@@ -48,7 +48,7 @@ def test_an_uploaded_picture_makes_the_video_inference_py_makes_from_it(assets, 
     reply = upload(client, body)
     assert reply.status_code == 200
     token = reply.json()["picture"]
-    fitted = Conditioning.from_config(load_config(assets / "tiny.yaml")).read_image(Image.open(io.BytesIO(body)))
+    fitted = Conditioning.from_config(load_config(serve_assets / "tiny.yaml")).read_image(Image.open(io.BytesIO(body)))
     preview = client.get(reply.json()["preview"])
     assert preview.headers["content-type"] == "image/png"
     np.testing.assert_array_equal(iio.imread(preview.content, extension=".png"), fitted)  # what the model gets
@@ -91,14 +91,14 @@ def test_continue_goes_on_from_the_latent_frames_the_last_video_sent(app, client
     (picture_file(4, size=(2, 3)), 400, "the picture is too small: 3x2"),
     (b"", 400, "the picture is not an image"),
 ])
-def test_a_bad_upload_is_one_error_and_keeps_nothing(assets, tmp_path_factory, body, status, message):
+def test_a_bad_upload_is_one_error_and_keeps_nothing(serve_assets, tmp_path_factory, body, status, message):
     from fastapi.testclient import TestClient
 
     from reward_forcing.inference.pipeline import VideoPipeline
     from reward_forcing.serve.app import create_app
 
-    cfg = load_config(assets / "tiny.yaml", [*LIMITS, "serve.max_image_bytes=200000"])
-    app = create_app(VideoPipeline.from_config(cfg, assets / "model.pt", use_ema=True), cfg,
+    cfg = load_config(serve_assets / "tiny.yaml", [*LIMITS, "serve.max_image_bytes=200000"])
+    app = create_app(VideoPipeline.from_config(cfg, serve_assets / "model.pt", use_ema=True), cfg,
                      tmp_path_factory.mktemp("videos"))
     with TestClient(app) as client:
         reply = upload(client, body)
@@ -167,9 +167,9 @@ def token_of(browser):
     ("serve.max_image_bytes=0", "serve.max_image_bytes must be a whole number >= 1"),
     ("serve.keep_images=0", "serve.keep_images must be a whole number >= 1"),
 ])
-def test_bad_picture_limits_are_one_line(assets, capsys, override, message):
+def test_bad_picture_limits_are_one_line(serve_assets, capsys, override, message):
     from reward_forcing.serve.cli import main as serve_main
 
-    assert run_cli(serve_main, ["--config_path", str(assets / "tiny.yaml"), override]) == 2
+    assert run_cli(serve_main, ["--config_path", str(serve_assets / "tiny.yaml"), override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
