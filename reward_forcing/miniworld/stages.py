@@ -1,0 +1,260 @@
+"""The miniature world's stages (reward_forcing/miniworld/run.py runs them in order; scripts/miniworld.py is the
+command). Training goes through the project's own command lines, train.py and scripts/generate_ode_pairs.py, as
+separate processes; sampling through the streaming generator of reward_forcing/inference.
+
+  data      assets (DiT folder, T5, tokenizer), world.json, the latent dataset, prompt files, the data row
+  teacher   flow-matching training of the bidirectional teacher (configs/miniworld/teacher.yaml)
+  ode_pairs the teacher's trajectories with CFG (configs/miniworld/ode.yaml): also the teacher row
+  ode_init  ODE regression of the causal student, from the teacher's weights
+  arms      every arm of experiment.yaml, each seed, exported after each of its `updates`
+  evaluate  samples of the ODE init and of every arm at every point, scored by the world's detector
+  long      long rollouts of the `long.arms` students with each sink
+  report    metrics.json, the claims, report.md and the figures
+"""
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_context
+
+import torch
+from omegaconf import OmegaConf
+
+from reward_forcing.errors import UserError
+from reward_forcing.miniworld.evaluation import balanced_prompts, long_curves, sample_student, score_videos
+from reward_forcing.miniworld.experiment import CONFIGS, REPO
+
+DATA_SHARD = 256
+STRIP_COLOUR = 0  # every strip shows the world's first colour, so the rows compare
+
+
+class StageFailed(UserError):
+    """A stage's own process (a training run) failed; its log says why."""
+
+
+def run_logged(command: list[str], log_path, threads: int = 1) -> None:
+    """One of the project's command lines (train.py, generate_ode_pairs.py) as a process, its output appended to
+    log_path; StageFailed (with the log's last line) when it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        code = subprocess.run([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        last = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise StageFailed(f"{command[0]} failed ({last[0]}); see {log_path}")
+
+
+def train(run, config, logdir, overrides: list[str], threads: int = 1) -> None:
+    run_logged([str(REPO / "train.py"), "--config_path", str(config), "--logdir", str(logdir), "--disable-wandb",
+                *overrides], logdir / "train.log", threads)
+
+
+def save_strip(run, row: str, latent: torch.Tensor, prompt: str) -> None:
+    path = run.out / "samples" / f"{row}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"latent": latent.float().cpu(), "prompt": prompt}, path)
+
+
+def _strip_index(world, prompts: list[str]) -> int:
+    return prompts.index(world.prompt(STRIP_COLOUR))
+
+
+# ---- data, teacher, ODE pairs, ODE init ----------------------------------------------------------
+
+def stage_data(run) -> dict:
+    from reward_forcing.miniworld.world import World, WorldSpec
+    from reward_forcing.models.wan import WanModel
+    from reward_forcing.tiny_assets import write_t5, write_tokenizer, write_wan_folder
+    from reward_forcing.training.ode_data import prepare_output_dir, shard_done, write_shard
+
+    settings = run.settings
+    spec = OmegaConf.to_container(settings.world)
+    world = World(WorldSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}))
+    run.out.mkdir(parents=True, exist_ok=True)
+    world.save(run.world_path)
+
+    common = OmegaConf.load(CONFIGS / "common.yaml")
+    base = run.assets / common.model_name
+    dit = OmegaConf.to_container(settings.dit)
+    torch.manual_seed(world.spec.seed)
+    write_wan_folder(base, dit, {k: v.contiguous() for k, v in WanModel.from_config(dit).state_dict().items()})
+    write_tokenizer(base, common.text_encoder.vocab_size)
+    write_t5(base / "models_t5_umt5-xxl-enc-bf16.pth", common.text_encoder, world.spec.seed)
+
+    count = int(settings.data_samples)
+    prepare_output_dir(run.data, {"num_prompts": count, "shard_size": DATA_SHARD, "world": spec,
+                                  "note": "one state per row: the world's clean latents"})
+    for k, first in enumerate(range(0, count, DATA_SHARD)):
+        if shard_done(run.data, k):
+            continue
+        samples = [world.sample(i) for i in range(first, min(first + DATA_SHARD, count))]
+        latents = torch.stack([s["latent"] for s in samples])[:, None].to(torch.float16)
+        write_shard(run.data, k, [s["prompt"] for s in samples], list(range(first, first + len(samples))), latents)
+
+    run.prompts.parent.mkdir(parents=True, exist_ok=True)
+    run.prompts.write_text("".join(world.prompt(i) + "\n" for i in range(len(world.spec.colours))))
+    run.pair_prompts.write_text("".join(p + "\n" for p in balanced_prompts(world, settings.pairs_per_colour)))
+
+    # the data row: held-out world samples (indices past the training set); the reference of speed_w1_data
+    held_out = [world.sample(count + i) for i in range(settings.data_reference_per_colour * len(world.spec.colours))]
+    latents, prompts = torch.stack([s["latent"] for s in held_out]), [s["prompt"] for s in held_out]
+    # the strip: the first held-out video of the strip's colour that moves at least half the top speed
+    strip = next((i for i, s in enumerate(held_out) if s["colour"] == STRIP_COLOUR
+                  and s["speed"] >= world.spec.max_speed / 2), _strip_index(world, prompts))
+    save_strip(run, "data", latents[strip], prompts[strip])
+    return {"data": {"seeds": [world.spec.seed], "trained_once": True, "videos": [score_videos(world, latents, prompts)]}}
+
+
+def stage_teacher(run) -> dict:
+    train(run, run.stage_config("teacher"), run.out / "teacher",
+          [f"data_path={run.data}", *run.overrides("teacher")], threads=run.jobs)
+    return {"weights": str(run.teacher)}
+
+
+def stage_ode_pairs(run) -> dict:
+    from reward_forcing.training.ode_data import OdePairDataset
+
+    run_logged([str(REPO / "scripts" / "generate_ode_pairs.py"), "--config_path", str(run.stage_config("ode")),
+                "--data_path", str(run.pair_prompts), "--output_dir", str(run.pairs),
+                f"ode_teacher_name={run.teacher}", *run.overrides("ode")], run.out / "ode_pairs.log", run.jobs)
+    pairs = OdePairDataset(run.pairs)
+    rows = [pairs[i] for i in range(len(pairs))]
+    latents = torch.stack([row["ode_latent"][-1] for row in rows]).float()
+    prompts = [row["prompts"] for row in rows]
+    world = run.world()
+    strip = _strip_index(world, prompts)
+    save_strip(run, "teacher", latents[strip], prompts[strip])
+    return {"teacher": {"seeds": [int(run.settings.world.seed)], "trained_once": True,
+                        "videos": [score_videos(world, latents, prompts)]}}
+
+
+def stage_ode_init(run) -> dict:
+    train(run, run.stage_config("ode"), run.out / "ode_init",
+          [f"data_path={run.pairs}", f"generator_ckpt={run.teacher}", *run.overrides("ode")], threads=run.jobs)
+    return {"weights": str(run.weights("ode_init"))}
+
+
+# ---- arms ----------------------------------------------------------------------------------------
+
+def _train_arm(run, arm, seed: int, failed: threading.Event) -> None:
+    """One (arm, seed): train.py up to each point's max_steps in turn (a resumed run continues exactly where the
+    last stopped), exporting generator@<updates>.pt after each."""
+    config, overrides = run.arm_command(arm, seed)
+    logdir = run.arm_dir(arm, seed)
+    for updates in arm.updates:
+        target = run.arm_weights(arm, seed, updates)
+        if target.is_file():
+            continue
+        if failed.is_set():
+            return
+        train(run, config, logdir, [*overrides, f"max_steps={run.max_steps(arm, updates)}"])
+        shutil.copyfile(logdir / "generator.pt", target.with_suffix(".tmp"))
+        os.replace(target.with_suffix(".tmp"), target)
+
+
+def stage_arms(run) -> dict:
+    """Every (arm, seed), `jobs` at a time as separate one-thread processes (small models keep two cores busier as
+    two runs than as two threads of one); each logs to <its folder>/train.log."""
+    failed = threading.Event()
+
+    def job(arm, seed):
+        try:
+            _train_arm(run, arm, seed, failed)
+        except StageFailed:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=run.jobs) as pool:
+        futures = [pool.submit(job, arm, seed) for arm in run.arms.values() for seed in arm.seeds]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+    return {arm.row(n): {str(s): str(run.arm_weights(arm, s, n)) for s in arm.seeds}
+            for arm in run.arms.values() for n in arm.updates}
+
+
+# ---- evaluation (in worker processes) ------------------------------------------------------------
+
+def _evaluate_one(out: str, config: str, overrides: list, checkpoint: str, per_colour: int, seed: int) -> tuple:
+    """Worker: one checkpoint's videos, scored, and the strip's video."""
+    from reward_forcing.miniworld.world import World
+
+    torch.set_num_threads(1)
+    world = World.from_file(f"{out}/world.json")
+    prompts = balanced_prompts(world, per_colour)
+    latents = sample_student(config, overrides, checkpoint, prompts, world.spec.frames, seed=seed)
+    strip = _strip_index(world, prompts)
+    return score_videos(world, latents, prompts), latents[strip], prompts[strip]
+
+
+def _long_one(out: str, config: str, overrides: list, checkpoint: str, per_colour: int, frames: int, sink: str,
+              chunk: int) -> dict:
+    from reward_forcing.miniworld.world import World
+
+    torch.set_num_threads(1)
+    world = World.from_file(f"{out}/world.json")
+    prompts = balanced_prompts(world, per_colour)
+    latents = sample_student(config, overrides, checkpoint, prompts, frames, seed=2000, sink=sink)
+    return long_curves(world, latents, prompts, chunk)
+
+
+def _pool(run):
+    return ProcessPoolExecutor(max_workers=run.jobs, mp_context=get_context("spawn"))
+
+
+def _student_config(run) -> tuple[str, list[str]]:
+    return str(run.stage_config("distill")), [f"checkpoint_dir={run.assets}"]
+
+
+def stage_evaluate(run) -> dict:
+    """Every student row: the ODE init (once) and each arm at each point, one video set per seed."""
+    config, overrides = _student_config(run)
+    per_colour = int(run.settings.eval_per_colour)
+    jobs = {("ode_init", run.settings.seeds[0]): run.weights("ode_init")}
+    for arm in run.arms.values():
+        jobs.update({(arm.row(n), s): run.arm_weights(arm, s, n) for n in arm.updates for s in arm.seeds})
+    with _pool(run) as pool:
+        futures = {key: pool.submit(_evaluate_one, str(run.out), config, overrides, str(path), per_colour,
+                                    1000 + key[1]) for key, path in jobs.items()}
+        results = {key: future.result() for key, future in futures.items()}
+    rows = {}
+    for (row, seed), (videos, strip, prompt) in results.items():
+        entry = rows.setdefault(row, {"seeds": [], "videos": []} | ({"trained_once": True} if row == "ode_init" else {}))
+        if not entry["seeds"]:
+            save_strip(run, row, strip, prompt)
+        entry["seeds"].append(seed)
+        entry["videos"].append(videos)
+    return rows
+
+
+def stage_long(run) -> dict:
+    """Long rollouts of each `long.arms` student (at its last point, every seed) with each sink, and the world's own
+    videos of that length (how the curves look when nothing is copied and nothing drifts)."""
+    settings, world = run.settings.long, run.world()
+    chunk = OmegaConf.load(CONFIGS / "common.yaml").num_frame_per_block
+    prompts = balanced_prompts(world, settings.per_colour)
+    start = int(run.settings.data_samples) + 10 ** 6
+    truth = [world.sample(start + i, frames=settings.frames) for i in range(len(prompts))]
+    results = {"data": {"world": {"seeds": [world.spec.seed], "curves": {
+        key: [value] for key, value in long_curves(world, torch.stack([s["latent"] for s in truth]),
+                                                   [s["prompt"] for s in truth], chunk).items()}}}}
+    config, overrides = _student_config(run)
+    jobs = {}
+    for name in settings.arms:
+        if name not in run.arms:
+            raise UserError(f"long.arms names '{name}', which is not an arm ({', '.join(run.arms)})")
+        arm = run.arms[name]
+        for sink in settings.sinks:
+            for seed in arm.seeds:
+                jobs[(name, sink, seed)] = str(run.arm_weights(arm, seed, arm.updates[-1]))
+    with _pool(run) as pool:
+        futures = {key: pool.submit(_long_one, str(run.out), config, overrides, path, settings.per_colour,
+                                    settings.frames, key[1], chunk) for key, path in jobs.items()}
+        for (name, sink, seed), future in futures.items():
+            entry = results.setdefault(name, {}).setdefault(sink, {"seeds": [], "curves": {}})
+            entry["seeds"].append(seed)
+            for key, curve in future.result().items():
+                entry["curves"].setdefault(key, []).append(curve)
+    return results
