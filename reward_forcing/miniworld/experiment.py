@@ -114,9 +114,24 @@ class Run:
 
     # ---- weights ----
     @property
-    def teacher(self) -> Path:
-        logdir = self.out / "teacher"
+    def separate_base(self) -> bool:
+        """A teacher wider or deeper than the student (`teacher_dit`), as the paper's 14B teacher over its 1.3B
+        student and critic: the student's architecture then gets its own base model, trained on the data."""
+        return bool(self.settings.get("teacher_dit"))
+
+    def trained(self, name: str) -> Path:
+        """The weights of a Wan model trained on the data (<out>/<name>/model_ema, else model)."""
+        logdir = self.out / name
         return logdir / "model_ema" if (logdir / "model_ema").is_dir() else logdir / "model"
+
+    @property
+    def teacher(self) -> Path:
+        return self.trained("teacher")
+
+    @property
+    def base(self) -> Path:
+        """The student architecture's pretrained weights: the ODE init's start and the critic's."""
+        return self.trained("base") if self.separate_base else self.teacher
 
     def weights(self, name: str) -> Path:
         """Named weights an arm starts from."""
@@ -133,7 +148,7 @@ class Run:
 
     def arm_command(self, arm: Arm, seed: int) -> tuple[Path, list[str]]:
         """The stage config and train.py overrides of one (arm, seed), without max_steps."""
-        specific = ([f"reward.name={self.reward}", f"real_name={self.teacher}", f"fake_name={self.teacher}"]
+        specific = ([f"reward.name={self.reward}", f"real_name={self.teacher}", f"fake_name={self.base}"]
                     if arm.stage == "distill" else [])  # reward feedback's reward is its own config's
         return self.stage_config(arm.stage), [
             *arm.overrides, *specific, f"seed={seed}", f"reward.world_path={self.world_path}",

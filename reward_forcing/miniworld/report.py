@@ -128,8 +128,12 @@ def settings_lines(run, data: dict) -> list[str]:
         f"- World: {w.height} x {w.width} latent pixels x {w.channels} channels, {w.frames} latent frames, "
         f"{len(w.colours)} colours, blob sigma {w.blob_sigma} px, speed uniform in [0, {w.max_speed}] px / latent "
         f"frame; {s.data_samples} training videos.",
-        f"- DiT (teacher, critic, student): dim {dit.dim}, {dit.num_layers} layers, {dit.num_heads} heads, patch "
-        f"{list(dit.patch_size)}. Stage overrides: `{OmegaConf.to_container(s.stage_overrides)}`.",
+        f"- DiT (student and critic{'' if run.separate_base else ', teacher'}): dim {dit.dim}, {dit.num_layers} "
+        f"layers, {dit.num_heads} heads, patch {list(dit.patch_size)}"
+        + (f"; the teacher: {OmegaConf.to_container(s.teacher_dit)} over it, and the student and critic start from "
+           "a base model of their own size trained on the data" if run.separate_base else
+           "; the student and critic start from the teacher's weights") + ".",
+        f"- Stage overrides: `{OmegaConf.to_container(s.stage_overrides)}`.",
         f"- Arms (seeds {list(s.seeds)}; Re-DMD reward `{run.reward}`): {arms}.",
         f"- Evaluation: {s.eval_per_colour} videos per colour per row and seed; the data row holds "
         f"{s.data_reference_per_colour} per colour, the teacher row its {s.pairs_per_colour} ODE pairs per colour. "

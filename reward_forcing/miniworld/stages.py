@@ -3,9 +3,10 @@ command). Training goes through the project's own command lines, train.py and sc
 separate processes; sampling through the streaming generator of reward_forcing/inference.
 
   data      assets (DiT folder, T5, tokenizer), world.json, the latent dataset, prompt files, the data row
-  teacher   flow-matching training of the bidirectional teacher (configs/miniworld/teacher.yaml)
+  teacher   flow-matching training of the bidirectional teacher (configs/miniworld/teacher.yaml) and, when it is
+            wider than the student (`teacher_dit`), of the student architecture's base model beside it
   ode_pairs the teacher's trajectories with CFG (configs/miniworld/ode.yaml): also the teacher row
-  ode_init  ODE regression of the causal student, from the teacher's weights
+  ode_init  ODE regression of the causal student, from the base weights (the teacher's, or the base model's)
   arms      every arm of experiment.yaml, each seed, exported after each of its `updates`
   evaluate  samples of the ODE init and of every arm at every point, scored by the world's detector
   long      long rollouts of the `long.arms` students with each sink
@@ -27,6 +28,7 @@ from reward_forcing.miniworld.evaluation import balanced_prompts, long_curves, s
 from reward_forcing.miniworld.experiment import CONFIGS, REPO
 
 DATA_SHARD = 256
+TEACHER_INIT = "teacher_init"  # the asset folder of the teacher's architecture when it is not the student's
 STRIP_COLOUR = 0  # every strip shows the world's first colour, so the rows compare
 
 
@@ -76,12 +78,15 @@ def stage_data(run) -> dict:
     world.save(run.world_path)
 
     common = OmegaConf.load(CONFIGS / "common.yaml")
-    base = run.assets / common.model_name
-    dit = OmegaConf.to_container(settings.dit)
-    torch.manual_seed(world.spec.seed)
-    write_wan_folder(base, dit, {k: v.contiguous() for k, v in WanModel.from_config(dit).state_dict().items()})
-    write_tokenizer(base, common.text_encoder.vocab_size)
-    write_t5(base / "models_t5_umt5-xxl-enc-bf16.pth", common.text_encoder, world.spec.seed)
+    architectures = {common.model_name: OmegaConf.to_container(settings.dit)}
+    if run.separate_base:
+        architectures[TEACHER_INIT] = OmegaConf.to_container(OmegaConf.merge(settings.dit, settings.teacher_dit))
+    for name, dit in architectures.items():  # random initial weights, the text encoder and tokenizer beside them
+        folder = run.assets / name
+        torch.manual_seed(world.spec.seed)
+        write_wan_folder(folder, dit, {k: v.contiguous() for k, v in WanModel.from_config(dit).state_dict().items()})
+        write_tokenizer(folder, common.text_encoder.vocab_size)
+        write_t5(folder / "models_t5_umt5-xxl-enc-bf16.pth", common.text_encoder, world.spec.seed)
 
     count = int(settings.data_samples)
     prepare_output_dir(run.data, {"num_prompts": count, "shard_size": DATA_SHARD, "world": spec,
@@ -108,9 +113,19 @@ def stage_data(run) -> dict:
 
 
 def stage_teacher(run) -> dict:
-    train(run, run.stage_config("teacher"), run.out / "teacher",
-          [f"data_path={run.data}", *run.overrides("teacher")], threads=run.jobs)
-    return {"weights": str(run.teacher)}
+    """The teacher; with `teacher_dit`, also the student architecture's base model (its own stage overrides,
+    `base`), the two at once when there are two jobs."""
+    jobs = [("teacher", [f"model_name={TEACHER_INIT}"] if run.separate_base else [])]
+    if run.separate_base:
+        jobs.append(("base", run.settings.stage_overrides.get("base", [])))
+    threads = max(1, run.jobs // len(jobs))
+    with ThreadPoolExecutor(max_workers=min(run.jobs, len(jobs))) as pool:
+        futures = [pool.submit(train, run, run.stage_config("teacher"), run.out / name,
+                               [f"data_path={run.data}", *run.overrides("teacher"), *extra], threads)
+                   for name, extra in jobs]
+    for future in futures:
+        future.result()
+    return {"teacher": str(run.teacher), "base": str(run.base)}
 
 
 def stage_ode_pairs(run) -> dict:
@@ -132,7 +147,7 @@ def stage_ode_pairs(run) -> dict:
 
 def stage_ode_init(run) -> dict:
     train(run, run.stage_config("ode"), run.out / "ode_init",
-          [f"data_path={run.pairs}", f"generator_ckpt={run.teacher}", *run.overrides("ode")], threads=run.jobs)
+          [f"data_path={run.pairs}", f"generator_ckpt={run.base}", *run.overrides("ode")], threads=run.jobs)
     return {"weights": str(run.weights("ode_init"))}
 
 
