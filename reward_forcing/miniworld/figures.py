@@ -138,6 +138,8 @@ def long_figure(plt, run, content, files):
     for ax, key in zip(axes, panels):
         ax.set(xlabel="latent frame", ylabel=AXIS[key])
         ax.axvline(window, color=COLOURS[7], linewidth=0.8, linestyle=":")
+        ax.annotate(f" window full ({window} frames)", (window, 1), xycoords=("data", "axes fraction"), fontsize=6,
+                    color=COLOURS[7], va="top")
     axes[0].set_title("(a) copying of the first chunk")
     axes[1].set_title("(b) valid frames")
     axes[2].set_title("(c) near-copies (periodic snap-back)")

@@ -36,10 +36,10 @@ class StageFailed(UserError):
     """A stage's own process (a training run) failed; its log says why."""
 
 
-def run_logged(command: list[str], log_path, threads: int = 1) -> None:
+def run_logged(command: list[str], log_path, threads: int = 1, env: dict | None = None) -> None:
     """One of the project's command lines (train.py, generate_ode_pairs.py) as a process, its output appended to
     log_path; StageFailed (with the log's last line) when it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO), **(env or {}))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         code = subprocess.run([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -131,9 +131,15 @@ def stage_teacher(run) -> dict:
 def stage_ode_pairs(run) -> dict:
     from reward_forcing.training.ode_data import OdePairDataset
 
-    run_logged([str(REPO / "scripts" / "generate_ode_pairs.py"), "--config_path", str(run.stage_config("ode")),
-                "--data_path", str(run.pair_prompts), "--output_dir", str(run.pairs),
-                f"ode_teacher_name={run.teacher}", *run.overrides("ode")], run.out / "ode_pairs.log", run.jobs)
+    command = [str(REPO / "scripts" / "generate_ode_pairs.py"), "--config_path", str(run.stage_config("ode")),
+               "--data_path", str(run.pair_prompts), "--output_dir", str(run.pairs), f"ode_teacher_name={run.teacher}",
+               *run.overrides("ode")]
+    # `jobs` ranks without a process group: the generator deals its shards by RANK / WORLD_SIZE alone
+    with ThreadPoolExecutor(max_workers=run.jobs) as pool:
+        futures = [pool.submit(run_logged, command, run.out / f"ode_pairs_rank{rank}.log", 1,
+                               {"RANK": str(rank), "WORLD_SIZE": str(run.jobs)}) for rank in range(run.jobs)]
+    for future in futures:
+        future.result()
     pairs = OdePairDataset(run.pairs)
     rows = [pairs[i] for i in range(len(pairs))]
     latents = torch.stack([row["ode_latent"][-1] for row in rows]).float()

@@ -47,11 +47,12 @@ def parse_args(argv):
 def variant_run(out: Path, overrides: list[str]) -> Run:
     settings = OmegaConf.merge(experiment_settings(quick=False), OmegaConf.from_dotlist(overrides))
     run = Run(out.resolve(), settings, "latent_motion", quick=False)
-    saved = out / "settings.yaml"
-    if saved.is_file() and OmegaConf.load(saved) != settings:
+    saved = out / "variant.json"
+    if saved.is_file() and json.loads(saved.read_text()) != list(overrides):
         raise ConfigError(f"{out} holds a variant with other --settings; name this one differently")
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(settings, saved)
+    saved.write_text(json.dumps(list(overrides)))
+    OmegaConf.save(settings, out / "settings.yaml")
     if not run.done("data"):
         run.save_record("data", 0.0, stages.stage_data(run))
     return run
