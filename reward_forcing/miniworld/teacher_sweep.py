@@ -147,6 +147,37 @@ def write_table(out: Path) -> None:
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
 
 
+def write_figure(out: Path) -> None:
+    """sweep.png: each variant's speed W1 to the data against its training steps (default sampler only)."""
+    from reward_forcing.miniworld.claims import SPEED_W1_MAX
+    from reward_forcing.miniworld.figures import AXIS, _pyplot, style
+
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    default = rows[0]["sampler"] if rows else ""
+    curves = {}
+    for row in rows:
+        if "sdedit_sigma" not in row and row["sampler"] == default:
+            label = " ".join(filter(None, [row["variant"] + ":", row["settings"] or "experiment.yaml", row["train"]]))
+            curves.setdefault(label, {})[row["step"]] = row
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.0))
+    for index, (label, points) in enumerate(curves.items()):
+        steps = sorted(points)
+        for ax, key in zip(axes, ("speed_w1_data", "speed")):
+            ax.plot(steps, [points[n][key] for n in steps], label=label, **style(index))
+    axes[0].axhline(SPEED_W1_MAX, color="#999999", linestyle=":", linewidth=1)
+    axes[0].set(xlabel="teacher training steps (batch 16)", ylabel="speed W1 to the data (px / latent frame)",
+                title="(a) distance to the data's speeds")
+    if rows:
+        axes[1].axhline(rows[0]["data_speed"], color="#999999", linestyle="--", linewidth=1, label="data")
+    axes[1].set(xlabel="teacher training steps (batch 16)", ylabel=AXIS["speed"], title="(b) mean speed")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.output_dir)
@@ -173,6 +204,7 @@ def main(argv=None):
     for sigma in [float(s) for s in args.sdedit.split(",") if s]:
         _append(out, {"variant": args.variant, "step": count, **sdedit(run, folder, sigma, steps)})
     write_table(out)
+    write_figure(out)
     return 0
 
 
