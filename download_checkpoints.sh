@@ -16,7 +16,7 @@ set -euo pipefail
 : "${BERT_REVISION:=main}"                                            # Hugging Face google-bert/bert-base-uncased
 
 DEFAULT_PARTS=(wan-1.3b videoreward videoalign-template qwen2-vl ode-init reward-forcing train-prompts bench-prompts)
-OPTIONAL_PARTS=(wan-14b taehv imagereward)
+OPTIONAL_PARTS=(wan-14b taehv imagereward causal-forcing)
 
 usage() {
   cat <<EOF
@@ -40,6 +40,9 @@ Optional parts:
   imagereward     THUDM/ImageReward + google-bert/bert-base-uncased
                                                    -> CHECKPOINT_DIR/ImageReward/{ImageReward.pt, med_config.json,
                                                       bert-base-uncased/} (reward of trainer: reward_feedback)
+  causal-forcing  zhuhz22/Causal-Forcing           -> CHECKPOINT_DIR/chunkwise/{ar_diffusion.pt, causal_ode.pt}
+                                                      (Causal Forcing's autoregressive teacher and causal ODE init,
+                                                      arXiv 2602.02214; configs/causal_forcing_*.yaml)
 
 Options:
   --checkpoint-dir DIR  where weights go (default: checkpoints; pass checkpoint_dir=DIR to the CLIs to match)
@@ -312,6 +315,13 @@ part_imagereward() {
   fi
   hf_get google-bert/bert-base-uncased "$BERT_REVISION" "$dir/bert-base-uncased" \
     vocab.txt tokenizer.json tokenizer_config.json
+}
+
+# Causal Forcing's released chunk-wise stage-1 and stage-2 weights, at the paths its README downloads them to
+# (`hf download zhuhz22/Causal-Forcing chunkwise/... --local-dir checkpoints`).
+part_causal-forcing() {
+  from_staging zhuhz22/Causal-Forcing chunkwise/ar_diffusion.pt "$CHECKPOINT_DIR/chunkwise/ar_diffusion.pt"
+  from_staging zhuhz22/Causal-Forcing chunkwise/causal_ode.pt "$CHECKPOINT_DIR/chunkwise/causal_ode.pt"
 }
 
 # VideoAlign's rubric text is another project's, so it is fetched, not committed. The file as a whole has

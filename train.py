@@ -1,54 +1,9 @@
-"""Train the streaming student: `[torchrun ...] train.py --config_path CFG --logdir DIR [key=value ...]`.
-
-The config key `trainer` picks the loop: `distill` (DMD / Re-DMD, reward_forcing.training.distill), `ode`
-(ODE-regression initialisation, reward_forcing.training.ode), `diffusion` (flow-matching training of the
-bidirectional Wan model on a latent dataset, reward_forcing.training.diffusion) or `reward_feedback`
-(ImageReward on a decoded frame, reward_forcing.training.reward_feedback). Each is called as
-`run(config, logdir, args)` with args.disable_wandb, args.no_save and args.resume (None or a folder).
-Re-running with the same --logdir resumes from its latest complete checkpoint.
-"""
-import argparse
-import importlib
+"""Train the streaming student: `[torchrun ...] train.py --config_path CFG --logdir DIR [key=value ...]`
+(reward_forcing/training/cli.py)."""
 import sys
-from pathlib import Path
 
-from reward_forcing.config import load_config
-from reward_forcing.errors import ConfigError, run_cli
-from reward_forcing.training.lr_schedule import check_lr_schedule
-
-TRAINERS = {"distill": "reward_forcing.training.distill", "ode": "reward_forcing.training.ode",
-            "diffusion": "reward_forcing.training.diffusion",
-            "reward_feedback": "reward_forcing.training.reward_feedback"}
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config_path", required=True, help="YAML config (e.g. configs/reward_forcing.yaml)")
-    parser.add_argument("--logdir", required=True, help="run folder: checkpoints, metrics.jsonl, exported weights")
-    parser.add_argument("--disable-wandb", "--disable_wandb", dest="disable_wandb", action="store_true",
-                        help="no wandb logging (metrics.jsonl is still written)")
-    parser.add_argument("--no_save", "--no-save", dest="no_save", action="store_true",
-                        help="write no checkpoints or exported weights")
-    parser.add_argument("--no_visualize", "--no-visualize", dest="no_visualize", action="store_true",
-                        help="accepted for upstream command compatibility; this trainer logs no videos")
-    parser.add_argument("--resume", default=None,
-                        help="resume from this checkpoint folder (default: the latest complete one in --logdir)")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    return parser.parse_intermixed_args(argv)  # flags may follow key=value overrides
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    config = load_config(args.config_path, args.overrides)
-    if config.trainer not in TRAINERS:
-        raise ConfigError(f"trainer must be one of {', '.join(TRAINERS)}; got '{config.trainer}'")
-    check_lr_schedule(config)
-    if args.resume is not None and not Path(args.resume).is_dir():
-        raise ConfigError(f"--resume folder not found: {args.resume}")
-    trainer = importlib.import_module(TRAINERS[config.trainer])  # lazily: only the chosen trainer is imported
-    trainer.run(config, Path(args.logdir), args)
-    return 0
-
+from reward_forcing.errors import run_cli
+from reward_forcing.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

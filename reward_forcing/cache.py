@@ -1,19 +1,22 @@
 """Streaming KV cache for the causal student: attention sink + sliding window, at frame granularity
 (the EMA-Sink of Reward Forcing, arXiv 2512.04678).
 
-Each layer stores the first `sink_frames` frames in a sink buffer and the later frames in a window store:
-a fixed ring of `window_frames - sink_frames` frames when windowed (constant memory), or a growing buffer
-when unbounded. Keys are stored pre-RoPE, so the caller ropes the returned keys at window-relative frame
-positions 0..N/L-1 and the EMA blends position-free keys, so the sink stays position-consistent however long the video.
-
-Two ways to read the cache, one stored state:
-- `update(k, v, ...)` returns freshly concatenated (sink, window, live chunk) K/V each call; only the live chunk
+Per block, a `LayerKVCache` holds two things:
+- ring storage with the sink policy: the first `sink_frames` frames in a sink buffer and the later frames in a
+  ring of `window_frames - sink_frames` frames (constant memory), or in a growing buffer when unbounded. A frame
+  pushed out of the window is handed to the sink policy (`_absorb`: none, static or EMA). Keys are stored pre-RoPE,
+  so the caller ropes the returned keys at window-relative frame positions 0..N/L-1 and the EMA blends
+  position-free keys: the sink stays position-consistent however long the video.
+  `update(k, v, ...)` writes a chunk and returns freshly concatenated (sink, window, chunk) K/V; only the chunk
   carries gradient and the result is a snapshot (training rollouts, teacher-forcing checks).
-- `static=True` caches add `prepare(...)` for gradient-free streaming: per layer one buffer of RoPE'd keys and
-  one of values, in temporal order, written in place. The attended prefix (sink + older window frames) is
-  RoPE'd once per chunk when the chunk starts; every call then writes only its own chunk into the tail
-  (`write_live`), so no K/V is concatenated or re-rotated per call and, once the window is full, every
-  call sees the same buffers with the same shapes (what torch.compile / CUDA graphs need).
+- `cross`: the block's cross-attention K/V of the current prompt (the block computes and keeps them itself).
+
+A static cache (`KVCache(static=True)`) adds per layer a `StaticKV` for gradient-free streaming: one buffer of
+RoPE'd keys and one of values, in temporal order, written in place. The attended prefix (sink + older window
+frames) is RoPE'd once per chunk when the chunk starts; every call then writes only its own chunk into the tail
+(`write_live`), so no K/V is concatenated or re-rotated per call and, once the window is full, every call sees the
+same buffers with the same shapes (what torch.compile / CUDA graphs need). The chunk's K/V reach the ring when the
+next chunk starts (a deferred write).
 """
 from __future__ import annotations
 
@@ -64,35 +67,53 @@ def _check_chunk(chunk_frames, window_frames, sink_frames, sink_mode):
 
 
 class LayerKVCache:
-    """Self-attention K/V of one block for one video. See `update`."""
+    """One block's K/V for one video: ring storage with the sink policy, and the prompt's cross-attention K/V.
+    See `update`; static=True adds the in-place buffers (`static`, a StaticKV)."""
 
-    def __init__(self, window_frames=None, sink_frames=0, sink_mode="none", ema_alpha=0.999):
+    def __init__(self, window_frames=None, sink_frames=0, sink_mode="none", ema_alpha=0.999, static=False):
         validate_cache_config(window_frames, sink_frames, sink_mode, ema_alpha)
         self.window_frames = window_frames
         self.sink_frames = sink_frames
         self.sink_mode = sink_mode
         self.ema_alpha = float(ema_alpha)
+        self.static = StaticKV(self) if static else None
         self.reset()
 
     def reset(self):
         """Forget everything; buffers are re-allocated lazily from the next call's shapes."""
         self.frame_tokens = None
-        self._sink = None        # (k, v) [B, sink_frames*L, H, D]; float32 in ema mode (see _allocate)
-        self._store = None       # (k, v) [B, frames*L, H, D] of the non-sink frames
-        self.next_frame = 0      # absolute index past the last written frame
-        self.last_start = None   # start frame of the chunk written last (re-calls overwrite it)
-        self.last_frames = 0
-        self.attended_frames = ()    # absolute frames the last update returned, in order
-        self.evicted_frames = ()     # absolute frames evicted by the last update
-        self.num_evictions = 0       # updates that evicted at least one frame
-        self.num_ema_updates = 0     # sink blends (ema mode)
-        self._rewrite_end = 0        # after rewind(): frames before this are re-encodes of stored frames
-        self._floor = 0              # after rewind(): the first non-sink frame that may be attended
-        self.num_appends = 0         # calls that started a new chunk (the attended prefix changes only then)
-        self._attend = None          # static mode: (keys, values) [B, window_frames*L, H, D], temporal order
-        self._prefix_key = None      # (start_frame, num_appends) the buffers' prefix was built for
-        self._live_keys = None       # static mode: pre-RoPE keys of the newest write [B, chunk*L, H, D]
-        self._pending = None         # static mode: (start, frames, values, keep_sink) of it, not yet stored
+        self._sink = None         # (k, v) [B, sink_frames*L, H, D]; float32 in ema mode (see _allocate)
+        self._store = None        # (k, v) [B, frames*L, H, D] of the non-sink frames (the ring, or a growing buffer)
+        self.next_frame = 0       # absolute index past the last written frame
+        self.last_chunk = None    # (start, frames) of the last write: the chunk that later calls may rewrite
+        self.evicted_frames = ()  # absolute frames evicted by the last write
+        self.num_evictions = 0    # writes that evicted at least one frame
+        self.num_appends = 0      # writes that started a new chunk (the attended prefix changes only then)
+        self._floor = 0           # after rewind(): the first non-sink frame that may be attended
+        self._rewrite_end = 0     # after rewind(): frames before this are re-encodes of stored frames
+        self._deferred = None     # a static-mode write, stored when the next chunk starts (defer_write)
+        self.cross = None         # the block's cross-attention (k, v) of the current prompt
+        if self.static is not None:
+            self.static.reset()
+
+    # -- what the last write attended -----------------------------------------------------------------------
+    @property
+    def attended_frames(self):
+        """Absolute frames the last write attended, in order: the sink frames, then the window up to its chunk."""
+        if self.last_chunk is None:
+            return ()
+        end = sum(self.last_chunk)
+        return tuple(range(min(self.sink_frames, end))) + tuple(range(self._window_start(end), end))
+
+    @property
+    def query_start(self):
+        """RoPE frame position of the last written chunk's first frame among the attended frames."""
+        return len(self.attended_frames) - self.last_chunk[1]
+
+    @property
+    def num_ema_updates(self):
+        """Sink blends so far (each eviction blends once in ema mode)."""
+        return self.num_evictions if self.sink_mode == "ema" else 0
 
     # -- layout ---------------------------------------------------------------------------------------------
     @property
@@ -148,25 +169,24 @@ class LayerKVCache:
         if not max(frame, self.sink_frames) >= self._oldest_stored() or frame > self.next_frame or frame < 0:
             raise ValueError(f"cannot rewind to frame {frame}: the cache holds frames [{self._oldest_stored()}, "
                              f"{self.next_frame}) besides the sink")
-        self._flush_pending()
+        self._store_deferred()
         self._rewrite_end = max(self._rewrite_end, self.next_frame)
         self._floor = frame
         self.next_frame = frame
-        self.last_start, self.last_frames = None, 0
+        self.last_chunk = None
 
     @property
     def sink(self):
         """(k, v) of the sink frames as stored (detached), or None before the first call."""
-        self._flush_pending()  # a caller may read or overwrite the sink: make it current first
+        self._store_deferred()  # a caller may read or overwrite the sink: make it current first
         return self._sink
 
     @property
     def nbytes(self):
-        """Bytes held by the cache buffers."""
-        buffers = (self._sink or ()) + (self._store or ()) + (self._attend or ())
-        if self._live_keys is not None:
-            buffers += (self._live_keys,)
-        return sum(buf.numel() * buf.element_size() for buf in buffers)
+        """Bytes held by the cache buffers (cross-attention K/V and static buffers included)."""
+        buffers = (self._sink or ()) + (self._store or ()) + (self.cross or ())
+        own = sum(buf.numel() * buf.element_size() for buf in buffers)
+        return own + (self.static.nbytes if self.static is not None else 0)
 
     # -- allocation -----------------------------------------------------------------------------------------
     def _allocate(self, batch, heads, head_dim, dtype, device, frame_tokens):
@@ -194,13 +214,7 @@ class LayerKVCache:
             grown.append(new)
         self._store = tuple(grown)
 
-    # -- the call -------------------------------------------------------------------------------------------
-    def _check_call(self, k, v, start_frame, frame_tokens):
-        if k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype:
-            raise ValueError(f"k and v must both be [B, n, H, D] of one dtype, got {tuple(k.shape)} {k.dtype} "
-                             f"and {tuple(v.shape)} {v.dtype}")
-        return self._check_write(k.shape, k.dtype, k.device, start_frame, frame_tokens)
-
+    # -- writes ---------------------------------------------------------------------------------------------
     def _check_write(self, shape, dtype, device, start_frame, frame_tokens):
         """Checks of a write of K/V of `shape` [B, n, H, D]; returns (frames, appending)."""
         if isinstance(frame_tokens, bool) or not isinstance(frame_tokens, int) or frame_tokens < 1:
@@ -211,11 +225,10 @@ class LayerKVCache:
             raise ValueError(f"start_frame must be a Python int, got {type(start_frame).__name__}")
         frames = shape[1] // frame_tokens
         appending = start_frame == self.next_frame
-        rewriting = start_frame == self.last_start and frames == self.last_frames
-        if not (appending or rewriting):
+        if not (appending or self.last_chunk == (start_frame, frames)):
+            last = "none" if self.last_chunk is None else f"frames [{self.last_chunk[0]}, {sum(self.last_chunk)})"
             raise ValueError(f"cache write of frames [{start_frame}, {start_frame + frames}) is neither the next "
-                             f"chunk (frame {self.next_frame}) nor a rewrite of the last chunk "
-                             f"(frames [{self.last_start}, {self.last_start}+{self.last_frames}))")
+                             f"chunk (frame {self.next_frame}) nor a rewrite of the last chunk ({last})")
         if self._sink is not None:
             ref = self._store[0]
             if (frame_tokens != self.frame_tokens or shape[0] != ref.shape[0] or shape[2:] != ref.shape[2:]
@@ -228,6 +241,28 @@ class LayerKVCache:
             _check_chunk(frames, self.window_frames, self.sink_frames, "none")
         return frames, appending
 
+    def begin_write(self, shape, dtype, device, start_frame: int, frame_tokens: int):
+        """Everything before a write of K/V of `shape` [B, n, H, D] for frames from start_frame: checks,
+        allocation, and, when it starts a new chunk, storing the last deferred write and evicting (the sink policy
+        takes the evicted frames). Returns (end frame, keep_sink): keep_sink when the write re-encodes held
+        frames after rewind(), which evicts nothing and leaves the sink as it is."""
+        frames, appending = self._check_write(shape, dtype, device, start_frame, frame_tokens)
+        if self._sink is None:
+            self._allocate(shape[0], shape[2], shape[3], dtype, device, frame_tokens)
+        end = start_frame + frames
+        keep_sink = end <= self._rewrite_end
+        self.evicted_frames = ()
+        if appending:
+            self._store_deferred()
+            self.num_appends += 1
+            if not keep_sink:
+                self._evict(start_frame, end)
+                if self._ring_frames is None:
+                    self._grow(end)
+        self.next_frame = max(self.next_frame, end)
+        self.last_chunk = (start_frame, frames)
+        return end, keep_sink
+
     def _evict(self, start, end):
         """Drop the oldest non-sink frames that a new chunk [start, end) pushes out of the window."""
         evicted = tuple(range(self._window_start(start), self._window_start(end)))
@@ -235,19 +270,43 @@ class LayerKVCache:
             raise ConfigError(f"sink_mode 'ema' needs each eviction to replace the whole sink: "
                               f"{len(evicted)} frames evicted, sink has {self.sink_frames}")
         self.evicted_frames = evicted
-        if not evicted:
-            return
-        self.num_evictions += 1
+        if evicted:
+            self.num_evictions += 1
+            self._absorb(evicted)
+
+    def _absorb(self, evicted):
+        """The sink policy. none: no sink; static: the sink keeps the video's first frames; ema: the EMA-Sink
+        (arXiv 2512.04678), sink frame i <- alpha * sink frame i + (1 - alpha) * evicted frame i, keys and values
+        alike. The evicted ring slots are then simply overwritten by the new chunk."""
         if self.sink_mode != "ema":
-            return  # the new frames simply overwrite the evicted ring slots
+            return
         alpha = self.ema_alpha
         for index, frame in enumerate(evicted):
             for sink, old in zip(self._frame_view(index), self._frame_view(frame)):
                 sink.mul_(alpha).add_(old.to(sink.dtype), alpha=1.0 - alpha)
-        self.num_ema_updates += 1
 
-    def _old_pieces(self, start, end, which):
-        """Stored tensors (k: which=0, v: which=1) of the attended frames before `start`, in temporal order."""
+    def _write(self, start, k, v, keep_sink):
+        """Store k, v [B, n, H, D] as frames start.. in their sink / ring slots (keep_sink: skip sink frames)."""
+        L = self.frame_tokens
+        for index in range(k.shape[1] // L):
+            if keep_sink and start + index < self.sink_frames:
+                continue  # rewind() keeps the sink
+            for dst, src in zip(self._frame_view(start + index), (k, v)):
+                dst.copy_(src[:, index * L:(index + 1) * L])
+
+    def defer_write(self, start, k, v, keep_sink):
+        """Store k, v (buffers that the chunk's calls fill in place) as frames start.. once the chunk is done:
+        when the next chunk starts, the cache is rewound or the sink is read."""
+        self._deferred = (start, k, v, keep_sink)
+
+    def _store_deferred(self):
+        if self._deferred is not None:
+            self._write(*self._deferred)
+            self._deferred = None
+
+    def held(self, start, end, which):
+        """Stored tensors (k: which=0, v: which=1) of the frames a chunk [start, end) attends to before itself,
+        in temporal order (pieces to concatenate)."""
         L = self.frame_tokens
         dtype = self._store[which].dtype
         pieces = [self._sink[which][:, :min(self.sink_frames, start) * L].to(dtype)]
@@ -271,98 +330,16 @@ class LayerKVCache:
         the live k/v of this chunk; keys sit at RoPE frames 0..N/frame_tokens-1 and the chunk starts at
         query_start_frame. Only the chunk's own k/v carry gradient; the stored copies are detached.
         """
-        frames, appending = self._check_call(k, v, start_frame, frame_tokens)
-        if self._sink is None:
-            self._allocate(k.shape[0], k.shape[2], k.shape[3], k.dtype, k.device, frame_tokens)
-        end = start_frame + frames
-        rewriting_held = end <= self._rewrite_end  # re-encoding after rewind(): nothing new, nothing evicted
+        if k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype:
+            raise ValueError(f"k and v must both be [B, n, H, D] of one dtype, got {tuple(k.shape)} {k.dtype} "
+                             f"and {tuple(v.shape)} {v.dtype}")
         with torch.no_grad():
-            self._advance(start_frame, end, appending, rewriting_held)
-            self._pending = None  # this call's write supersedes any pending static-mode write of the chunk
-            for index in range(frames):
-                if rewriting_held and start_frame + index < self.sink_frames:
-                    continue  # rewind() keeps the sink
-                token_slice = slice(index * frame_tokens, (index + 1) * frame_tokens)
-                k_dst, v_dst = self._frame_view(start_frame + index)
-                k_dst.copy_(k.detach()[:, token_slice])
-                v_dst.copy_(v.detach()[:, token_slice])
-        keys = torch.cat(self._old_pieces(start_frame, end, 0) + [k], dim=1)
-        values = torch.cat(self._old_pieces(start_frame, end, 1) + [v], dim=1)
-        return keys, values, self._record(start_frame, end, frames)
-
-    def _advance(self, start, end, appending, rewriting_held):
-        """Before a write of frames [start, end): a new chunk first stores the previous chunk's pending static
-        write, then evicts (and blends the sink) unless it re-encodes held frames after rewind()."""
-        self.evicted_frames = ()
-        if not appending:
-            return
-        self._flush_pending()
-        self.num_appends += 1
-        if rewriting_held:
-            return
-        self._evict(start, end)
-        if self._ring_frames is None:
-            self._grow(end)
-
-    def _record(self, start, end, frames):
-        """Bookkeeping after a write; returns the query start frame."""
-        window = tuple(range(self._window_start(end), end))
-        self.attended_frames = tuple(range(min(self.sink_frames, end))) + window
-        self.next_frame = max(self.next_frame, end)
-        self.last_start, self.last_frames = start, frames
-        return len(self.attended_frames) - frames
-
-    # -- static mode ----------------------------------------------------------------------------------------
-    def prepare(self, batch, heads, head_dim, dtype, device, start_frame: int, frames: int, frame_tokens: int,
-                rope_keys) -> "StaticAttend":
-        """Get the in-place buffers for a gradient-free write of frames [start_frame, start_frame + frames).
-
-        Same positions, eviction and EMA as `update`. rope_keys(keys, grid_frames) applies RoPE to pre-RoPE keys
-        [B, grid_frames*L, H, D] at frames 0..grid_frames-1; it runs once per chunk, on the attended prefix."""
-        if self.window_frames is None:
-            raise ValueError("static cache buffers need a finite window (window_frames)")
-        shape = (batch, frames * frame_tokens, heads, head_dim)
-        frames, appending = self._check_write(shape, dtype, device, start_frame, frame_tokens)
-        if self._sink is None:
-            self._allocate(batch, heads, head_dim, dtype, device, frame_tokens)
-        end = start_frame + frames
-        rewriting_held = end <= self._rewrite_end
-        with torch.no_grad():
-            self._advance(start_frame, end, appending, rewriting_held)
-            query_start = self._record(start_frame, end, frames)
-            if self._attend is None:
-                self._attend = tuple(torch.zeros(batch, self.window_frames * frame_tokens, heads, head_dim,
-                                                 dtype=dtype, device=device) for _ in "kv")
-            keys, values = (self._attended(buf, query_start + frames) for buf in self._attend)
-            if self._prefix_key != (start_frame, self.num_appends):
-                prefix = query_start * frame_tokens
-                if prefix:
-                    keys[:, :prefix].copy_(rope_keys(torch.cat(self._old_pieces(start_frame, end, 0), dim=1),
-                                                     query_start))
-                    values[:, :prefix].copy_(torch.cat(self._old_pieces(start_frame, end, 1), dim=1))
-                self._prefix_key = (start_frame, self.num_appends)
-            if self._live_keys is None or self._live_keys.shape != shape:
-                self._live_keys = torch.zeros(shape, dtype=dtype, device=device)
-            self._pending = (start_frame, frames, values[:, query_start * frame_tokens:], rewriting_held)
-        return StaticAttend(keys, values, self._live_keys, query_start)
-
-    def _attended(self, buffer, frames):
-        """The first `frames` frames of a static buffer (the buffer itself when it is full)."""
-        tokens = frames * self.frame_tokens
-        return buffer if tokens == buffer.shape[1] else buffer[:, :tokens]
-
-    def _flush_pending(self):
-        """Store the last static-mode write (pre-RoPE keys, values) of a finished chunk in its ring slots."""
-        if self._pending is None:
-            return
-        (start, frames, v, keep_sink), k = self._pending, self._live_keys
-        L = self.frame_tokens
-        for index in range(frames):
-            if keep_sink and start + index < self.sink_frames:
-                continue  # rewind() keeps the sink
-            for dst, src in zip(self._frame_view(start + index), (k, v)):
-                dst.copy_(src[:, index * L:(index + 1) * L])
-        self._pending = None
+            end, keep_sink = self.begin_write(k.shape, k.dtype, k.device, start_frame, frame_tokens)
+            self._deferred = None  # this write supersedes a deferred static-mode write of the same chunk
+            self._write(start_frame, k.detach(), v.detach(), keep_sink)
+        keys = torch.cat(self.held(start_frame, end, 0) + [k], dim=1)
+        values = torch.cat(self.held(start_frame, end, 1) + [v], dim=1)
+        return keys, values, self.query_start
 
 
 @dataclass
@@ -371,8 +348,61 @@ class StaticAttend:
     attended frame, prefix already filled; the call's own chunk goes into the last n tokens (`write_live`)."""
     keys: torch.Tensor
     values: torch.Tensor
-    pending_keys: torch.Tensor   # pre-RoPE keys of the chunk, moved to the ring when the next chunk starts
+    live_keys: torch.Tensor   # pre-RoPE keys of the chunk, stored in the ring when the next chunk starts
     query_start: int
+
+
+class StaticKV:
+    """The in-place buffers of one layer for gradient-free streaming calls (module docstring); reads the attended
+    prefix from, and defers the chunk's write to, its LayerKVCache."""
+
+    def __init__(self, layer: LayerKVCache):
+        self.layer = layer
+        self.reset()
+
+    def reset(self):
+        self._buffers = None     # (keys, values) [B, window_frames*L, H, D], temporal order
+        self._live_keys = None   # pre-RoPE keys of the newest write [B, chunk*L, H, D]
+        self._prefix_for = None  # (start_frame, num_appends) of the chunk whose prefix the buffers hold
+
+    def tensors(self):
+        """The buffers allocated so far."""
+        return (self._buffers or ()) + ((self._live_keys,) if self._live_keys is not None else ())
+
+    @property
+    def nbytes(self):
+        return sum(buf.numel() * buf.element_size() for buf in self.tensors())
+
+    def prepare(self, batch, heads, head_dim, dtype, device, start_frame: int, frames: int, frame_tokens: int,
+                rope_keys) -> StaticAttend:
+        """Get the in-place buffers for a gradient-free write of frames [start_frame, start_frame + frames).
+
+        Same positions, eviction and EMA as `LayerKVCache.update`. rope_keys(keys, grid_frames) applies RoPE to
+        pre-RoPE keys [B, grid_frames*L, H, D] at frames 0..grid_frames-1; it runs once per chunk, on the
+        attended prefix."""
+        layer = self.layer
+        if layer.window_frames is None:
+            raise ValueError("static cache buffers need a finite window (window_frames)")
+        shape = (batch, frames * frame_tokens, heads, head_dim)
+        with torch.no_grad():
+            end, keep_sink = layer.begin_write(shape, dtype, device, start_frame, frame_tokens)
+            query_start = layer.query_start
+            if self._buffers is None:
+                self._buffers = tuple(torch.zeros(batch, layer.window_frames * frame_tokens, heads, head_dim,
+                                                  dtype=dtype, device=device) for _ in "kv")
+            # the first `query_start + frames` frames of each buffer (the buffer itself once the window is full)
+            tokens = (query_start + frames) * frame_tokens
+            keys, values = (buf if tokens == buf.shape[1] else buf[:, :tokens] for buf in self._buffers)
+            if self._prefix_for != (start_frame, layer.num_appends):
+                prefix = query_start * frame_tokens
+                if prefix:
+                    keys[:, :prefix].copy_(rope_keys(torch.cat(layer.held(start_frame, end, 0), dim=1), query_start))
+                    values[:, :prefix].copy_(torch.cat(layer.held(start_frame, end, 1), dim=1))
+                self._prefix_for = (start_frame, layer.num_appends)
+            if self._live_keys is None or self._live_keys.shape != shape:
+                self._live_keys = torch.zeros(shape, dtype=dtype, device=device)
+            layer.defer_write(start_frame, self._live_keys, values[:, query_start * frame_tokens:], keep_sink)
+        return StaticAttend(keys, values, self._live_keys, query_start)
 
 
 def write_live(keys, values, live_keys, k, roped_k, v):
@@ -386,31 +416,44 @@ def write_live(keys, values, live_keys, k, roped_k, v):
 
 
 class KVCache:
-    """All layers' caches for one model and one video: self-attention per block plus cross-attention K/V."""
+    """All layers' caches for one model and one video."""
 
     def __init__(self, num_layers, window_frames=None, sink_frames=0, sink_mode="none", ema_alpha=0.999,
                  chunk_frames=None, static=False):
         _check_int("num_layers", num_layers, 1)
         validate_cache_config(window_frames, sink_frames, sink_mode, ema_alpha, chunk_frames)
         self.window_frames = window_frames
-        self.sink_frames = sink_frames
-        self.sink_mode = sink_mode
-        self.ema_alpha = float(ema_alpha)
-        self.chunk_frames = chunk_frames
-        # Gradient-free streaming reads through in-place buffers (`LayerKVCache.prepare`); windowed caches only.
+        # Gradient-free streaming reads through in-place buffers (StaticKV); windowed caches only.
         self.static = bool(static) and window_frames is not None
-        self.layers = [LayerKVCache(window_frames, sink_frames, sink_mode, ema_alpha) for _ in range(num_layers)]
-        self.cross = [None] * num_layers
+        self.layers = [LayerKVCache(window_frames, sink_frames, sink_mode, ema_alpha, self.static)
+                       for _ in range(num_layers)]
+
+    @property
+    def cross(self):
+        """Each block's cross-attention (k, v) of the current prompt (None before the prompt's first call)."""
+        return [layer.cross for layer in self.layers]
+
+    @property
+    def steady(self):
+        """Every layer attends a full window and holds the prompt's cross-attention K/V: from here on every
+        gradient-free call sees the same buffers with the same shapes (what torch.compile / CUDA graphs need)."""
+        return all(len(layer.attended_frames) == self.window_frames and layer.cross is not None
+                   for layer in self.layers)
+
+    def in_place_tensors(self):
+        """What the gradient-free calls of a steady cache read and write in place: every layer's static buffers
+        and cross-attention K/V."""
+        return [tensor for layer in self.layers for tensor in layer.static.tensors() + layer.cross]
 
     def reset(self):
         """New video: clear self- and cross-attention state."""
         for layer in self.layers:
             layer.reset()
-        self.reset_cross()
 
     def reset_cross(self):
         """Prompt switch: drop the cross-attention K/V only."""
-        self.cross = [None] * len(self.layers)
+        for layer in self.layers:
+            layer.cross = None
 
     def rewind(self, frame: int) -> None:
         """Prompt switch: re-encode the held frames from `frame` on in every layer (LayerKVCache.rewind)."""
@@ -419,5 +462,4 @@ class KVCache:
 
     @property
     def nbytes(self):
-        cross = sum(t.numel() * t.element_size() for kv in self.cross if kv is not None for t in kv)
-        return sum(layer.nbytes for layer in self.layers) + cross
+        return sum(layer.nbytes for layer in self.layers)

@@ -49,7 +49,7 @@ def _refused_global(err: BaseException) -> str:
 
 def _require_file(path: Path, what: str) -> Path:
     if not path.exists():
-        raise CheckpointError(f"{what} not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}{download_hint(path)}")
     if not path.is_file():
         raise CheckpointError(f"{what} is not a file: {path}")
     return path
@@ -102,11 +102,30 @@ def _load_torch(path: Path):
         raise CheckpointError(f"cannot read {path} (truncated or not a torch.save file?): {_first_line(err)}") from None
 
 
+# download_checkpoints.sh's flag for each folder or file it fetches by that name (its --help lists the parts).
+DOWNLOAD_FLAGS = {"wan2.1-t2v-1.3b": "--only wan-1.3b", "wan2.1-t2v-14b": "--with-teacher",
+                  "rewardforcing.pt": "--only reward-forcing", "ode_init.pt": "--only ode-init",
+                  "ar_diffusion.pt": "--only causal-forcing", "causal_ode.pt": "--only causal-forcing"}
+
+
+def download_hint(path) -> str:
+    """'; `bash download_checkpoints.sh FLAG` fetches it ...' for an asset the script fetches, else ''."""
+    flag = DOWNLOAD_FLAGS.get(Path(path).name.lower())
+    if flag is None:
+        return ""
+    return (f"; `bash download_checkpoints.sh {flag}` fetches it (into checkpoints/; with --checkpoint-dir DIR, "
+            "pass checkpoint_dir=DIR here)")
+
+
+def _missing_wan_folder(folder: Path) -> str:
+    return f"Wan model folder not found: {folder}{download_hint(folder)}"
+
+
 def read_wan_config(folder) -> dict:
     """The DiT architecture stored in a Wan folder's `config.json`."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"Wan model folder not found: {folder}")
+        raise CheckpointError(_missing_wan_folder(folder))
     path = _require_file(folder / WAN_CONFIG, "Wan config")
     try:
         config = json.loads(path.read_text())
@@ -156,7 +175,8 @@ def _is_flat(obj: dict) -> bool:
 # generator.safetensors (the `generator` section) and generator_ema.safetensors beside it.
 EXPORTED_FLAT = "generator.safetensors"
 EXPORTED_EMA = "generator_ema.safetensors"
-NO_EMA_NOTE = "holds no separate EMA weights; --use_ema uses its weights as they are"
+NO_EMA_NOTE = "holds no separate EMA weights; its weights are used as they are"
+NO_EMA_SECTION_NOTE = "no generator_ema section (no EMA made yet): the generator weights are used"
 
 
 @dataclass(frozen=True)
@@ -186,9 +206,10 @@ def _select_section(obj: dict, path: Path, use_ema: bool) -> tuple[dict, Weights
         raise CheckpointError(f"{path} is neither a flat state dict nor a checkpoint with a 'generator' section "
                               f"(top-level keys: {keys})")
     wanted = "generator_ema" if use_ema else "generator"
+    if wanted not in sections and use_ema and "generator" in sections:
+        return obj["generator"], WeightsSource(path, "generator", NO_EMA_SECTION_NOTE)
     if wanted not in sections:
-        hint = "; drop --use_ema to load 'generator'" if use_ema and "generator" in sections else ""
-        raise CheckpointError(f"{path} has no '{wanted}' section (it has: {', '.join(sections)}){hint}")
+        raise CheckpointError(f"{path} has no '{wanted}' section (it has: {', '.join(sections)})")
     return obj[wanted], WeightsSource(path, wanted)
 
 
@@ -207,9 +228,10 @@ def load_generator_weights(path, use_ema: bool = False) -> tuple[dict, WeightsSo
     """Student weights from a file (flat, sectioned or .safetensors) or a Wan folder, and which file and
     section were actually read.
 
-    `use_ema` picks the `generator_ema` section of a sectioned file, or the generator_ema.safetensors
-    exported beside a generator.safetensors; a flat file without either is used as it is (the released
-    rewardforcing.pt, which upstream's README loads with --use_ema), and the description says so.
+    `use_ema` picks the EMA weights where the file has them: the `generator_ema` section of a sectioned file,
+    or the generator_ema.safetensors exported beside a generator.safetensors. A file without them is used as
+    it is (the released rewardforcing.pt, which upstream's README loads with --use_ema; the `generator`
+    section of a run exported before its EMA was made), and the description says so.
     Keys in diffusers' WanTransformer3DModel layout are renamed to the original Wan names.
     """
     path = Path(path)
@@ -281,12 +303,12 @@ def _case_insensitive(path: Path) -> Path:
     return matches[0] if len(matches) == 1 else path
 
 
-def asset_path(cfg, name) -> Path:
-    """Where asset `name` lives: absolute, `./`- or `../`-relative paths as given, others under cfg.checkpoint_dir."""
+def asset_path(checkpoint_dir, name) -> Path:
+    """Where asset `name` lives: absolute, `./`- or `../`-relative paths as given, others under `checkpoint_dir`."""
     if name is None or str(name).strip() == "":
         raise CheckpointError("an empty asset path was given")
     text = str(name)
     path = Path(text).expanduser()
     if not (path.is_absolute() or text.startswith(("./", "../"))):
-        path = Path(cfg.checkpoint_dir).expanduser() / path
+        path = Path(checkpoint_dir).expanduser() / path
     return _case_insensitive(path)

@@ -3,7 +3,9 @@
 x_t = (1 - sigma) * x0 + sigma * noise, and the networks predict the flow v = noise - x0, so
 x0 = x_t - sigma * v. Timesteps live in [0, num_train_timesteps]; sigma is found either on the
 shifted training grid (nearest point, as upstream) or exactly as t / num_train_timesteps.
-Latents are [B, C, F, H, W]; t may be a scalar, [B] or per-frame [B, F].
+Latents are [B, C, F, H, W]; t may be a scalar, [B] or per-frame [B, F]. The teachers' many-step sampler (an Euler
+solve of the flow ODE, for ODE pairs and the autoregressive teacher) and classifier-free guidance live here too, so
+inference and training share them.
 """
 import torch
 
@@ -13,6 +15,34 @@ from reward_forcing.errors import ConfigError
 def shift_sigma(sigma, shift: float):
     """The timestep-shift warp sigma -> s*sigma / (1 + (s-1)*sigma)."""
     return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def euler_sigmas(num_steps: int, shift: float) -> torch.Tensor:
+    """The num_steps + 1 sigmas of an Euler ODE solve from 1 down to a final 0 (float64): the shifted points
+    warp(1 - k / num_steps), k = 0 .. num_steps - 1, as upstream's FlowMatchScheduler(extra_one_step=True)
+    sets them, then 0."""
+    if num_steps < 1:
+        raise ConfigError(f"ode_num_steps must be at least 1, got {num_steps}")
+    base = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
+    return torch.cat([shift_sigma(base, shift), torch.zeros(1, dtype=torch.float64)])
+
+
+def euler_ode(flow, x: torch.Tensor, sigmas, keep=()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Euler steps of the flow ODE on the decreasing grid `sigmas` (ending at 0):
+        x_{k+1} = x_k + flow(x_k, 1000 * sigma_k) * (sigma_{k+1} - sigma_k).
+    Returns the end state and the states x_k at the indices `keep` (0 = x itself), in order."""
+    keep = set(keep)
+    states = [x] if 0 in keep else []
+    for k in range(len(sigmas) - 1):
+        x = x + flow(x, float(1000 * sigmas[k])) * float(sigmas[k + 1] - sigmas[k])
+        if k + 1 in keep:
+            states.append(x)
+    return x, states
+
+
+def classifier_free_guidance(x_cond: torch.Tensor, x_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Upstream's form x_c + s * (x_c - x_u), i.e. classic CFG with weight 1 + s."""
+    return x_cond + scale * (x_cond - x_uncond)
 
 
 def warped_steps(step_list, shift: float, num_train_timesteps: int = 1000) -> list[float]:

@@ -15,8 +15,10 @@ Missing dimensions contribute 0 to their group's sum (normalised n = 0, not raw 
 cal_final_score.py sets the raw score to 0, which makes n negative for dimensions with Min > 0) and are listed
 in a warning and in `VBenchScores.missing`.
 """
+import argparse
 import json
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,3 +155,59 @@ def aggregate(scores: dict[str, float]) -> VBenchScores:
         group[g] = 100 * weighted / group_weight_sum(g)
     return VBenchScores(total=total_score(group[QUALITY], group[SEMANTIC]), quality=group[QUALITY],
                         semantic=group[SEMANTIC], raw=dict(scores), normalised=normalised, missing=missing)
+
+
+# ---- the command line: scripts/vbench_aggregate.py ----
+
+USAGE = """Aggregate VBench `*_eval_results.json` files into the Total / Quality / Semantic scores.
+
+    python scripts/vbench_aggregate.py RESULTS [RESULTS ...] [--json OUT]
+
+RESULTS are files written by VBench's evaluate (`{name}_eval_results.json`), or folders holding them.
+Missing dimensions count as 0 and are listed in a warning on stderr. The table's `raw` column is VBench's score
+as a fraction (aesthetic/imaging quality given in percent are divided by 100, see reward_forcing/vbench.py).
+"""
+
+
+def result_files(arguments) -> list[Path]:
+    """The files named, with each folder replaced by its `*_eval_results.json` files."""
+    files = []
+    for path in map(Path, arguments):
+        if path.is_dir():
+            found = sorted(path.glob("*_eval_results.json"))
+            if not found:
+                raise VBenchResultsError(f"folder {path} holds no *_eval_results.json file")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def format_table(result) -> str:
+    lines = [f"{'dimension':24s} {'raw':>8s} {'normalised':>10s} {'weight':>6s}  group"]
+    for name, dim in DIMENSIONS.items():
+        raw = f"{result.raw[name]:8.4f}" if name in result.raw else f"{'missing':>8s}"
+        lines.append(f"{name:24s} {raw} {result.normalised[name]:10.4f} {dim.weight:6g}  {dim.group}")
+    lines += ["", f"Total    {result.total:6.2f}", f"Quality  {result.quality:6.2f}", f"Semantic {result.semantic:6.2f}"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="VBench *_eval_results.json files or folders holding them")
+    parser.add_argument("--json", dest="json_out", help="also write the scores and the per-dimension table here")
+    args = parser.parse_args(argv)
+
+    scores = load_results(result_files(args.results))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = aggregate(scores)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    print(format_table(result))
+    if args.json_out:
+        try:
+            Path(args.json_out).write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise VBenchResultsError(f"cannot write --json {args.json_out}: {err.strerror}") from None
+    return 0

@@ -2,13 +2,17 @@
 
 VBench locates a prompt's videos by the exact name `{prompt}-{i}.mp4`, so names are the prompt
 itself whenever the file system allows it; only impossible names get an escaped, hashed variant.
+
+A prompt file is text, one prompt per line, or JSONL (a `.jsonl` name): one object per line with a "prompt" and
+at most one of "image" (a picture the video starts from) and "video" (a video it continues), paths relative to
+the JSONL file's folder.
 """
 import hashlib
 import json
 import os
 import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import imageio
@@ -31,11 +35,24 @@ class PromptFileError(UserError):
     """A prompt file that is missing, empty, undecodable, or does not line up with its extended file."""
 
 
+CONDITION_KINDS = ("image", "video")  # a picture to start from, a video to continue
+JSONL_KEYS = ("prompt", *CONDITION_KINDS)
+
+
+@dataclass(frozen=True)
+class ConditionFile:
+    """A picture to start from (kind "image") or a video to continue (kind "video")."""
+    kind: str
+    path: Path
+    origin: str = field(default="", compare=False)  # where it was named, for messages: "prompts.jsonl line 3"
+
+
 @dataclass(frozen=True)
 class Prompt:
     index: int  # position among the non-blank prompts of the file
     text: str  # the short prompt: names the video
     extended: str | None = None  # the text actually generated when an extended file is given
+    condition: ConditionFile | None = None  # a JSONL line's "image" or "video"
 
     @property
     def generation_text(self) -> str:
@@ -74,13 +91,40 @@ def read_prompts(data_path, extended_path=None) -> tuple[list[Prompt], int]:
                     f"extended prompt file {extended_path} does not line up with {data_path}: "
                     f"line {number} is blank in only one of them"
                 )
+    jsonl = Path(data_path).suffix == ".jsonl"
     prompts = []
     for number, line in enumerate(short):
         if line:
-            prompts.append(Prompt(len(prompts), line, extended[number] if extended is not None else None))
+            text, condition = _jsonl_line(line, Path(data_path), number + 1) if jsonl else (line, None)
+            prompts.append(Prompt(len(prompts), text, extended[number] if extended is not None else None, condition))
     if not prompts:
         raise PromptFileError(f"prompt file {data_path} contains no prompts")
     return prompts, len(short) - len(prompts)
+
+
+def _jsonl_line(line: str, path: Path, number: int) -> tuple[str, ConditionFile | None]:
+    """(prompt, condition) of one JSONL line; a named file must exist (checked before anything is generated)."""
+    where = f"{path} line {number}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise PromptFileError(f"{where}: not JSON ({err.msg})") from None
+    if not isinstance(item, dict) or "prompt" not in item or not set(item) <= set(JSONL_KEYS):
+        raise PromptFileError(f"{where}: expected an object with a \"prompt\" and at most one of \"image\", "
+                              "\"video\"")
+    kinds = [kind for kind in CONDITION_KINDS if kind in item]
+    if len(kinds) > 1:
+        raise PromptFileError(f"{where}: a video starts from an image or continues a video, not both")
+    values = [item["prompt"]] + [item[kind] for kind in kinds]
+    if not all(isinstance(value, str) and value.strip() for value in values):
+        raise PromptFileError(f"{where}: \"prompt\"{' and ' + repr(kinds[0]) if kinds else ''} must be non-empty "
+                              "strings")
+    if not kinds:
+        return item["prompt"].strip(), None
+    file = path.parent / Path(item[kinds[0]]).expanduser()
+    if not file.is_file():
+        raise PromptFileError(f"{where}: {kinds[0]} not found: {file}")
+    return item["prompt"].strip(), ConditionFile(kinds[0], file, where)
 
 
 def _fits(stem: str, suffix: str) -> bool:
@@ -115,18 +159,23 @@ def video_name(stem: str, sample_index: int) -> str:
 
 
 def unique_by_stem(prompts: list[Prompt], stem_of) -> list[Prompt]:
-    """Drop prompts whose video stem repeats an earlier one (VBench's list has two), with a warning."""
+    """Drop prompts whose video stem repeats an earlier one (VBench's list has two), with a warning; two that
+    would share a name but start from different files are refused."""
     seen = {}
     kept = []
     for prompt in prompts:
         stem = stem_of(prompt)
         if stem in seen:
+            first = seen[stem]
+            if first.condition != prompt.condition:
+                raise PromptFileError(f"prompts {first.index} and {prompt.index} would both be named {stem!r} but "
+                                      "start from different files; use --save_with_index")
             warnings.warn(
-                f"prompt {prompt.index} repeats prompt {seen[stem]} ({prompt.text[:60]!r}); generated once",
+                f"prompt {prompt.index} repeats prompt {first.index} ({prompt.text[:60]!r}); generated once",
                 stacklevel=2,
             )
             continue
-        seen[stem] = prompt.index
+        seen[stem] = prompt
         kept.append(prompt)
     return kept
 
@@ -213,6 +262,43 @@ class Mp4Writer:
             else:
                 self.tmp_path.unlink(missing_ok=True)
         return False
+
+
+def _checked_chunk(frames, shape) -> np.ndarray:
+    """One [n, H, W, 3] uint8 chunk, the same frame size as the chunks before it (`shape`, or None)."""
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        described = f"{frames.dtype} {list(frames.shape)}" if isinstance(frames, np.ndarray) else type(frames).__name__
+        raise UserError(f"frames must be uint8 arrays [frames, height, width, 3] (as VideoPipeline returns), "
+                        f"got {described}")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise UserError(f"H.264 needs an even frame height and width, got {frames.shape[1]}x{frames.shape[2]}")
+    if shape is not None and frames.shape[1:] != shape:
+        raise UserError(f"frames change size from {list(shape)} to {list(frames.shape[1:])} within one video")
+    return frames
+
+
+def export_to_video(frames, path, fps: int = 16) -> Path:
+    """Write frames to the H.264 mp4 `path` (atomically: a hidden file renamed into place when complete, so a
+    failure never leaves a partial video under `path`; an existing file is replaced). Returns the path.
+
+    frames: uint8 [n, H, W, 3], as `VideoPipeline(...)` returns, or an iterable of such chunks, as
+    `VideoPipeline.stream(...)` yields (each chunk reaches the disk before the next is made).
+    fps: 16 is Wan2.1's and inference.py's rate.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".mp4":
+        raise UserError(f"export_to_video writes mp4 files; {path} does not end in .mp4")
+    if isinstance(fps, bool) or not isinstance(fps, int) or fps <= 0:
+        raise UserError(f"fps must be a positive whole number, got {fps!r}")
+    chunks = [frames] if isinstance(frames, np.ndarray) else frames
+    shape = None
+    with Mp4Writer(path, fps=fps) as writer:
+        for chunk in chunks:
+            shape = _checked_chunk(chunk, shape).shape[1:]
+            writer.append(chunk)
+        if writer.frames == 0:
+            raise UserError(f"no frames to write to {path}")
+    return path
 
 
 def append_manifest(path, record: dict) -> None:

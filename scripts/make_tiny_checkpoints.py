@@ -7,11 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from reward_forcing.config import load_config
+from reward_forcing.errors import ConfigError, run_cli
 
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.errors import ConfigError, run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None):
@@ -26,7 +25,7 @@ def main(argv=None):
         raise ConfigError(f"--output_dir {out} exists and is not a folder")
     cfg = load_config(args.config)
 
-    from reward_forcing.tiny_assets import write_tiny_checkpoint_dir
+    from reward_forcing.testing.assets import write_tiny_checkpoint_dir
 
     paths = write_tiny_checkpoint_dir(out, cfg, seed=args.seed)
     for name, path in paths.items():

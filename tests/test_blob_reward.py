@@ -11,7 +11,8 @@ from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError
 from reward_forcing.miniworld.blob_reward import BlobQualityReward
 from reward_forcing.miniworld.world import World, WorldSpec
-from reward_forcing.training.reward_feedback import FrameReward, choose_frames
+from reward_forcing.training.cli import main as train
+from reward_forcing.training.frame_reward import FrameReward, choose_frames
 
 ROOT = Path(__file__).parents[1]
 
@@ -137,9 +138,8 @@ def test_all_frames_average_and_all_get_gradient(world):
 def test_reward_feedback_on_latents_trains_without_a_decoder(tmp_path):
     """train.py, trainer reward_feedback, decoder none: the checkpoint folder holds only the DiT, T5 and
     tokenizer (no VAE, no ImageReward), so any attempt to load either fails the run."""
-    import train
-    from reward_forcing.tiny_assets import TINY_WAN_CONFIG as DIT
-    from reward_forcing.tiny_assets import random_wan_state_dict, write_t5, write_tokenizer, write_wan_folder
+    from reward_forcing.testing.assets import TINY_WAN_CONFIG as DIT
+    from reward_forcing.testing.assets import random_wan_state_dict, write_t5, write_tokenizer, write_wan_folder
 
     config = ROOT / "configs" / "tiny_reward_feedback.yaml"
     cfg = load_config(config)
@@ -154,7 +154,7 @@ def test_reward_feedback_on_latents_trains_without_a_decoder(tmp_path):
                  "decoder=none", "generator_ckpt=null", "reward.name=blob_quality", "reward.score_key=quality",
                  f"reward.world_path={tmp_path / 'world.json'}", "max_steps=2", "batch_size=2"]
     logdir = tmp_path / "run"
-    assert train.main(["--config_path", str(config), "--logdir", str(logdir), "--disable-wandb", "--no_save",
+    assert train(["--config_path", str(config), "--logdir", str(logdir), "--disable-wandb", "--no_save",
                        *overrides]) == 0
     rows = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -164,5 +164,5 @@ def test_reward_feedback_on_latents_trains_without_a_decoder(tmp_path):
 
     # a pixel reward with no decoder is refused in one line before any model loads
     with pytest.raises(ConfigError, match="reward 'imagereward' reads pixels, .* set decoder=vae"):
-        train.main(["--config_path", str(config), "--logdir", str(tmp_path / "refused"), *overrides[:4],
-                    "reward.name=imagereward", "reward.score_key=ImageReward"])
+        train(["--config_path", str(config), "--logdir", str(tmp_path / "refused"), *overrides[:4],
+              "reward.name=imagereward", "reward.score_key=ImageReward"])

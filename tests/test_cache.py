@@ -254,10 +254,10 @@ def test_kvcache_layers_reset_and_cross():
     for layer in cache.layers:
         run_chunk(layer, 0, calls=1)
         run_chunk(layer, 1, calls=1)
-    cache.cross[0] = (torch.ones(1, 4, H, D), torch.ones(1, 4, H, D))
+    cache.layers[0].cross = (torch.ones(1, 4, H, D), torch.ones(1, 4, H, D))
     cache.reset_cross()
     assert cache.cross == [None, None, None] and cache.layers[0].next_frame == 6
-    cache.cross[1] = (torch.ones(1, 4, H, D), torch.ones(1, 4, H, D))
+    cache.layers[1].cross = (torch.ones(1, 4, H, D), torch.ones(1, 4, H, D))
     cache.reset()
     assert cache.cross == [None, None, None]
     assert all(layer.next_frame == 0 and layer.sink is None and layer.nbytes == 0 for layer in cache.layers)

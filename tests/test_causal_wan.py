@@ -62,7 +62,7 @@ def test_single_chunk_equals_bidirectional():
     t = torch.tensor([637.0])
     with torch.no_grad():
         want = teacher(x, t, context)
-        got_cache = model(x, t, context, cache=model.new_cache(B), start_frame=0)
+        got_cache = model.stream_step(x, t, context, model.new_cache(B), start_frame=0)
         got_full = model(x, t.view(1, 1).expand(B, 3), context)
     assert (got_cache - want).abs().max() <= 1e-5
     assert (got_full - want).abs().max() <= 1e-5
@@ -76,7 +76,7 @@ def test_streaming_equals_block_causal_forward():
     with torch.no_grad():
         full = model(x, t, context)
         cache = model.new_cache(B)
-        chunks = [model(x[:, :, s:s + 2], t[:, s:s + 2], context, cache=cache, start_frame=s) for s in range(0, 7, 2)]
+        chunks = [model.stream_step(x[:, :, s:s + 2], t[:, s:s + 2], context, cache, s) for s in range(0, 7, 2)]
     streamed = torch.cat(chunks, dim=2)
     assert (streamed - full).abs().max() <= 1e-5
     # causality is real: later frames depend on earlier ones
@@ -155,7 +155,7 @@ def test_streaming_after_eviction_equals_the_sink_window_mask(window, sink):
     with torch.no_grad():
         want = masked_reference(model, x, t, context, mask, chunk)
         cache = model.new_cache(B, window_frames=window, sink_frames=sink, sink_mode="static" if sink else "none")
-        got = torch.cat([model(x[:, :, s:s + chunk], t[:, s:s + chunk], context, cache=cache, start_frame=s)
+        got = torch.cat([model.stream_step(x[:, :, s:s + chunk], t[:, s:s + chunk], context, cache, s)
                          for s in range(0, frames, chunk)], dim=2)
         unbounded = model(x, t, context)
     assert cache.layers[0].num_evictions >= 4
@@ -176,8 +176,8 @@ def test_cache_with_context_passes_equals_teacher_forcing():
         cache = model.new_cache(B, window_frames=9, sink_frames=3, sink_mode="ema")
         outs = []
         for s in range(0, 9, 3):
-            outs.append(model(noisy[:, :, s:s + 3], t[:, s:s + 3], context, cache=cache, start_frame=s))
-            model(clean[:, :, s:s + 3], 0.0, context, cache=cache, start_frame=s)
+            outs.append(model.stream_step(noisy[:, :, s:s + 3], t[:, s:s + 3], context, cache, s))
+            model.stream_step(clean[:, :, s:s + 3], 0.0, context, cache, s)
     got = torch.cat(outs, dim=2)
     assert (got - want).abs().max() <= 1e-5
     # the clean half matters: a different aug_t changes the noisy output after chunk 0
@@ -233,8 +233,8 @@ def test_cross_kv_computed_once_per_prompt():
     x, context = inputs(3)
     cache = model.new_cache(B)
     with torch.no_grad():
-        model(x, 500.0, context, cache=cache)
+        model.stream_step(x, 500.0, context, cache)
         first = cache.cross[0][0].clone()
-        model(x, 500.0, context * 0, cache=cache, start_frame=0)  # cached prompt is reused
+        model.stream_step(x, 500.0, context * 0, cache, start_frame=0)  # cached prompt is reused
     assert torch.equal(cache.cross[0][0], first)
     assert len(cache.layers) == TINY["num_layers"]

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from reward_forcing.checkpoints import (
     asset_path,
     load_generator_state_dict,
+    load_generator_weights,
     load_into,
     load_wan_folder,
     read_wan_config,
@@ -23,8 +24,8 @@ from reward_forcing.config import load_config
 from reward_forcing.errors import CheckpointError
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.models.wan import WanModel, wan_to_diffusers_state_dict
-from reward_forcing.tiny_assets import TINY_WAN_CONFIG, randomise_
-from reward_forcing.tiny_assets import write_wan_folder as write_tiny_wan_folder
+from reward_forcing.testing.assets import TINY_WAN_CONFIG, randomise_
+from reward_forcing.testing.assets import write_wan_folder as write_tiny_wan_folder
 
 
 def new_model(seed):
@@ -249,11 +250,27 @@ def test_missing_shard_in_wan_folder(tmp_path, source):
     assert_one_line_error("weights file not found: .*00001-of-00002", load_wan_folder, folder)
 
 
-def test_use_ema_on_sectioned_file_without_ema(tmp_path, source):
-    model, _ = source
+def test_use_ema_on_sectioned_file_without_ema_reads_its_generator_and_says_so(tmp_path, source):
+    """A run exported before its EMA was made has no generator_ema: use_ema (the default of inference.py and the
+    Python API) takes the generator section, and the description names it."""
+    model, x = source
     path = write_file(tmp_path, "model.pt", {"generator": model.state_dict(), "critic": model.state_dict()})
+    assert_loads_identically(path, model, x, use_ema=True)
+    weights = load_generator_weights(path, use_ema=True)[1]
+    assert weights.identity == f"{path.resolve()} [generator]" and "no generator_ema section" in str(weights)
+    path = write_file(tmp_path, "critic_only.pt", {"critic": model.state_dict()})
     message = assert_one_line_error("no 'generator_ema' section", load_generator_state_dict, path, use_ema=True)
-    assert "generator, critic" in message and "drop --use_ema" in message
+    assert "(it has: critic)" in message
+
+
+@pytest.mark.parametrize("folder, flag", [("Wan2.1-T2V-1.3B", "--only wan-1.3b"), ("Wan2.1-T2V-14B", "--with-teacher")])
+def test_a_missing_wan_folder_names_the_download_flag_that_fetches_it(tmp_path, folder, flag):
+    message = assert_one_line_error("Wan model folder not found", load_wan_folder, tmp_path / folder)
+    assert f"`bash download_checkpoints.sh {flag}` fetches it" in message
+    usage = subprocess.run(["bash", str(REPO / "download_checkpoints.sh"), "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    option, *part = flag.split()
+    assert f"  {option} " in usage and all(f"  {name} " in usage for name in part)  # the flag and part exist
 
 
 def test_missing_file_and_folder(tmp_path):
@@ -279,18 +296,18 @@ def test_unrecognised_layout(tmp_path):
 
 def test_asset_path_resolves_under_checkpoint_dir(tmp_path):
     cfg = OmegaConf.create({"checkpoint_dir": str(tmp_path)})
-    assert asset_path(cfg, "ode_init.pt") == tmp_path / "ode_init.pt"
-    assert asset_path(cfg, "/abs/file.pt").as_posix() == "/abs/file.pt"
-    assert asset_path(cfg, "./here.pt").as_posix() == "here.pt"
+    assert asset_path(cfg.checkpoint_dir, "ode_init.pt") == tmp_path / "ode_init.pt"
+    assert asset_path(cfg.checkpoint_dir, "/abs/file.pt").as_posix() == "/abs/file.pt"
+    assert asset_path(cfg.checkpoint_dir, "./here.pt").as_posix() == "here.pt"
     (tmp_path / "Videoreward").mkdir()
-    assert asset_path(cfg, "VideoReward") == tmp_path / "Videoreward"
+    assert asset_path(cfg.checkpoint_dir, "VideoReward") == tmp_path / "Videoreward"
     assert_one_line_error("empty asset path", asset_path, cfg, None)
 
 
 def test_checkpoint_dir_default_and_command_line_override():
-    assert asset_path(load_config(), "ode_init.pt") == Path("checkpoints/ode_init.pt")
+    assert asset_path(load_config().checkpoint_dir, "ode_init.pt") == Path("checkpoints/ode_init.pt")
     cfg = load_config(overrides=["checkpoint_dir=/data/weights"])
-    assert asset_path(cfg, cfg.model_name) == Path("/data/weights/Wan2.1-T2V-1.3B")
+    assert asset_path(cfg.checkpoint_dir, cfg.model_name) == Path("/data/weights/Wan2.1-T2V-1.3B")
 
 
 # ---- scripts/make_tiny_checkpoints.py: a complete fake checkpoint_dir that the project loaders read ----
@@ -329,7 +346,7 @@ def test_tiny_yaml_has_the_tiny_sizes():
     cfg = load_config(REPO / "configs/tiny.yaml")
     te, vae = cfg.text_encoder, cfg.vae
     assert (te.vocab_size, te.d_model, te.d_kv, te.num_heads, te.d_ff, te.num_layers) == (256, 32, 8, 4, 64, 2)
-    assert (te.relative_attention_num_buckets, te.relative_attention_max_distance, te.text_len) == (32, 128, 32)
+    assert (te.relative_attention_num_buckets, te.relative_attention_max_distance, te.text_len) == (32, 128, 64)
     assert (vae.base_dim, vae.z_dim, list(vae.dim_mult), vae.num_res_blocks) == (8, 16, [1, 2, 4, 4], 2)
     assert list(vae.temperal_downsample) == [False, True, True]
     assert (cfg.height, cfg.width, cfg.num_frame_per_block, cfg.local_attn_size, cfg.sink_size) == (64, 96, 3, 9, 3)
@@ -341,7 +358,7 @@ def test_tiny_dir_is_complete_with_the_tiny_dit_config(tiny):
     assert [name for name in TINY_FILES if not (root / name).is_file()] == []
     config = json.loads((root / "Wan2.1-T2V-1.3B/config.json").read_text())
     sizes = {"dim": 64, "ffn_dim": 128, "num_heads": 4, "num_layers": 2, "freq_dim": 32, "text_dim": 32,
-             "text_len": 32, "in_dim": 16, "out_dim": 16}
+             "text_len": 64, "in_dim": 16, "out_dim": 16}
     assert {key: config[key] for key in sizes} == sizes
     student = CausalWanModel.from_config(read_wan_config(root / "Wan2.1-T2V-1.3B"), num_frame_per_block=3)
     assert student.patch_size == (1, 2, 2)
@@ -353,15 +370,15 @@ def assert_non_degenerate(state_dict):
 
 
 def test_tiny_dits_load_and_run(tiny):
-    base = asset_path(tiny, tiny.model_name)
+    base = asset_path(tiny.checkpoint_dir, tiny.model_name)
     config = read_wan_config(base)
     x = torch.randn(1, config["in_dim"], 3, tiny.height // 8, tiny.width // 8)
     context = torch.randn(1, config["text_len"], config["text_dim"])
     t = torch.tensor([500.0])
     outputs = []
     # The release README passes --use_ema with the flat rewardforcing.pt.
-    sources = [(base, False), (asset_path(tiny, "Reward-Forcing-T2V-1.3B/rewardforcing.pt"), True),
-               (asset_path(tiny, "ode_init.pt"), False)]
+    sources = [(base, False), (asset_path(tiny.checkpoint_dir, "Reward-Forcing-T2V-1.3B/rewardforcing.pt"), True),
+               (asset_path(tiny.checkpoint_dir, "ode_init.pt"), False)]
     for source, use_ema in sources:
         state_dict = load_generator_state_dict(source, use_ema=use_ema)
         assert_non_degenerate(state_dict)
@@ -371,7 +388,7 @@ def test_tiny_dits_load_and_run(tiny):
         outputs.append(flow)
     assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
 
-    teacher_dir = asset_path(tiny, tiny.real_name)
+    teacher_dir = asset_path(tiny.checkpoint_dir, tiny.real_name)
     teacher_config, teacher_sd = load_wan_folder(teacher_dir)
     assert teacher_config["dim"] != config["dim"] and teacher_config["num_layers"] != config["num_layers"]
     teacher = load_into(WanModel.from_config(teacher_config), teacher_sd, str(teacher_dir))
@@ -386,7 +403,7 @@ def test_tiny_text_encoder_vae_taehv_and_reward_load(tiny):
     from reward_forcing.rewards.imagereward import ImageReward
     from reward_forcing.rewards.videoalign import VideoReward
 
-    base = asset_path(tiny, tiny.model_name)
+    base = asset_path(tiny.checkpoint_dir, tiny.model_name)
     context = TextEncoder.from_wan_folder(base, tiny.text_encoder).encode(["a cat walks across the grass"])
     assert context.shape == (1, tiny.text_encoder.text_len, tiny.text_encoder.d_model)
     assert torch.isfinite(context).all() and context[0, 0].abs().sum() > 0
@@ -394,17 +411,17 @@ def test_tiny_text_encoder_vae_taehv_and_reward_load(tiny):
     latents = torch.randn(1, tiny.vae.z_dim, 2, tiny.height // 8, tiny.width // 8)
     with torch.no_grad():
         pixels = WanVAE.from_file(base / "Wan2.1_VAE.pth", tiny.vae).decode(latents)
-        preview = TAEHV.from_file(asset_path(tiny, tiny.taehv_path)).decode(latents)
+        preview = TAEHV.from_file(asset_path(tiny.checkpoint_dir, tiny.taehv_path)).decode(latents)
     assert pixels.shape == preview.shape == (1, 3, 5, tiny.height, tiny.width)
     assert torch.isfinite(pixels).all() and pixels.std() > 0.01
 
-    reward = VideoReward.from_checkpoint(asset_path(tiny, "VideoReward"), asset_path(tiny, "Qwen2-VL-2B-Instruct"),
+    reward = VideoReward.from_checkpoint(asset_path(tiny.checkpoint_dir, "VideoReward"), asset_path(tiny.checkpoint_dir, "Qwen2-VL-2B-Instruct"),
                                          verify_template=False)
     with torch.no_grad():
         scores = reward.score(pixels, ["a cat walks across the grass"])
     assert all(torch.isfinite(scores[key]).all() for key in ("VQ", "MQ", "TA", "Overall"))
 
-    image_reward = ImageReward.from_checkpoint(asset_path(tiny, "ImageReward"))
+    image_reward = ImageReward.from_checkpoint(asset_path(tiny.checkpoint_dir, "ImageReward"))
     with torch.no_grad():
         assert torch.isfinite(image_reward.score(pixels[:, :, -1], ["a cat walks across the grass"])).all()
 

@@ -39,3 +39,16 @@ def test_bad_configs_give_one_line_errors(tmp_path, text, overrides, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/c.yaml")
+
+
+@pytest.mark.parametrize("text, where", [
+    ("height: 256\nwidth: [1, 2\n", "line 3, column 1: did not find expected ',' or ']'"),  # the list never closes
+    ("height: 256\n  width: 3\n", "line 2, column 8: mapping values are not allowed in this context"),
+    ("vae:\n\tz_dim: 4\n", "line 2, column 1: found character that cannot start any token"),
+])
+def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path, text, where):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"cannot read config {path}: {where}"

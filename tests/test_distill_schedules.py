@@ -1,23 +1,20 @@
 """`schedule: corrected | upstream` through the real Distiller on tiny models: optimiser steps, samples per step
 and EMA updates against counts worked out by hand from each loop (reward_forcing/training/schedule.py)."""
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
-
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.training import distill  # noqa: E402
+from reward_forcing.config import load_config
+from reward_forcing.training import distill, ema
+from reward_forcing.training.loop import train
 
 ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_tiny_training_assets(tmp_path_factory.mktemp("schedule_assets"))
+def assets(tmp_path_factory, write_training_assets):
+    return write_training_assets(tmp_path_factory.mktemp("schedule_assets"))
 
 
 def _run(assets, tmp_path, monkeypatch, *overrides):
@@ -25,7 +22,7 @@ def _run(assets, tmp_path, monkeypatch, *overrides):
     ('ema', 'create' | 'update')."""
     log = []
 
-    class CountingEMA(distill.EMA):
+    class CountingEMA(ema.EMA):
         def __init__(self, *args):
             log.append(("ema", "create"))
             super().__init__(*args)
@@ -44,20 +41,19 @@ def _run(assets, tmp_path, monkeypatch, *overrides):
                     log.append((name, "zero")), zero_grad(*a, **k))
 
         def generator_micro(self, step, micro):
-            log.append(("generator", "micro", len(self._sample_ids(micro))))
+            log.append(("generator", "micro", len(self.run.sample_ids(micro))))
             return super().generator_micro(step, micro)
 
         def critic_micro(self, step, micro):
-            log.append(("critic", "micro", len(self._sample_ids(micro))))
+            log.append(("critic", "micro", len(self.run.sample_ids(micro))))
             return super().critic_micro(step, micro)
 
-    monkeypatch.setattr(distill, "EMA", CountingEMA)
-    monkeypatch.setattr(distill, "Distiller", Recording)
+    monkeypatch.setattr(ema, "EMA", CountingEMA)
     cfg = load_config(ROOT / "configs" / "tiny_train.yaml", [
         f"checkpoint_dir={assets}", f"prompt_path={assets / 'prompts.txt'}", "seed=7", "distill_loss=dmd",
         "batch_size=2", "grad_accum=2", "dfake_gen_update_ratio=2", "max_steps=5", "ema_start=2",
         "num_training_frames=3", *overrides])
-    distill.run(cfg, tmp_path, SimpleNamespace(resume=None, disable_wandb=True, no_save=True))
+    train(Recording, cfg, tmp_path, SimpleNamespace(resume=None, disable_wandb=True, no_save=True))
     return log
 
 

@@ -27,6 +27,8 @@ REPOS = {
                             "vidprom_filtered_extended.txt"],
     "JaydenLu666/Reward-Forcing-T2V-1.3B": ["rewardforcing.pt", "README.md"],
     "THUDM/ImageReward": ["ImageReward.pt", "med_config.json", "README.md"],
+    "zhuhz22/Causal-Forcing": ["chunkwise/ar_diffusion.pt", "chunkwise/causal_ode.pt", "chunkwise/causal_forcing.pt",
+                               "framewise/causal_ode.pt", "README.md"],
     "google-bert/bert-base-uncased": ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "config.json",
                                       "model.safetensors"],
 }
@@ -283,4 +285,15 @@ def test_with_imagereward_fetches_checkpoint_config_and_tokenizer(tmp_path, env)
         "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
     assert (folder / "med_config.json").read_text() == "THUDM/ImageReward:med_config.json\n"
     again, calls = run(tmp_path, env, "--only", "imagereward")
+    assert again.returncode == 0 and calls == [] and again.stdout.count("present:") == 2
+
+
+def test_causal_forcing_fetches_the_chunkwise_teacher_and_init_where_its_presets_look(tmp_path, env):
+    result, calls = run(tmp_path, env, "--only", "causal-forcing")
+    assert result.returncode == 0, result.stderr
+    assert hf_repos(calls) == ["zhuhz22/Causal-Forcing", "zhuhz22/Causal-Forcing"]
+    folder = tmp_path / "checkpoints/chunkwise"
+    assert sorted(p.name for p in folder.iterdir()) == ["ar_diffusion.pt", "causal_ode.pt"]
+    assert (folder / "causal_ode.pt").read_text() == "zhuhz22/Causal-Forcing:chunkwise/causal_ode.pt\n"
+    again, calls = run(tmp_path, env, "--only", "causal-forcing")
     assert again.returncode == 0 and calls == [] and again.stdout.count("present:") == 2

@@ -9,7 +9,7 @@ WINDOW = dict(window_frames=9, sink_frames=3, sink_mode="ema")
 
 def run(generator, context, chunks, cache, grad_steps=(), seed=1):
     """The generator's sampler loop written out on a given cache; denoising steps in grad_steps run with
-    autograd on (so they take the concatenating `update` path of the cache)."""
+    autograd on (so they take the model's stream_step, the concatenating `update` path of the cache)."""
     rng = torch.Generator().manual_seed(seed)
     shape = (1, generator.model.in_dim, 3, *HW)
     out = []
@@ -48,9 +48,9 @@ def test_stream_uses_fixed_buffers_once_the_window_is_full():
     seen = []
     original = model.static_step
 
-    def spy(x, t, cos, sin, buffers, cross_kv):
+    def spy(x, t, context, cos, sin, buffers, layers):
         seen.append([tuple(buf.data_ptr() for buf in layer) + (tuple(layer[0].shape),) for layer in buffers])
-        return original(x, t, cos, sin, buffers, cross_kv)
+        return original(x, t, context, cos, sin, buffers, layers)
 
     model.static_step = spy
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_compiled_step_one_graph_no_recompiles_equals_eager():
     eager = list(generator.stream(context, 3 * 40, HW, generator=torch.Generator().manual_seed(1)))
     torch._dynamo.reset()
     counters.clear()
-    model.compile_streaming()
+    generator.compile()
     compiled, graphs = [], []
     for chunk in generator.stream(context, 3 * 40, HW, generator=torch.Generator().manual_seed(1)):
         compiled.append(chunk)

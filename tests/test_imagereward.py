@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from reward_forcing.errors import CheckpointError, UserError
 from reward_forcing.rewards import imagereward as ir
-from reward_forcing.tiny_imagereward import write_tiny_imagereward
+from reward_forcing.testing.imagereward import write_tiny_imagereward
 
 PROMPTS = ["a cat walks slowly across the green grass", "waves crash on a rocky beach at sunset, 4k"]
 
@@ -240,7 +240,7 @@ def test_cli_scores_an_image_and_a_chosen_video_frame(model, folder, tmp_path, c
     imageio.mimwrite(tmp_path / "video.mp4", frames, fps=8, macro_block_size=1)
     video = read_video(tmp_path / "video.mp4")[0]
     with torch.no_grad():
-        expected = [model.score(torch.from_numpy(frames[0]).permute(2, 0, 1)[None].float(), PROMPTS[:1], "[0,255]"),
+        expected = [model.score(released_pixels(tmp_path / "image.png", model.image_size), PROMPTS[:1], "[0,255]"),
                     model.score(video[:, :, 1], PROMPTS[:1], "[0,255]"),
                     model.score(video[:, :, 2], PROMPTS[:1], "[0,255]")]
     for args, want in ((["image.png"], expected[0]), (["video.mp4", "--frame", "1"], expected[1]),
@@ -255,10 +255,55 @@ def test_cli_scores_an_image_and_a_chosen_video_frame(model, folder, tmp_path, c
     assert issubclass(ir.VideoInputError, UserError)
 
 
+def released_pixels(path, size):
+    """THUDM/ImageReward ImageReward.py `_transform` on Image.open(path) up to ToTensor, written with PIL calls:
+    Resize(size, bicubic) of the image in its own mode, CenterCrop(size), then convert("RGB"); [1, 3, size, size]
+    in 0..255."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+        long = int(size * max(height, width) / min(height, width))
+        image = image.resize((long, size) if height <= width else (size, long), Image.BICUBIC)
+        left, top = int(round((image.width - size) / 2.0)), int(round((image.height - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size)).convert("RGB")
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float()
+
+
+def _palette_and_transparent_images(folder):
+    from PIL import Image
+
+    photo = photo_like(72, 104, seed=5)
+    Image.fromarray(photo).convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(folder / "palette.png")
+    alpha = (np.linspace(0, 255, 104)[None, :].repeat(72, 0)).astype(np.uint8)  # transparent left, opaque right
+    Image.fromarray(np.dstack([photo, alpha]), "RGBA").save(folder / "transparent.png")
+    return {"palette.png": "P", "transparent.png": "RGBA"}
+
+
+def test_cli_scores_palette_and_transparent_images_as_the_released_package(model, folder, tmp_path, capsys):
+    """The released preprocess resizes before converting to RGB: PIL resizes a palette image by nearest neighbour
+    and an RGBA one with premultiplied alpha, so converting first (as this CLI once did) scores otherwise."""
+    from PIL import Image
+
+    from reward_forcing.errors import run_cli
+
+    for name, mode in _palette_and_transparent_images(tmp_path).items():
+        path = tmp_path / name
+        with Image.open(path) as image:
+            assert image.mode == mode
+            converted_first = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            expected = model.score(released_pixels(path, model.image_size), PROMPTS[:1], "[0,255]")[0].item()
+            other_order = model.score(converted_first.float(), PROMPTS[:1], "[0,255]")[0].item()
+        assert abs(expected - other_order) > 1e-3  # the order matters for this image
+        assert run_cli(ir.main, ["--checkpoint_dir", str(folder), str(path), PROMPTS[0]]) == 0
+        assert capsys.readouterr().out.strip() == f"ImageReward: {expected:.4f}"
+
+
 def test_released_sizes_build_vit_large_and_bert_base_of_the_published_file_size(folder, monkeypatch):
     """The released architecture on the meta device (no memory): ViT-L/16 at 224 px (24 layers, 16 heads) and
     BERT-base with 1024-wide cross-attention; fp32 parameters fill the published ~1.79 GB ImageReward.pt."""
-    from reward_forcing import tiny_imagereward
+    from reward_forcing.testing import imagereward as tiny_imagereward
 
     monkeypatch.setattr(tiny_imagereward._Random, "normal", lambda self, *shape, **_: torch.empty(shape, device="meta"))
     med = dict(json.loads((folder / ir.MED_CONFIG_FILE).read_text()), hidden_size=768, num_hidden_layers=12,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from reward_forcing.errors import run_cli
+from reward_forcing.errors import ConfigError, run_cli
 from reward_forcing.inference.cli import load_run_config, main, plan_jobs
 from reward_forcing.inference.jobs import shard, video_seed
 
@@ -83,13 +83,16 @@ BAD_INPUTS = [
     (["--switch_prompts", "{d}/nope.jsonl"], "switch prompts file not found"),
     (["--switch_prompts", "{d}/empty.txt"], "contains no videos"),
     (["--switch_prompts", "{d}/prompts.txt"], "prompts.txt line 1: not JSON"),
-    (["--switch_prompts", "{d}/bad_frames.jsonl"], "line 2: segment 2 has frames=4; latent frames must be"),
-    (["--switch_prompts", "{d}/bad_keys.jsonl"], "segment 1 must be an object with exactly the keys prompt, frames"),
+    (["--switch_prompts", "{d}/bad_frames.jsonl"], "line 2: segment 2 has latent_frames=4; it must be a positive"),
+    (["--switch_prompts", "{d}/bad_keys.jsonl"], "segment 1 must be an object with exactly the keys prompt, "
+                                                 "latent_frames"),
     (["--switch_prompts", "{d}/not_list.jsonl"], "expected a non-empty JSON array of segments"),
     (["--switch_prompts", "{d}/blank_prompt.jsonl"], "segment 1 has an empty prompt"),
     (["--switch_prompts", "{d}/same_first.jsonl"], "videos 1 and 2 of"),
     (["--data_path", "{d}/prompts.txt", "--seed", "x"], "invalid int value"),
-    (["--data_path", "{d}/prompts.txt", "inference.num_output_frames=abc"], "must be a whole number"),
+    (["--data_path", "{d}/prompts.txt", "inference.num_output_frames=abc"],
+     "invalid value for 'inference.num_output_frames' in command-line overrides: Value 'abc' of type 'str' could "
+     "not be converted to Integer"),
     (["--data_path", "{d}/prompts.txt", "inference.device=gpu"], "is not a device"),
 ]
 
@@ -115,6 +118,38 @@ def test_bad_input_is_one_line_and_writes_nothing(files, capsys, args, message):
     assert not out.exists()
 
 
+def test_a_missing_released_checkpoint_names_its_download_flag(files, capsys):
+    missing = files / "Reward-Forcing-T2V-1.3B" / "rewardforcing.pt"
+    assert run_cli(main, ["--data_path", str(files / "prompts.txt"), "--output_folder", str(files / "out"),
+                          "--checkpoint_path", str(missing)]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint not found: {missing}; `bash download_checkpoints.sh --only "
+                                       "reward-forcing` fetches it (into checkpoints/; with --checkpoint-dir DIR, pass "
+                                       "checkpoint_dir=DIR here)\n")
+
+
+def test_only_rank_0_prints_the_error(monkeypatch, capsys):
+    def bad(argv):
+        raise ConfigError("bad value")
+
+    for rank, printed in (("0", "error: bad value\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        assert run_cli(bad) == 2 and capsys.readouterr().err == printed
+
+
+def test_under_torchrun_a_bad_config_is_reported_once(tmp_path):
+    (tmp_path / "broken.yaml").write_text("height: 256\nwidth: [1, 2\n")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(REPO / "inference.py"), "--config_path", str(tmp_path / "broken.yaml"), "--data_path",
+                             str(tmp_path / "p.txt"), "--output_folder", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode != 0 and not (tmp_path / "out").exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: cannot read config {tmp_path / 'broken.yaml'}: line 3, column 1: did not find expected "
+                      "',' or ']'"]
+    assert "exitcode  : 2" in result.stderr  # torchrun's own report of the failed processes (see README)
+
+
 def test_the_script_exits_2_with_one_line(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     result = subprocess.run([sys.executable, str(REPO / "inference.py"), "--data_path", str(tmp_path / "empty.txt"),
@@ -125,8 +160,9 @@ def test_the_script_exits_2_with_one_line(tmp_path):
 
 
 def test_switch_prompt_videos_are_named_after_their_first_segment(files):
-    (files / "s.jsonl").write_text('[{"prompt": "a cat", "frames": 6}, {"prompt": "a dog", "frames": 3}]\n\n'
-                                   '[{"prompt": "a cat", "frames": 3}]\n')
+    # latent_frames names the unit; `frames`, its older name, is still read
+    (files / "s.jsonl").write_text('[{"prompt": "a cat", "latent_frames": 6}, {"prompt": "a dog", "frames": 3}]\n\n'
+                                   '[{"prompt": "a cat", "latent_frames": 3}]\n')
     cfg = load_run_config(["--switch_prompts", str(files / "s.jsonl"), "--output_folder", "o", "--save_with_index"])
     jobs, blank = plan_jobs(cfg)
     assert [(j.stem, j.prompt.text, j.num_frames(21)) for j in jobs] == [("0", "a cat", 9), ("1", "a cat", 3)]

@@ -1,6 +1,7 @@
 """inference.py end to end on tiny random assets: frame counts, fps, names, manifest, resume, torchrun parity."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,45 +14,16 @@ import torch
 
 from reward_forcing.errors import run_cli
 from reward_forcing.inference.cli import main
-from reward_forcing.tiny_assets import random_wan_state_dict, write_t5, write_tokenizer, write_vae, write_wan_folder
 
 REPO = Path(__file__).resolve().parents[1]
-DIT = dict(_class_name="WanModel", dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=32,
-           text_len=16, freq_dim=16, patch_size=[1, 2, 2], eps=1e-6, qk_norm=True, cross_attn_norm=True,
-           window_size=[-1, -1], model_type="t2v")
-TE = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=32,
-          relative_attention_max_distance=128, text_len=16)
-VAE = dict(base_dim=4, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
-PROMPTS = "a cat walks on the grass\n\nrock/paper scissors\na cat walks on the grass\nwaves crash on a beach\n"
 
 
-def make_tiny_assets(root):
-    """A Wan folder (DiT config + weights, T5, tokenizer, VAE), a sectioned student checkpoint and a config."""
-    base = random_wan_state_dict(DIT)
-    folder = write_wan_folder(root / "checkpoints" / "Wan2.1-T2V-1.3B", DIT, base)
-    write_tokenizer(folder, TE["vocab_size"])
-    write_t5(folder / "models_t5_umt5-xxl-enc-bf16.pth", TE)
-    write_vae(folder / "Wan2.1_VAE.pth", VAE)
-    ema = {k: v + 0.05 * torch.randn_like(v) for k, v in base.items()}
-    torch.save({"generator": base, "generator_ema": ema}, root / "model.pt")
-    config = {"checkpoint_dir": str(root / "checkpoints"), "text_encoder": TE, "vae": VAE, "height": 16, "width": 32}
-    (root / "tiny.yaml").write_text(json.dumps(config))  # JSON is YAML
-    (root / "prompts.txt").write_text(PROMPTS)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions lose more to thread hand-offs than they gain, badly so on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_tiny_assets(tmp_path_factory.mktemp("tiny"))
+def assets(tmp_path_factory, write_inference_assets):
+    return write_inference_assets(tmp_path_factory.mktemp("tiny"))
 
 
 def run(assets, out, *extra):
@@ -90,7 +62,7 @@ def test_names_manifest_and_resume(assets, tmp_path, capsys):
     assert "skipped 1 blank line(s)" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [(r["prompt_index"], r["sample"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1), (3, 0), (3, 1)]
-    assert all(r["frames"] == 9 and r["seconds"] == 9 / 16 for r in records)
+    assert all(r["video_frames"] == 9 and r["latent_frames"] == 3 and r["seconds"] == 9 / 16 for r in records)
     assert len({r["seed"] for r in records}) == 6
     saved = (out / "config.yaml").read_text()
     assert "num_samples: 2" in saved and "height: 16" in saved
@@ -99,7 +71,7 @@ def test_names_manifest_and_resume(assets, tmp_path, capsys):
     with pytest.warns(UserWarning):
         assert run(assets, out, "--num_output_frames", "3", "--num_samples", "2", "--seed", "4") == 0
     assert {n: (out / n).stat().st_mtime_ns for n in videos(out)} == mtimes  # all skipped
-    assert "0 video(s) written, 6 skipped" in capsys.readouterr().out
+    assert f"nothing to do: the 6 video(s) of this run are in {out}" in capsys.readouterr().out
     with pytest.warns(UserWarning):
         assert run(assets, out, "--num_output_frames", "3", "--num_samples", "2", "--seed", "4", "--overwrite") == 0
     assert all((out / n).stat().st_mtime_ns != mtimes[n] for n in mtimes)
@@ -172,7 +144,7 @@ def test_extended_prompts_generate_while_short_prompts_name(assets, tmp_path):
 def test_readme_tiny_demo(tmp_path, capsys):
     """The README's CPU demo: configs/tiny.yaml with scripts/make_tiny_checkpoints.py's released-layout files."""
     from reward_forcing.config import load_config
-    from reward_forcing.tiny_assets import write_tiny_checkpoint_dir
+    from reward_forcing.testing.assets import write_tiny_checkpoint_dir
 
     config = REPO / "configs" / "tiny.yaml"
     checkpoints = tmp_path / "checkpoints" / "tiny"
@@ -186,7 +158,10 @@ def test_readme_tiny_demo(tmp_path, capsys):
     assert frames.shape == (1 + 4 * 5, cfg.height, cfg.width, 3) and fps == 16
     captured = capsys.readouterr()
     assert captured.out.count("holds no separate EMA weights") == 1  # said once
-    assert "a cat walks on the grass-0.mp4: 100%" in captured.err and "2/2" in captured.err  # per-chunk bar
+    # Not a terminal: one plain line per prompt, no carriage-return redraws (chunk bars are for terminals).
+    assert "\r" not in captured.err
+    line = r"^prompts \(rank 0\): 1/1 prompt \(\d+\.\d s, \d+\.\d\d s/prompt\) fps=\d+\.\d\d$"
+    assert re.search(line, captured.err, re.M)
 
 
 def test_frames_are_yielded_chunk_by_chunk(assets):
@@ -205,7 +180,8 @@ def test_frames_are_yielded_chunk_by_chunk(assets):
 
 
 def test_switch_prompts_file_makes_one_video_per_line(assets, tmp_path):
-    segments = [{"prompt": "a cat walks on the grass", "frames": 6}, {"prompt": "waves crash on a beach", "frames": 3}]
+    segments = [{"prompt": "a cat walks on the grass", "latent_frames": 6},
+                {"prompt": "waves crash on a beach", "latent_frames": 3}]
     (tmp_path / "switch.jsonl").write_text(json.dumps(segments) + "\n")
     (tmp_path / "first.txt").write_text("a cat walks on the grass\n")
     common = ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path", str(assets / "model.pt"), "--seed", "2"]
@@ -216,8 +192,9 @@ def test_switch_prompts_file_makes_one_video_per_line(assets, tmp_path):
     name = "a cat walks on the grass-0.mp4"
     assert videos(tmp_path / "switch") == [name]
     (record,) = [json.loads(line) for line in (tmp_path / "switch" / "manifest.jsonl").read_text().splitlines()]
-    assert record["segments"] == [{**segments[0], "start_frame": 0}, {**segments[1], "start_frame": 6}]
-    assert record["frames"] == 1 + 4 * 8 and record["prompt"] == "a cat walks on the grass"
+    assert record["segments"] == [{**segments[0], "start_latent_frame": 0}, {**segments[1], "start_latent_frame": 6}]
+    assert record["video_frames"] == 1 + 4 * 8 and record["latent_frames"] == 9
+    assert record["prompt"] == "a cat walks on the grass"
     switched, plain = read_video(tmp_path / "switch" / name)[0], read_video(tmp_path / "plain" / name)[0]
     assert switched.shape == plain.shape == (33, 16, 32, 3)
     # latents 0..5 (pixel frames 0..20) precede the switch; the last chunk's 12 frames come from the new prompt
@@ -238,8 +215,8 @@ def test_new_settings_never_skip_or_relabel_old_videos(assets, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings (inference.num_output_frames 3 -> 6)" in err
     assert (tmp_path / "out" / "config.yaml").read_text() == saved and video.stat().st_mtime_ns == mtime
-    assert run_cli(main, [*common, "--num_output_frames", "3", "--use_ema"]) == 2  # other weights: refused too
-    assert "model.pt [generator]' -> " in capsys.readouterr().err
+    assert run_cli(main, [*common, "--num_output_frames", "3", "--no-use_ema"]) == 2  # other weights: refused too
+    assert "model.pt [generator_ema]' -> " in capsys.readouterr().err
     assert run_cli(main, [*common, "--num_output_frames", "6", "--overwrite"]) == 0
     assert read_video(video)[0].shape[0] == 1 + 4 * 5
     assert "num_output_frames: 6" in (video.parent / "config.yaml").read_text()
@@ -268,3 +245,65 @@ def test_partial_videos_of_killed_runs_are_removed(assets, tmp_path, capsys):
                           "--num_output_frames", "3"]) == 0
     assert list(out.glob(".partial-*")) == [live]
     assert "removed 1 partial video(s)" in capsys.readouterr().out
+
+
+class NotLoaded(Exception):
+    """Raised in place of loading the models."""
+
+
+def refuse_to_load(*args, **kwargs):
+    raise NotLoaded
+
+
+def test_a_rerun_with_nothing_to_do_says_so_before_loading_any_model(assets, tmp_path, capsys, monkeypatch):
+    from reward_forcing.inference import cli
+
+    (tmp_path / "one.txt").write_text("waves crash on a beach\n")
+    common = ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path", str(assets / "model.pt"),
+              "--data_path", str(tmp_path / "one.txt"), "--output_folder", str(tmp_path / "out")]
+    assert run_cli(main, [*common, "--num_output_frames", "3", "--num_samples", "2"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(cli.VideoPipeline, "from_config", refuse_to_load)
+    for same in ([], ["--use_ema"], ["seed=0"]):  # --use_ema and seed 0 are the defaults
+        assert run_cli(main, [*common, "--num_output_frames", "3", "--num_samples", "2", *same]) == 0
+        assert capsys.readouterr().out == (f"nothing to do: the 2 video(s) of this run are in {tmp_path / 'out'}, "
+                                           "made with these settings (--overwrite regenerates them)\n")
+    for changed in (["--num_output_frames", "6"], ["--seed", "1"], ["--no-use_ema"], ["--overwrite"],
+                    ["--num_samples", "3"], ["height=32"]):  # each needs the models: to refuse, or to generate
+        with pytest.raises(NotLoaded):
+            main([*common, "--num_output_frames", "3", "--num_samples", "2", *changed])
+
+
+def to_old_manifest(folder):
+    """Rewrite manifest.jsonl as it was before its counts named their unit (`frames` for video frames, segments
+    with `frames` and `start_frame` in latent frames)."""
+    records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    for record in records:
+        record["frames"] = record.pop("video_frames")
+        del record["latent_frames"]
+        for segment in record.get("segments", []):
+            segment["frames"], segment["start_frame"] = segment.pop("latent_frames"), segment.pop("start_latent_frame")
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_an_output_folder_of_the_older_manifest_still_resumes(assets, tmp_path, capsys, monkeypatch):
+    from reward_forcing.inference import cli
+
+    segments = [{"prompt": "a cat walks on the grass", "frames": 3}, {"prompt": "waves crash", "frames": 3}]
+    (tmp_path / "switch.jsonl").write_text(json.dumps(segments) + "\n")  # the older key, still read
+    (tmp_path / "two.txt").write_text("a cat\nwaves crash on a beach\n")
+    runs = {"switch": ["--switch_prompts", str(tmp_path / "switch.jsonl")],
+            "plain": ["--data_path", str(tmp_path / "two.txt"), "--num_output_frames", "3"]}
+    common = ["--config_path", str(assets / "tiny.yaml"), "--checkpoint_path", str(assets / "model.pt")]
+    for name, args in runs.items():
+        assert run_cli(main, [*common, *args, "--output_folder", str(tmp_path / name)]) == 0
+        to_old_manifest(tmp_path / name)
+    capsys.readouterr()
+    monkeypatch.setattr(cli.VideoPipeline, "from_config", refuse_to_load)
+    for name, args in runs.items():
+        assert run_cli(main, [*common, *args, "--output_folder", str(tmp_path / name)]) == 0
+        assert capsys.readouterr().out.startswith("nothing to do: ")
+    monkeypatch.undo()
+    (tmp_path / "two.txt").write_text("a cat\nwaves crash on a beach\na dog\n")  # one more video to make
+    assert run_cli(main, [*common, *runs["plain"], "--output_folder", str(tmp_path / "plain")]) == 0
+    assert "1 video(s) written, 2 skipped as existing" in capsys.readouterr().out

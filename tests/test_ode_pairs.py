@@ -1,4 +1,6 @@
 """Pair generation with a linear stand-in teacher whose guided Euler trajectory has a closed form."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -59,11 +61,12 @@ def test_keep_indices_are_validated():
 
 def _generate(out, world_size, prompts, **kw):
     prepare_output_dir(out, {"num_prompts": len(prompts), "shard_size": 2})
+    trajectory = partial(euler_trajectory, LinearTeacher(), uncond=encode(["neg"]), sigmas=euler_sigmas(4, 8.0),
+                         guidance_scale=6.0, keep_indices=[0, 2, 4])
     made = 0
     for rank in range(world_size):
-        made += generate_pairs(LinearTeacher(), encode, prompts, out, "neg", (2, 3, 2, 2), euler_sigmas(4, 8.0),
-                               6.0, [0, 2, 4], 2, seed=7, rank=rank, world_size=world_size,
-                               save_dtype=torch.float32, **kw)
+        made += generate_pairs(trajectory, encode, prompts, out, (2, 3, 2, 2), 2, seed=7, rank=rank,
+                               world_size=world_size, save_dtype=torch.float32, **kw)
     return made
 
 

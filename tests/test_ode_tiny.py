@@ -1,5 +1,4 @@
 """End to end on the tiny preset: pairs from scripts/generate_ode_pairs.py, then `train.py` with `trainer: ode`."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,10 +7,13 @@ import torch
 
 from reward_forcing.checkpoints import load_generator_state_dict, load_into, load_wan_folder
 from reward_forcing.config import load_config
+from reward_forcing.inference.cli import main as inference
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.models.text_encoder import TextEncoder
 from reward_forcing.models.wan import WanModel
+from reward_forcing.training.cli import main as train
 from reward_forcing.training.ode_data import OdePairDataset, write_lmdb
+from reward_forcing.training.ode_pairs import main as generate_ode_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_ode.yaml"
@@ -19,20 +21,9 @@ PROMPTS = ["a cat walks slowly across the green grass", "a red sports car drives
            "waves crash on a rocky beach at sunset"]
 
 
-def _load_script(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate_ode_pairs = _load_script("generate_ode_pairs", ROOT / "scripts" / "generate_ode_pairs.py")
-train = _load_script("train_cli", ROOT / "train.py")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from reward_forcing.tiny_assets import write_tiny_checkpoint_dir
+    from reward_forcing.testing.assets import write_tiny_checkpoint_dir
 
     root = tmp_path_factory.mktemp("ode_tiny")
     write_tiny_checkpoint_dir(root / "ckpt", load_config(CONFIG))
@@ -41,8 +32,8 @@ def tiny(tmp_path_factory):
 
 
 def _generate(tiny, out, *overrides):
-    generate_ode_pairs.main(["--config_path", str(CONFIG), "--data_path", str(tiny / "prompts.txt"),
-                             "--output_dir", str(out), f"checkpoint_dir={tiny / 'ckpt'}", *overrides])
+    generate_ode_pairs(["--config_path", str(CONFIG), "--data_path", str(tiny / "prompts.txt"),
+                        "--output_dir", str(out), f"checkpoint_dir={tiny / 'ckpt'}", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +95,8 @@ def trained(tiny, pairs):
     logdir = tiny / "run"
     # seed 1: seed 0 would draw a fresh run seed (training/parallel.py resolve_seed); seeds 1-3 measured
     # last/first 0.32-0.39
-    train.main(["--config_path", str(CONFIG), "--logdir", str(logdir), "--disable-wandb",
-                f"data_path={pairs}", f"checkpoint_dir={tiny / 'ckpt'}", "seed=1"])
+    train(["--config_path", str(CONFIG), "--logdir", str(logdir), "--disable-wandb",
+           f"data_path={pairs}", f"checkpoint_dir={tiny / 'ckpt'}", "seed=1"])
     return logdir
 
 
@@ -127,28 +118,27 @@ def test_regression_lowers_the_loss_and_exports_the_generator(tiny, trained):
 def test_bad_data_path_is_one_line_error(tiny, capsys):
     from reward_forcing.errors import run_cli
 
-    status = run_cli(train.main, ["--config_path", str(CONFIG), "--logdir", str(tiny / "bad"),
-                                  f"data_path={tiny / 'nowhere'}", f"checkpoint_dir={tiny / 'ckpt'}"])
+    status = run_cli(train, ["--config_path", str(CONFIG), "--logdir", str(tiny / "bad"),
+                             f"data_path={tiny / 'nowhere'}", f"checkpoint_dir={tiny / 'ckpt'}"])
     assert status == 2 and "is not ODE pairs" in capsys.readouterr().err
 
 
 def test_rerun_resumes_from_the_checkpoint(tiny, trained):
     cfg = load_config(CONFIG)
     before = _metrics(trained)
-    train.main(["--config_path", str(CONFIG), "--logdir", str(trained), "--disable-wandb",
-                f"data_path={tiny / 'pairs'}",
-                f"checkpoint_dir={tiny / 'ckpt'}", f"max_steps={cfg.max_steps + 2}", "save_every=100", "seed=1"])
+    train(["--config_path", str(CONFIG), "--logdir", str(trained), "--disable-wandb",
+           f"data_path={tiny / 'pairs'}",
+           f"checkpoint_dir={tiny / 'ckpt'}", f"max_steps={cfg.max_steps + 2}", "save_every=100", "seed=1"])
     rows = _metrics(trained)
     assert rows[:cfg.max_steps] == before  # earlier steps untouched; two more appended
     assert [row["step"] for row in rows[cfg.max_steps:]] == [cfg.max_steps + 1, cfg.max_steps + 2]
 
 
 def test_exported_generator_drives_inference(tiny, trained, tmp_path):
-    inference = _load_script("inference_cli", ROOT / "inference.py")
     (tmp_path / "one.txt").write_text(PROMPTS[0] + "\n")
     from reward_forcing.errors import run_cli
 
-    status = run_cli(inference.main, [
+    status = run_cli(inference, [
         "--config_path", str(CONFIG), "--checkpoint_path", str(trained / "ode_init.pt"),
         "--data_path", str(tmp_path / "one.txt"), "--output_folder", str(tmp_path / "videos"),
         "--num_output_frames", "3", f"checkpoint_dir={tiny / 'ckpt'}"])
@@ -159,8 +149,8 @@ def test_exported_generator_drives_inference(tiny, trained, tmp_path):
 def test_exported_generator_initialises_distillation(tiny, trained, tmp_path):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     logdir = tmp_path / "distill"
-    train.main(["--config_path", str(ROOT / "configs" / "tiny_train.yaml"), "--logdir", str(logdir), "--disable-wandb",
-                f"checkpoint_dir={tiny / 'ckpt'}", f"prompt_path={tmp_path / 'prompts.txt'}",
-                "reward_base_dir=Qwen2-VL-2B-Instruct", f"generator_ckpt={trained / 'ode_init.pt'}", "max_steps=1"])
+    train(["--config_path", str(ROOT / "configs" / "tiny_train.yaml"), "--logdir", str(logdir), "--disable-wandb",
+           f"checkpoint_dir={tiny / 'ckpt'}", f"prompt_path={tmp_path / 'prompts.txt'}",
+           "reward.qwen_dir=Qwen2-VL-2B-Instruct", f"generator_ckpt={trained / 'ode_init.pt'}", "max_steps=1"])
     rows = _metrics(logdir)
     assert [row["step"] for row in rows] == [1] and "generator_loss" in rows[0]

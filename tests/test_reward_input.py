@@ -1,6 +1,6 @@
 """`reward_input`: VideoAlign as trained (`native`) and the input of the run behind the released weights
 (`upstream`: 255 * x of [-1, 1] pixels read as [0, 255], all frames, sample 0 weights the batch), on the tiny
-VideoReward (reward_forcing/tiny_reward.py)."""
+VideoReward (reward_forcing/testing/videoreward.py)."""
 from pathlib import Path
 
 import pytest
@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from reward_forcing.config import load_config
 from reward_forcing.errors import ConfigError
 from reward_forcing.rewards import qwen_video
-from reward_forcing.rewards.base import IdentityDecoder
-from reward_forcing.rewards.registry import check_reward_config
+from reward_forcing.models.decoder import IdentityDecoder
 from reward_forcing.rewards.videoalign import VideoReward
 from reward_forcing.rewards.videoalign_scorer import VideoAlignReward
-from reward_forcing.tiny_reward import write_tiny_videoreward
+from reward_forcing.testing.videoreward import write_tiny_videoreward
 from reward_forcing.training.losses import re_dmd_loss, reward_weight
 
 ROOT = Path(__file__).parents[1]
@@ -79,6 +78,6 @@ def test_upstream_weights_the_batch_with_sample_0s_reward(model):
 
 
 def test_unknown_reward_input_is_refused():
-    cfg = load_config(ROOT / "configs" / "tiny_train.yaml", ["reward_input=raw"])
-    with pytest.raises(ConfigError, match="reward_input must be one of native, upstream; got 'raw'"):
-        check_reward_config(cfg)
+    with pytest.raises(ConfigError, match=r"invalid value for 'reward.input' in command-line overrides: Invalid "
+                                          r"value 'raw', expected one of \[native, upstream\]"):
+        load_config(ROOT / "configs" / "tiny_train.yaml", ["reward.input=raw"])

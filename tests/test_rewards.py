@@ -7,14 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
-
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.errors import ConfigError  # noqa: E402
-from reward_forcing.rewards.base import IdentityDecoder, Reward  # noqa: E402
-from reward_forcing.rewards.registry import build_reward, check_reward_config  # noqa: E402
-from reward_forcing.training.parallel import DistInfo  # noqa: E402
+from reward_forcing.config import load_config
+from reward_forcing.distributed import DistInfo
+from reward_forcing.errors import ConfigError
+from reward_forcing.rewards.base import Reward
+from reward_forcing.models.decoder import IdentityDecoder, load_decoder
+from reward_forcing.rewards.registry import REWARDS, build_reward, check_reward
 
 ROOT = Path(__file__).parents[1]
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), mesh=None)
@@ -73,16 +71,23 @@ def test_a_pixel_reward_needs_a_decoder():
         _MeanPixels()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["reward.name=nope"], "reward.name must be one of videoalign"),
-    (["reward.score_key=Speed"], "reward.score_key 'Speed' is not a score of reward 'videoalign' (it gives: VQ, MQ"),
-    (["decoder=png"], "decoder must be one of vae, taehv, none; got 'png'"),
+@pytest.mark.parametrize("override, message", [
+    ("reward.name=nope", "invalid value for 'reward.name' in command-line overrides: Invalid value 'nope', expected "
+                         "one of [videoalign, latent_motion, imagereward, blob_quality]"),
+    ("decoder=png", "invalid value for 'decoder' in command-line overrides: Invalid value 'png', expected one of "
+                    "[vae, taehv, none]"),
 ])
-def test_bad_reward_config_is_refused(overrides, message):
-    cfg = load_config(ROOT / "configs" / "tiny_train.yaml", overrides)
+def test_an_unknown_scorer_or_decoder_is_refused_by_its_type(override, message):
     with pytest.raises(ConfigError) as err:
-        check_reward_config(cfg)
-    assert str(err.value).startswith(message)
+        load_config(ROOT / "configs" / "tiny_train.yaml", [override])
+    assert str(err.value) == message
+
+
+def test_a_score_the_scorer_does_not_give_is_refused():
+    cfg = load_config(ROOT / "configs" / "tiny_train.yaml", ["reward.score_key=Speed"])
+    with pytest.raises(ConfigError) as err:
+        check_reward(cfg.reward)
+    assert str(err.value).startswith("reward.score_key 'Speed' is not a score of reward 'videoalign' (it gives: VQ, MQ")
 
 
 def test_train_py_refuses_an_unknown_reward_in_one_line(tmp_path):
@@ -91,21 +96,18 @@ def test_train_py_refuses_an_unknown_reward_in_one_line(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: reward.name must be one of {', '.join(_registered())}; got 'nope'"]
+        "error: invalid value for 'reward.name' in command-line overrides: Invalid value 'nope', expected one of "
+        f"[{', '.join(REWARDS)}]"]
 
 
-def _registered():
-    from reward_forcing.rewards.registry import REWARDS
-    return list(REWARDS)
-
-
-def test_videoalign_reward_equals_videoreward_on_the_vae_decoded_video(tmp_path):
+def test_videoalign_reward_equals_videoreward_on_the_vae_decoded_video(tmp_path, write_training_assets):
     from reward_forcing.models.vae import WanVAE
     from reward_forcing.rewards.videoalign import VideoReward
 
-    assets = write_tiny_training_assets(tmp_path)
-    cfg = load_config(ROOT / "configs" / "tiny_train.yaml", [f"checkpoint_dir={assets}", "reward_placement=every_rank"])
-    reward = build_reward(cfg, CPU, torch.float32)
+    assets = write_training_assets(tmp_path)
+    cfg = load_config(ROOT / "configs" / "tiny_train.yaml", [f"checkpoint_dir={assets}", "reward.placement=every_rank"])
+    reward = build_reward(cfg.reward, cfg.checkpoint_dir, cfg.fps, CPU, torch.float32, load_decoder(cfg, "cpu",
+                                                                                                    torch.float32))
     assert reward.input == "pixels" and not reward.differentiable
     latents = torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     prompts = ["a cat walks on grass", "waves on a beach"]

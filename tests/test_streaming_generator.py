@@ -7,7 +7,7 @@ from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, latent_size, pixel_frames
 from reward_forcing.models.causal_wan import CausalWanModel
 from reward_forcing.sampling import FlowMatchSchedule
-from reward_forcing.tiny_assets import randomise_
+from reward_forcing.testing.assets import randomise_
 
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=16, text_len=8, freq_dim=16)
 CHUNK, HW = 3, (4, 6)
@@ -25,16 +25,26 @@ def tiny_generator(model, **cache):
     return StreamingGenerator(model, FlowMatchSchedule(5.0), [1000 * s for s in SIGMAS], CHUNK, **cache)
 
 
-def count_forwards(model):
-    calls = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("start_frame")), with_kwargs=True)
+def count_forwards(generator, seen_t=None):
+    """start_frame of every DiT call the generator makes (StreamingGenerator.flow), and its t in seen_t."""
+    calls, flow = [], generator.flow
+
+    def spy(cache, context, x, t, start_frame):
+        calls.append(start_frame)
+        if seen_t is not None:
+            seen_t.append(t[0, 0].item())
+        return flow(cache, context, x, t, start_frame)
+
+    generator.flow = spy
     return calls
 
 
-def reference_video(model, context, frames, seed, switch=None):
+def reference_video(model, context, frames, seed, switch=None, first_frame=None):
     """The sampler written out with teacher forcing: noisy chunk c attends to itself and the clean chunks < c.
 
-    switch=(chunk, new_context): from that chunk on the whole forward, clean history included, sees new_context."""
+    switch=(chunk, new_context): from that chunk on the whole forward, clean history included, sees new_context.
+    first_frame [1, C, 1, h, w]: chunk 0's frame 0 is this clean latent at timestep 0 in every forward, and in the
+    result (image-to-video)."""
     rng = torch.Generator().manual_seed(seed)
     shape = (1, TINY["in_dim"], CHUNK, *HW)
     clean = torch.zeros(1, TINY["in_dim"], frames, *HW)
@@ -43,13 +53,17 @@ def reference_video(model, context, frames, seed, switch=None):
             context = switch[1]
         x = torch.randn(shape, generator=rng)
         for i, sigma in enumerate(SIGMAS):
+            t = torch.full((1, frames), 1000 * sigma)
+            if c == 0 and first_frame is not None:
+                x[:, :, :1], t[:, 0] = first_frame, 0.0
             noisy = torch.zeros_like(clean)
             noisy[:, :, CHUNK * c:CHUNK * (c + 1)] = x
-            t = torch.full((1, frames), 1000 * sigma)
             flow = model(noisy, t, context, clean_x=clean)[:, :, CHUNK * c:CHUNK * (c + 1)]
             x0 = x - sigma * flow
             if i + 1 < len(SIGMAS):
                 x = (1 - SIGMAS[i + 1]) * x0 + SIGMAS[i + 1] * torch.randn(shape, generator=rng)
+        if c == 0 and first_frame is not None:
+            x0[:, :, :1] = first_frame
         clean[:, :, CHUNK * c:CHUNK * (c + 1)] = x0
     return clean
 
@@ -67,9 +81,8 @@ def test_stream_equals_teacher_forcing_reference():
 def test_five_forwards_per_chunk_with_the_warped_timesteps():
     model = tiny_model(local_attn_size=9)
     seen_t = []
-    model.register_forward_pre_hook(lambda m, args: seen_t.append(args[1][0, 0].item()))
-    starts = count_forwards(model)
     generator = tiny_generator(model, window_frames=9, sink_frames=3, sink_mode="ema")
+    starts = count_forwards(generator, seen_t)
     assert generator.forwards_per_chunk == 5
     n = sum(1 for _ in generator.stream(torch.randn(1, 5, 16), 15, HW))
     assert n == 5 and len(starts) == 25
@@ -91,10 +104,10 @@ def test_given_noise_is_used_chunk_by_chunk():
 
 
 def test_length_must_be_a_multiple_of_the_chunk():
-    model = tiny_model()
-    calls = count_forwards(model)
+    generator = tiny_generator(tiny_model())
+    calls = count_forwards(generator)
     with pytest.raises(ConfigError, match="num_output_frames=10 .* multiple of the chunk size num_frame_per_block=3"):
-        next(tiny_generator(model).stream(torch.randn(1, 5, 16), 10, HW))
+        next(generator.stream(torch.randn(1, 5, 16), 10, HW))
     assert calls == []
 
 
@@ -142,7 +155,7 @@ def test_switch_after_evictions_continues_from_the_re_encoded_window(policy):
                              sink_mode="static", switch_sink=policy)
     a, b = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
     noise = torch.randn(1, 4, 15, *HW)
-    calls = count_forwards(model)
+    calls = count_forwards(gen)
     out = torch.cat(list(gen.stream(a, 15, HW, noise=noise, switch=switch_at(12, b))), dim=2)
     # 2 calls per chunk, plus the re-encode of frames 6..11 (and of the sink chunk under recache)
     assert calls[8:] == ([0] if policy == "recache" else []) + [6, 9, 12, 12]

@@ -5,7 +5,7 @@ from torch import nn
 
 from reward_forcing.errors import CheckpointError
 from reward_forcing.models.taehv import TAEHV, TGrow, TPool, _run_parallel
-from reward_forcing.tiny_assets import write_taehv
+from reward_forcing.testing.assets import write_taehv
 
 TINY = dict(latent_channels=16, encoder_width=8, decoder_widths=(16, 8, 8, 8))
 
@@ -50,6 +50,18 @@ def test_encode_end_pads_with_last_frame(tiny_file):
     pixels = torch.rand(1, 3, 17, 16, 16) * 2 - 1
     padded = torch.cat([pixels] + [pixels[:, :, -1:]] * 3, dim=2)
     assert torch.equal(model.encode(pixels), model.encode(padded))
+
+
+def test_encode_pad_front_mirrors_decodes_trim(tiny_file):
+    """pad_front: 17 frames get 3 copies of frame 0 in front (latent j sees frames 4j-3..4j, as decode's trim
+    puts them); a single picture is 4 copies of itself either way."""
+    model = TAEHV.from_file(tiny_file[0])
+    pixels = torch.rand(1, 3, 17, 16, 16) * 2 - 1
+    front = torch.cat([pixels[:, :, :1]] * 3 + [pixels], dim=2)
+    assert torch.equal(model.encode(pixels, pad_front=True), model.encode(front))
+    assert not torch.equal(model.encode(pixels, pad_front=True), model.encode(pixels))
+    picture = pixels[:, :, :1]
+    assert torch.equal(model.encode(picture, pad_front=True), model.encode(picture.expand(-1, -1, 4, -1, -1)))
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])

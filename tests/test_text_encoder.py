@@ -6,7 +6,7 @@ from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 from reward_forcing.errors import CheckpointError
 from reward_forcing.models.text_encoder import (TextEncoder, clean_prompt, transformers_to_wan_t5,
                                                 wan_t5_to_transformers)
-from reward_forcing.tiny_assets import randomise_, write_t5, write_tokenizer
+from reward_forcing.testing.assets import randomise_, write_t5, write_tokenizer
 
 TE_CFG = dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
               relative_attention_num_buckets=32, relative_attention_max_distance=128, text_len=16)

@@ -15,7 +15,7 @@ WAN_NEGATIVE_PROMPT = "色调艳丽，过曝，静态，细节模糊不清，字
 def test_reward_forcing_config_has_the_paper_settings():
     cfg = load_config(ROOT / "configs" / "reward_forcing.yaml", ["max_steps=7", "save_every=3"])
     assert (cfg.max_steps, cfg.save_every) == (7, 3)
-    assert (cfg.distill_loss, cfg.reward_beta, cfg.guidance_scale) == ("re_dmd", 2.0, 3.0)
+    assert (cfg.distill_loss, cfg.reward.beta, cfg.guidance_scale) == ("re_dmd", 2.0, 3.0)
     assert (cfg.lr_generator, cfg.lr_critic, list(cfg.adam_betas), cfg.weight_decay) == (2e-6, 4e-7, [0.0, 0.999], 0.01)
     assert (cfg.grad_accum, cfg.dfake_gen_update_ratio, cfg.grad_clip) == (8, 5, 10.0)
     assert (cfg.ema_decay, cfg.ema_start, cfg.min_score_timestep, cfg.max_score_timestep) == (0.99, 45, 20, 980)
@@ -27,8 +27,9 @@ def test_reward_forcing_config_has_the_paper_settings():
 def test_upstream_preset_differs_from_the_default_only_by_its_switches():
     rf = load_config(ROOT / "configs" / "reward_forcing.yaml")
     up = load_config(ROOT / "configs" / "reward_forcing_upstream.yaml")
-    assert {k for k in rf if rf[k] != up[k]} == {"schedule", "max_steps", "ema_start", "save_every", "reward_input"}
-    assert (rf.reward_input, up.reward_input) == ("native", "upstream")
+    assert {k for k in rf if rf[k] != up[k]} == {"schedule", "max_steps", "ema_start", "save_every", "reward"}
+    assert {k for k in rf.reward if rf.reward[k] != up.reward[k]} == {"input"}
+    assert (rf.reward.input, up.reward.input) == ("native", "upstream")
     # upstream's configs/reward_forcing.yaml: full_training_steps 601, ema_start_step 200, both in loop iterations
     assert (up.schedule, up.max_steps, up.ema_start, up.rollout_cache_grad) == ("upstream", 601, 200, "straight_through")
 
@@ -37,11 +38,11 @@ def test_reward_feedback_config_has_the_paper_settings():
     # arXiv 2601.16933: from the ODE init, ImageReward on the last frame; batch 8, AdamW (0, 0.999), wd 0.01,
     # lr 2e-6, EMA 0.99; no teacher or critic
     cfg = load_config(ROOT / "configs" / "reward_feedback.yaml")
-    assert (cfg.trainer, cfg.generator_ckpt, cfg.reward.name, cfg.reward_frame) == (
+    assert (cfg.trainer, cfg.generator_ckpt, cfg.reward.name, cfg.reward.frame) == (
         "reward_feedback", "ode_init.pt", "imagereward", "last")
     assert (8 * cfg.batch_size * cfg.grad_accum, cfg.lr_generator, list(cfg.adam_betas), cfg.weight_decay) == (
         8, 2e-6, [0.0, 0.999], 0.01)
-    assert cfg.ema_decay == 0.99 and cfg.reward_feedback_weight == 0.0
+    assert cfg.ema_decay == 0.99 and cfg.reward.feedback_weight == 0.0
     tiny = load_config(ROOT / "configs" / "tiny_reward_feedback.yaml")
     assert (tiny.trainer, tiny.reward.name, tiny.reward.score_key) == ("reward_feedback", "imagereward", "ImageReward")
 
@@ -65,7 +66,8 @@ def test_self_forcing_differs_only_in_loss_and_attention():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["trainer=gan"], "error: trainer must be one of distill, ode, diffusion, reward_feedback; got 'gan'"),
+    (["trainer=gan"], "error: invalid value for 'trainer' in command-line overrides: Invalid value 'gan', expected "
+                      "one of [distill, ode, diffusion, reward_feedback]"),
     (["max_stepz=3"], "error: unknown config key 'max_stepz' in command-line overrides"),
     (["--resume", "/nonexistent/ckpt"], "error: --resume folder not found: /nonexistent/ckpt"),
 ])
@@ -75,3 +77,11 @@ def test_train_py_bad_input_is_one_line(tmp_path, args, message):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip() == message
+
+
+def test_train_py_usage_errors_are_one_line(tmp_path):
+    """A missing flag is one `error:` line (no usage block), so torchrun's processes print nothing else."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--logdir", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: the following arguments are required: --config_path"

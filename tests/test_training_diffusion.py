@@ -11,14 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
-
-from reward_forcing.checkpoints import load_wan_folder  # noqa: E402
-from reward_forcing.sampling import FlowMatchSchedule  # noqa: E402
-from reward_forcing.training.diffusion import dropped_text, flow_matching_loss, sample_timesteps  # noqa: E402
-from reward_forcing.training.ode_data import prepare_output_dir, write_shard  # noqa: E402
-from reward_forcing.training.state import latest_checkpoint  # noqa: E402
+from reward_forcing.checkpoints import load_wan_folder
+from reward_forcing.sampling import FlowMatchSchedule
+from reward_forcing.training.diffusion import dropped_text, flow_matching_loss, sample_timesteps
+from reward_forcing.training.ode_data import prepare_output_dir, write_shard
+from reward_forcing.training.state import latest_checkpoint
 
 ROOT = Path(__file__).parents[1]
 
@@ -54,8 +51,8 @@ def test_draws_are_keyed_per_sample():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = write_tiny_training_assets(tmp_path_factory.mktemp("diffusion_assets"))
+def assets(tmp_path_factory, write_training_assets):
+    root = write_training_assets(tmp_path_factory.mktemp("diffusion_assets"))
     data = root / "latents"
     prepare_output_dir(data, {"num_prompts": 8, "shard_size": 8})
     prompts = (root / "prompts.txt").read_text().splitlines()

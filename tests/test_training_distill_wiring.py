@@ -14,20 +14,18 @@ arXiv 2506.08009, with upstream's CFG form; the weight of Reward Forcing, arXiv 
 Sigmas come from a closed-form nearest point of the shifted training grid written here, not from the code.
 """
 import inspect
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _closed_forms import grid_sigma  # noqa: E402
-from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
-
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.training import distill  # noqa: E402
-from reward_forcing.training.parallel import init_distributed, shutdown  # noqa: E402
+from reward_forcing.config import load_config
+from reward_forcing.testing.closed_forms import grid_sigma
+from reward_forcing.training import distill
+from reward_forcing.training import rollout as rollout_module
+from reward_forcing.training.loop import Run
+from reward_forcing.training.parallel import init_distributed, shutdown
 
 ROOT = Path(__file__).parents[1]
 BATCH, GRAD_ACCUM = 2, 2
@@ -36,15 +34,14 @@ CONTEXT_NOISE = 40.0
 
 
 @pytest.fixture(scope="module")
-def distiller(tmp_path_factory):
-    assets = write_tiny_training_assets(tmp_path_factory.mktemp("distill_assets"))
+def distiller(tmp_path_factory, write_training_assets):
+    assets = write_training_assets(tmp_path_factory.mktemp("distill_assets"))
     cfg = load_config(ROOT / "configs" / "tiny_train.yaml", [
         f"checkpoint_dir={assets}", f"prompt_path={assets / 'prompts.txt'}", "seed=7", f"batch_size={BATCH}",
         f"grad_accum={GRAD_ACCUM}", "distill_loss=re_dmd", f"context_noise={CONTEXT_NOISE}"])
-    args = SimpleNamespace(resume=None, disable_wandb=True, no_save=True)
     info = init_distributed()
     try:
-        yield distill.Distiller(cfg, tmp_path_factory.mktemp("distill_run"), args, info)
+        yield distill.Distiller(Run.open(cfg, tmp_path_factory.mktemp("distill_run"), info))
     finally:
         shutdown()
 
@@ -105,7 +102,7 @@ def _stand_ins(d, monkeypatch, x_scale=(1.0, 4.0)):
     shape = _latent_shape(d)
     x = torch.randn(shape, generator=gen) * torch.tensor(x_scale).reshape(-1, 1, 1, 1, 1)
     captured = {}
-    real_rollout = distill.rollout
+    real_rollout = rollout_module.rollout
 
     def fixed_rollout(*args, **kwargs):
         bound = inspect.signature(real_rollout).bind(*args, **kwargs)
@@ -121,7 +118,7 @@ def _stand_ins(d, monkeypatch, x_scale=(1.0, 4.0)):
                               d.uncond)
     critic = LinearCritic(shape[1:], gen)
     reward = FixedScores()
-    monkeypatch.setattr(distill, "rollout", fixed_rollout)
+    monkeypatch.setattr(rollout_module, "rollout", fixed_rollout)
     monkeypatch.setattr(d, "teacher", teacher)
     monkeypatch.setattr(d, "critic", critic)
     monkeypatch.setattr(d, "reward", reward)
@@ -167,7 +164,7 @@ def test_generator_micro_gradient_is_the_reward_weighted_dmd_gradient(distiller,
     with torch.no_grad():
         g = _expected_generator(d, x, teacher, critic, x_t, t, score_shift)
         other = _expected_generator(d, x, teacher, critic, x_t, t, d.cfg.timestep_shift)
-    w = torch.exp(d.cfg.reward_beta * MQ_NORM.double())
+    w = torch.exp(d.cfg.reward.beta * MQ_NORM.double())
     numel = x.numel()
 
     # direction of each sample's gradient: g up to a positive factor (teacher/critic order, CFG branches)
@@ -226,7 +223,7 @@ def test_re_dmd_gradient_is_w_times_the_dmd_gradient_with_the_real_reward(distil
     the rollout under Re-DMD is exp(beta * MQ_norm_b) times its DMD gradient, and the losses relate the same way.
     Bugs caught: the weight not applied, applied to the wrong sample, or computed from another score."""
     d = distiller
-    real_rollout = distill.rollout
+    real_rollout = rollout_module.rollout
     grads = []
 
     def keep_grad(*args, **kwargs):
@@ -235,7 +232,7 @@ def test_re_dmd_gradient_is_w_times_the_dmd_gradient_with_the_real_reward(distil
         grads.append(x)
         return x
 
-    monkeypatch.setattr(distill, "rollout", keep_grad)
+    monkeypatch.setattr(rollout_module, "rollout", keep_grad)
     weighted = {k: float(v) for k, v in d.generator_micro(2, 1).items()}
     monkeypatch.setattr(d, "reward", None)
     plain = {k: float(v) for k, v in d.generator_micro(2, 1).items()}
@@ -243,7 +240,7 @@ def test_re_dmd_gradient_is_w_times_the_dmd_gradient_with_the_real_reward(distil
     g_re, g_dmd = (x.grad.double() for x in grads)
     ratio = (g_re.flatten(1) / g_dmd.flatten(1)).median(dim=1).values
     torch.testing.assert_close(g_re, ratio.reshape(-1, 1, 1, 1, 1) * g_dmd, rtol=1e-5, atol=1e-12)
-    beta = d.cfg.reward_beta
+    beta = d.cfg.reward.beta
     assert sorted(ratio.tolist()) == pytest.approx([weighted["reward_weight_min"], weighted["reward_weight_max"]],
                                                    rel=1e-5)
     assert float(torch.log(ratio).mean()) / beta == pytest.approx(weighted["reward_mq_norm"], rel=1e-5)
@@ -255,36 +252,68 @@ def test_re_dmd_gradient_is_w_times_the_dmd_gradient_with_the_real_reward(distil
 
 @pytest.mark.parametrize("placement,holds_model", [("rank0", False), ("every_rank", True)])
 def test_reward_placement_decides_which_ranks_hold_the_reward_model(distiller, placement, holds_model):
-    """Bug caught: `reward_placement` ignored. Seen from rank 1 of 2, `rank0` leaves the reward model on rank 0
+    """Bug caught: `reward.placement` ignored. Seen from rank 1 of 2, `rank0` leaves the reward model on rank 0
     only (this rank scores through gather / scatter) while `every_rank` loads it here. (That central scoring
     gives the local scores is checked end to end: 2 ranks with rank0 vs 1 rank, tests/test_training_e2e.py.)"""
     from omegaconf import OmegaConf
 
-    from reward_forcing.rewards.base import IdentityDecoder
+    from reward_forcing.models.decoder import IdentityDecoder
     from reward_forcing.rewards.videoalign import VideoReward
     from reward_forcing.rewards.videoalign_scorer import VideoAlignReward
 
-    cfg = OmegaConf.merge(distiller.cfg, {"reward_placement": placement})
+    cfg = OmegaConf.merge(distiller.cfg, {"reward": {"placement": placement}})
     rank1 = SimpleNamespace(rank=1, world_size=2, is_main=False, device=torch.device("cpu"))
-    reward = VideoAlignReward.from_config(cfg, rank1, torch.float32, IdentityDecoder())
+    reward = VideoAlignReward.from_settings(cfg.reward, cfg.checkpoint_dir, cfg.fps, rank1, torch.float32,
+                                            IdentityDecoder())
     assert isinstance(reward.model, VideoReward) == holds_model
     assert (reward.model is None) == (not holds_model)
 
 
 def test_batch_mean_weight_norm_divides_each_weight_by_the_batch_mean(distiller, monkeypatch):
-    """reward_weight_norm=batch_mean: sample b's gradient is w_b / mean(w) times its DMD gradient (the paper's w
+    """reward.weight_norm=batch_mean: sample b's gradient is w_b / mean(w) times its DMD gradient (the paper's w
     divided by its batch mean), so the weights average 1 and keep their ratios."""
     d = distiller
-    monkeypatch.setattr(d.cfg, "reward_weight_norm", "batch_mean")
+    monkeypatch.setitem(d.cfg.reward, "weight_norm", "batch_mean")  # setattr's undo would delete the key
     x, teacher, critic, _, captured = _stand_ins(d, monkeypatch)
     row = d.generator_micro(4, 0)
     grad = captured["x"].grad.double()
     (x_t, t, _), = critic.calls
     with torch.no_grad():
         g = _expected_generator(d, x, teacher, critic, x_t, t, d.cfg.score_timestep_shift)
-    w = torch.exp(d.cfg.reward_beta * MQ_NORM.double())
+    w = torch.exp(d.cfg.reward.beta * MQ_NORM.double())
     w = w / w.mean()
     size = grad.abs().mean(dim=(1, 2, 3, 4))
     torch.testing.assert_close(size * x.numel() * GRAD_ACCUM, w * g.abs().mean(dim=(1, 2, 3, 4)), rtol=1e-5, atol=0)
     assert row["reward_weight"] == pytest.approx(1.0, rel=1e-12)
     assert row["reward_weight_max"] == pytest.approx(float(w.max()), rel=1e-12)
+
+
+def test_teacher_unconditional_branch_gets_the_configured_negative_prompt(distiller, monkeypatch):
+    """Bug caught: a distiller that encodes "" (or any other text) for the teacher's unconditional CFG branch.
+    The rows the teacher sees second must hold the umT5 embedding of `negative_prompt` as configured, encoded here
+    by a text encoder of our own from the same folder; the first rows, the prompts' embedding."""
+    from reward_forcing.checkpoints import asset_path
+    from reward_forcing.models.text_encoder import TextEncoder
+
+    d = distiller
+    x, _, _, _, captured = _stand_ins(d, monkeypatch)
+    seen = []
+
+    class RecordingTeacher(torch.nn.Module):
+        def forward(self, x_t, t, context):
+            seen.append(context.detach().clone())
+            return torch.zeros_like(x_t)
+
+    monkeypatch.setattr(d, "teacher", RecordingTeacher())
+    d.generator_micro(0, 0)
+    encoder = TextEncoder.from_wan_folder(asset_path(d.cfg.checkpoint_dir, d.cfg.model_name), d.cfg.text_encoder)
+    with torch.no_grad():
+        negative = encoder.encode([d.cfg.negative_prompt])
+        empty = encoder.encode([""])
+    (context,) = seen
+    cond, uncond = context.chunk(2)
+    assert d.cfg.negative_prompt.startswith("色调艳丽")  # Wan's standard negative prompt, from the packaged defaults
+    torch.testing.assert_close(cond, captured["context"], rtol=0, atol=0)
+    for row in uncond:
+        torch.testing.assert_close(row, negative[0], rtol=0, atol=0)
+    assert not torch.equal(negative, empty)  # so a distiller encoding "" would fail above

@@ -12,12 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_tiny_assets import write_tiny_training_assets  # noqa: E402
-
-from reward_forcing.checkpoints import load_generator_state_dict  # noqa: E402
-from reward_forcing.config import load_config  # noqa: E402
-from reward_forcing.training.state import latest_checkpoint  # noqa: E402
+from reward_forcing.checkpoints import load_generator_state_dict
+from reward_forcing.config import load_config
+from reward_forcing.training.state import latest_checkpoint
 
 ROOT = Path(__file__).parents[1]
 TIMING = {"step_time", "wall_time"}
@@ -25,8 +22,8 @@ GLOO_TEARDOWN_ABORT = "terminate called without an active exception"  # see test
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return write_tiny_training_assets(tmp_path_factory.mktemp("tiny_training_assets"))
+def assets(tmp_path_factory, write_training_assets):
+    return write_training_assets(tmp_path_factory.mktemp("tiny_training_assets"))
 
 
 def _train(assets, logdir, *overrides, nproc=2, check=True):
@@ -69,7 +66,7 @@ def test_metrics_schema_and_checkpoints(uninterrupted):
                  "reward_weight_min", "reward_weight_max"} <= row.keys()) == generator
     # w = exp(beta * MQ_norm) per sample (beta 2): with one sample on each of the 2 ranks, min and max are the two
     # samples' weights, so their logs / beta average to the logged mean MQ_norm and they average to the mean w
-    beta = load_config(ROOT / "configs" / "tiny_train.yaml").reward_beta
+    beta = load_config(ROOT / "configs" / "tiny_train.yaml").reward.beta
     for row in rows[::2]:
         low, high = row["reward_weight_min"], row["reward_weight_max"]
         assert (math.log(low) + math.log(high)) / (2 * beta) == pytest.approx(row["reward_mq_norm"], rel=1e-6)
@@ -177,6 +174,6 @@ def test_a_checkpoint_error_read_on_rank_0_stops_every_rank(assets, tmp_path):
     # only rank 0 reads weights; the others must learn of the error instead of waiting for the broadcast
     result = _train(assets, tmp_path, "generator_ckpt=missing.pt", check=False)
     assert result.returncode != 0
-    # both ranks print it (their stderr share one pipe, so lines may interleave)
-    assert result.stderr.count(f"error: checkpoint not found: {assets / 'missing.pt'}") == 2
+    # every rank stops with the error; rank 0 alone prints it (reward_forcing/errors.py run_cli)
+    assert result.stderr.count(f"error: checkpoint not found: {assets / 'missing.pt'}") == 1
 

@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-from reward_forcing.sampling import FlowMatchSchedule
+from reward_forcing.sampling import FlowMatchSchedule, classifier_free_guidance
 from reward_forcing.training.losses import (
-    classifier_free_guidance,
     critic_flow_loss,
     dmd_gradient,
     re_dmd_loss,
@@ -108,11 +107,12 @@ def test_an_unknown_weight_norm_is_one_line(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, str(root / "train.py"), "--config_path", str(root / "configs" / "tiny_train.yaml"),
-               "--logdir", str(tmp_path), "reward_weight_norm=softmax"]
+               "--logdir", str(tmp_path), "reward.weight_norm=softmax"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: reward_weight_norm must be one of none, batch_mean; got 'softmax'"]
+        "error: invalid value for 'reward.weight_norm' in command-line overrides: Invalid value 'softmax', expected "
+        "one of [none, batch_mean]"]
 
 
 def _normalise_on_rank(rank, init_file, out_dir):

@@ -1,5 +1,6 @@
-"""FSDP2 machinery on a toy under torchrun (gloo, CPU): gradients match a plain single-process oracle for
-1 and 2 ranks at the same global batch; DCP resume replays exactly; the export loads with weights_only."""
+"""FSDP2 machinery under torchrun (gloo, CPU): on a toy and on the Wan models (sharded block by block), gradients
+match a plain single-process oracle for 1 and 2 ranks at the same global batch; DCP resume replays exactly; the
+export loads with weights_only."""
 import os
 import subprocess
 import sys
@@ -9,22 +10,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _training_dist_worker import GLOBAL_BATCH, Toy  # noqa: E402
+from reward_forcing.rng import keyed_randn
+from reward_forcing.testing.dist_worker import GLOBAL_BATCH, Toy
+from reward_forcing.testing.sharded_models_worker import forward_loss, global_batch, rollout_loss, student
+from reward_forcing.training.state import latest_checkpoint
 
-from reward_forcing.training.rng import keyed_randn  # noqa: E402
-from reward_forcing.training.state import latest_checkpoint  # noqa: E402
-
-WORKER = Path(__file__).with_name("_training_dist_worker.py")
+WORKER = ["-m", "reward_forcing.testing.dist_worker"]
+SHARDED_WORKER = ["-m", "reward_forcing.testing.sharded_models_worker"]
 # A gloo rank very rarely aborts in teardown on this shared CPU box (seen once in ~30 runs, see ENVIRONMENT.md)
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 ROOT = Path(__file__).parents[1]
 
 
-def _run(nproc, mode, out):
+def _run(nproc, mode, out, worker=WORKER):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(WORKER), mode, str(out)] if nproc > 1 else [sys.executable, str(WORKER), mode, str(out)]
+    args = [*worker, *([mode] if mode else []), str(out)]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args]
+           if nproc > 1 else [sys.executable, *args])
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:  # rare gloo abort at exit: retry once
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -86,7 +88,7 @@ def test_bf16_sharding_keeps_float32_timesteps():
             model = cls(dim=32, ffn_dim=48, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=8, text_len=4,
                         freq_dim=16)
             reference = copy.deepcopy(model).to(torch.bfloat16)
-            sharded = shard_model(model, info, torch.bfloat16, per_block=cls is WanModel)
+            sharded = shard_model(model, info, torch.bfloat16)
             x, context, t = torch.randn(1, 4, 3, 4, 4), torch.randn(1, 4, 8), torch.tensor([937.5])
             with torch.no_grad():
                 out = sharded(x, t, context)
@@ -114,7 +116,7 @@ def test_sharded_wan_blocks_return_no_views_and_match_plain_gradients():
             model = cls(dim=32, ffn_dim=48, num_heads=2, num_layers=2, in_dim=4, out_dim=4, text_dim=8, text_len=4,
                         freq_dim=16)
             reference = copy.deepcopy(model)
-            sharded = shard_model(model, info, torch.float32, per_block=True)
+            sharded = shard_model(model, info, torch.float32)
             x, context, t = torch.randn(1, 4, 3, 4, 4), torch.randn(1, 4, 8), torch.tensor([937.5])
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -124,5 +126,72 @@ def test_sharded_wan_blocks_return_no_views_and_match_plain_gradients():
             got = {name: p.grad.full_tensor() for name, p in sharded.named_parameters()}
             for name, p in reference.named_parameters():
                 torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    finally:
+        shutdown()
+
+
+def test_every_model_shards_block_by_block_and_two_ranks_equal_one(tmp_path):
+    """Student (CausalWanModel) and teacher/critic (WanModel) are sharded one FSDP2 unit per block: in the teacher's
+    forward, the student's full-sequence forward and a streaming rollout of the student (exit steps with grad,
+    checkpointed) no more than one block is gathered at once (forward hooks count them), every block is gathered
+    in turn; and the student's gradients at 2 ranks equal those at 1 rank and plain autograd on one process."""
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ranks{nproc}"
+        out.mkdir()
+        _run(nproc, None, out, worker=SHARDED_WORKER)
+        results[nproc] = torch.load(out / "sharded.pt", weights_only=True)
+    model = student()
+    x, t, context = global_batch()
+    oracle = {}
+    for name, loss in (("forward", lambda: forward_loss(model, x, t, context)),
+                       ("rollout", lambda: rollout_loss(model, context, [0, 1]))):
+        loss().backward()
+        oracle[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+    blocks = list(range(len(model.blocks)))
+    for nproc, result in results.items():
+        for name, model_result in result.items():
+            assert model_result["units"] == [True] * len(blocks), (nproc, name)
+        passes = [result["teacher"]["forward"], result["student"]["forward"], result["student"]["rollout"]]
+        assert all(counts == {"most": 1, "seen": blocks} for counts in passes), (nproc, passes)
+        for name, want in oracle.items():
+            got = result["student"][f"{name}_grads"]
+            for key, grad in want.items():
+                assert grad.abs().max() > 0, key
+                torch.testing.assert_close(got[key], grad, rtol=0, atol=1e-5 * float(grad.abs().max()),
+                                           msg=f"{nproc} rank(s), {name}: {key}")
+
+
+def test_reduce_every_micro_step_accumulates_sharded_gradients():
+    """fsdp_reduce_every_micro_step: after the first of 2 micro-steps the gradient is already a reduced shard (FSDP2
+    keeps no unsharded one), and the accumulated gradient equals the default's (which reduces once, at the end)."""
+    import copy
+
+    from reward_forcing.training.parallel import init_distributed, shard_model, shutdown
+    from reward_forcing.training.schedule import Updater
+
+    info = init_distributed()  # a world of one inside the test process
+    try:
+        torch.manual_seed(0)
+        plain = Toy()
+        x = torch.stack([keyed_randn((6,), 7, "x", 0, i) for i in range(GLOBAL_BATCH)])
+        grads = {}
+        for every in (False, True):
+            model = shard_model(copy.deepcopy(plain), info)
+            updater = Updater("toy", model, torch.optim.SGD(model.parameters(), lr=0.0), 1e9, every)
+            after_first = []
+
+            def micro(index):
+                (model(x[index:index + 1]) ** 2).mean().backward()
+                if index == 0:
+                    after_first.append(all(p.grad is not None for p in model.parameters()))
+                return {"loss": torch.tensor(0.0)}
+
+            updater.accumulate(2, micro)
+            assert after_first == [every]
+            grads[every] = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        for name, grad in grads[False].items():
+            torch.testing.assert_close(grads[True][name], grad, rtol=1e-6, atol=1e-7)
     finally:
         shutdown()

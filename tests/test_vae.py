@@ -5,7 +5,7 @@ from diffusers import AutoencoderKLWan
 
 from reward_forcing.errors import CheckpointError, ConfigError
 from reward_forcing.models.vae import DiffusersVersionError, WanVAE, diffusers_to_wan_vae, wan_vae_to_diffusers
-from reward_forcing.tiny_assets import write_vae
+from reward_forcing.testing.assets import write_vae
 
 CFG4 = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
 CFG16 = dict(CFG4, z_dim=16)

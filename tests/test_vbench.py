@@ -1,6 +1,5 @@
 """VBench aggregation against the Reward Forcing README's VBench table (Total = (4 Quality + Semantic) / 5)
 and hand-computed examples."""
-import importlib.util
 import json
 import re
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 
 from reward_forcing.errors import run_cli
 from reward_forcing.vbench import (DIMENSIONS, QUALITY, SEMANTIC, VBenchResultsError, aggregate, group_weight_sum,
-                                   load_results, parse_results, total_score)
+                                   load_results, main, parse_results, total_score)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "vbench_aggregate.py"
@@ -30,13 +29,6 @@ PUBLISHED = {
     "Pyramid Flow": (81.72, 84.74, 69.62), "CausVid": (82.88, 83.93, 78.69), "Self Forcing": (83.80, 84.59, 80.64),
     "LongLive": (83.22, 83.68, 81.37), "Reward Forcing": (84.13, 84.84, 81.32),
 }
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("vbench_aggregate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(path, data):
@@ -159,7 +151,7 @@ def test_cli_table_and_json(tmp_path, capsys):
                                              if name != "color"})
     _write(folder / "rf_full_info.json", [{"prompt_en": "a cat"}])  # VBench's other output, not a results file
     out = tmp_path / "scores.json"
-    assert run_cli(_load_script().main, [str(folder), "--json", str(out)]) == 0
+    assert run_cli(main, [str(folder), "--json", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.err.strip() == "warning: VBench dimensions missing, counted as 0: color"
     semantic = 100 * 8 / 9
@@ -180,7 +172,7 @@ def test_cli_table_and_json(tmp_path, capsys):
     (lambda p: [str(p)], "holds no \\*_eval_results.json"),
 ])
 def test_cli_errors(tmp_path, capsys, make_args, match):
-    assert run_cli(_load_script().main, make_args(tmp_path)) == 2
+    assert run_cli(main, make_args(tmp_path)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert re.search(match, err)

@@ -154,3 +154,49 @@ def test_mp4_writer_starts_ffmpeg_without_running_python_in_the_forked_child(tmp
         writer.append(np.zeros((2, 16, 16, 3), dtype=np.uint8))
     assert spawned and all(kwargs.get("preexec_fn") is None for kwargs in spawned)
     assert (tmp_path / "a.mp4").is_file()
+
+
+# ---- export_to_video: the Python API's writer ----
+def test_export_to_video_writes_an_array_or_streamed_chunks(tmp_path):
+    from reward_forcing import export_to_video
+
+    frames = _gradient_frames(9, 40, 72)
+    assert export_to_video(frames, tmp_path / "whole.mp4") == tmp_path / "whole.mp4"
+    assert export_to_video(iter([frames[:1], frames[1:5], frames[5:]]), tmp_path / "new" / "chunks.mp4", fps=8)
+    whole, chunks = iio.imread(tmp_path / "whole.mp4", plugin="FFMPEG"), iio.imread(tmp_path / "new" / "chunks.mp4",
+                                                                                    plugin="FFMPEG")
+    assert iio.immeta(tmp_path / "whole.mp4", plugin="FFMPEG")["fps"] == 16
+    assert iio.immeta(tmp_path / "new" / "chunks.mp4", plugin="FFMPEG")["fps"] == 8
+    assert whole.shape == chunks.shape == frames.shape
+    assert np.abs(whole.astype(float) - frames).mean() < 6  # H.264 is lossy; a wrong layout would be far off
+
+
+def _failing_chunks(frames):
+    yield frames
+    raise RuntimeError("generation failed")
+
+
+@pytest.mark.parametrize("frames, message", [
+    (np.zeros((3, 32, 32, 3), np.float32), "frames must be uint8 arrays [frames, height, width, 3]"),
+    (np.zeros((3, 32, 32), np.uint8), "frames must be uint8 arrays"),
+    (np.zeros((3, 33, 32, 3), np.uint8), "H.264 needs an even frame height and width, got 33x32"),
+    ([np.zeros((1, 32, 32, 3), np.uint8), np.zeros((4, 32, 48, 3), np.uint8)], "frames change size"),
+    (np.zeros((0, 32, 32, 3), np.uint8), "no frames to write"),
+])
+def test_export_to_video_refuses_bad_frames_in_one_line_and_leaves_nothing(tmp_path, frames, message):
+    from reward_forcing import export_to_video
+    from reward_forcing.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        export_to_video(frames, tmp_path / "v.mp4")
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_to_video_keeps_the_old_file_when_generation_fails(tmp_path):
+    from reward_forcing import export_to_video
+
+    old = export_to_video(_gradient_frames(3, 32, 32), tmp_path / "v.mp4").read_bytes()
+    with pytest.raises(RuntimeError, match="generation failed"):
+        export_to_video(_failing_chunks(_gradient_frames(2, 32, 32)), tmp_path / "v.mp4")
+    assert os.listdir(tmp_path) == ["v.mp4"] and (tmp_path / "v.mp4").read_bytes() == old

@@ -14,7 +14,7 @@ from reward_forcing.rewards import qwen_video
 from reward_forcing.rewards import videoalign_checkpoint as ckpt
 from reward_forcing.rewards.qwen_video import VisionSpec, patchify, sample_frame_indices, smart_resize
 from reward_forcing.rewards.videoalign import VideoReward, main
-from reward_forcing.tiny_reward import TINY_TEMPLATE, write_tiny_videoreward
+from reward_forcing.testing.videoreward import TINY_TEMPLATE, write_tiny_videoreward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

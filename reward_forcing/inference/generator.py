@@ -11,6 +11,12 @@ training drive the same loop as the CLI.
 The prompt may change at any chunk boundary (`switch_prompt`), as in LongLive's interactive pipeline
 (NVlabs/LongLive pipeline/interactive_causal_inference.py): the cross-attention K/V follow the new
 prompt and the held window frames are re-encoded under it; `switch_sink` decides the sink's fate.
+
+A video may start from clean latents instead of noise (reward_forcing/inference/conditioning.py makes them):
+- `first_frame` (image-to-video): chunk 0 keeps it as its first frame at per-frame timestep 0 while its other
+  frames are denoised, as CausVid's per-frame timesteps allow zero-shot (arXiv 2412.07772); later chunks as always.
+- `prefix` (continuation): whole chunks run through context passes, chunk by chunk, so sink and window hold them
+  exactly as if this generator had made them; the new chunks follow.
 """
 from collections.abc import Callable, Iterator
 from itertools import count
@@ -77,21 +83,27 @@ class StreamingGenerator:
         self.sink_mode = sink_mode
         self.ema_alpha = ema_alpha
         self.switch_sink = switch_sink
+        self.compiled_step = None  # set by compile()
+
+    @staticmethod
+    def cache_settings(cfg) -> dict:
+        """The chunking and cache arguments of the constructor, from the streaming-student keys of a config."""
+        return dict(chunk_frames=int(cfg.num_frame_per_block),
+                    window_frames=None if cfg.local_attn_size == -1 else int(cfg.local_attn_size),
+                    sink_frames=int(cfg.sink_size), sink_mode=str(cfg.sink_mode),
+                    ema_alpha=float(cfg.compression_alpha), switch_sink=str(cfg.switch_sink))
 
     @classmethod
     def from_config(cls, model, cfg) -> "StreamingGenerator":
-        window = None if cfg.local_attn_size == -1 else int(cfg.local_attn_size)
-        return cls(
-            model,
-            FlowMatchSchedule(cfg.timestep_shift, sigma_lookup=cfg.sigma_lookup),
-            denoising_timesteps(cfg),
-            chunk_frames=int(cfg.num_frame_per_block),
-            window_frames=window,
-            sink_frames=int(cfg.sink_size),
-            sink_mode=str(cfg.sink_mode),
-            ema_alpha=float(cfg.compression_alpha),
-            switch_sink=str(cfg.switch_sink),
-        )
+        return cls(model, FlowMatchSchedule(cfg.timestep_shift, sigma_lookup=cfg.sigma_lookup),
+                   denoising_timesteps(cfg), **cls.cache_settings(cfg))
+
+    def compile(self, mode=None) -> "StreamingGenerator":
+        """torch.compile the model's in-place streaming step (CausalWanModel.static_step: fullgraph, static
+        shapes) for this generator's streams; mode as torch.compile's (None = default, "reduce-overhead" = CUDA
+        graphs on GPU). It runs once the cache is steady (KVCache.steady). Returns self."""
+        self.compiled_step = torch.compile(self.model.static_step, fullgraph=True, dynamic=False, mode=mode)
+        return self
 
     @property
     def forwards_per_chunk(self) -> int:
@@ -111,24 +123,49 @@ class StreamingGenerator:
     def _timestep(self, x: torch.Tensor, t: float) -> torch.Tensor:
         return torch.full((x.shape[0], x.shape[2]), t, device=x.device, dtype=torch.float32)
 
-    def predict_x0(self, cache, context, x: torch.Tensor, t: float, start_frame: int) -> torch.Tensor:
-        """One DiT call on chunk x at timestep t (all frames), converted from flow to the clean-latent estimate."""
-        t_frames = self._timestep(x, t)
-        flow = self.model(x, t_frames, context, cache=cache, start_frame=start_frame)
-        return self.schedule.flow_to_x0(flow, x, t_frames)
+    def flow(self, cache, context, x: torch.Tensor, t: torch.Tensor, start_frame: int) -> torch.Tensor:
+        """One DiT call on chunk x (frames from start_frame) at per-frame timesteps t [B, F] through `cache`.
 
-    def denoise_chunk(self, cache, context, x: torch.Tensor, start_frame: int, generator=None) -> torch.Tensor:
-        """Pure noise x [B, C, f, h, w] for frames [start_frame, start_frame + f) -> predicted clean chunk."""
+        Gradient-free calls on a static cache take the model's in-place step (compiled once the cache is steady,
+        after `compile`); every other call (autograd, or autocast, whose K/V dtype is not the buffers') takes the
+        model's streaming step, which reads and writes the same cache."""
+        in_place = cache.static and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        if not in_place:
+            return self.model.stream_step(x, t, context, cache, start_frame)
+        inputs = self.model.static_step_inputs(x, t, context, cache, start_frame)
+        if self.compiled_step is None or not cache.steady:
+            return self.model.static_step(*inputs)
+        for tensor in cache.in_place_tensors():
+            # written in place / reused every call: CUDA graphs may keep their addresses instead of copying them
+            torch._dynamo.mark_static_address(tensor, guard=False)
+        return self.compiled_step(*inputs)
+
+    def predict_x0(self, cache, context, x: torch.Tensor, t: float, start_frame: int,
+                   clean_frames: int = 0) -> torch.Tensor:
+        """One DiT call on chunk x at timestep t, converted from flow to the clean-latent estimate; the first
+        `clean_frames` frames are clean and go in at timestep 0."""
+        t_frames = self._timestep(x, t)
+        t_frames[:, :clean_frames] = 0.0
+        return self.schedule.flow_to_x0(self.flow(cache, context, x, t_frames, start_frame), x, t_frames)
+
+    def denoise_chunk(self, cache, context, x: torch.Tensor, start_frame: int, generator=None,
+                      first_frame: torch.Tensor | None = None) -> torch.Tensor:
+        """Pure noise x [B, C, f, h, w] for frames [start_frame, start_frame + f) -> predicted clean chunk.
+
+        first_frame: clean latents [B, C, k, h, w] that replace the chunk's first k frames at every step (at
+        timestep 0) and in the result, while the other frames are denoised (image-to-video)."""
+        held = 0 if first_frame is None else first_frame.shape[2]
         for i, t in enumerate(self.timesteps):
-            x0 = self.predict_x0(cache, context, x, t, start_frame)
+            x = _hold(x, first_frame)
+            x0 = self.predict_x0(cache, context, x, t, start_frame, held)
             if i + 1 < len(self.timesteps):
                 noise = self._noise(x0.shape, x0.device, x0.dtype, generator)
                 x = self.schedule.add_noise(x0, noise, self._timestep(x0, self.timesteps[i + 1]))
-        return x0
+        return _hold(x0, first_frame)
 
     def context_pass(self, cache, context, x0: torch.Tensor, start_frame: int) -> None:
         """Rewrite the chunk's cache slots with clean (t = 0) keys/values; the output is not needed."""
-        self.model(x0, self._timestep(x0, 0.0), context, cache=cache, start_frame=start_frame)
+        self.flow(cache, context, x0, self._timestep(x0, 0.0), start_frame)
 
     def switch_prompt(self, cache, context: torch.Tensor, held: dict[int, torch.Tensor], next_frame: int) -> None:
         """Continue the video at chunk boundary `next_frame` under `context`.
@@ -153,6 +190,21 @@ class StreamingGenerator:
         for start in range(first, next_frame, self.chunk_frames):
             self.context_pass(cache, context, held[start], start)
 
+    def replay(self, cache, context, prefix: torch.Tensor, held: dict | None = None, dtype=None) -> int:
+        """Continuation: write clean latents `prefix` [B, C, P, h, w] (P a multiple of the chunk) into `cache` by
+        context passes, chunk by chunk from frame 0, as a stream that generated them leaves it; with `held`, keep
+        what a later switch_prompt re-encodes. Returns P, the first frame to generate."""
+        frames = prefix.shape[2]
+        if frames == 0 or frames % self.chunk_frames:
+            raise ConfigError(f"a prefix of {frames} latent frames is not a positive multiple of the chunk size "
+                              f"num_frame_per_block={self.chunk_frames}")
+        for start in range(0, frames, self.chunk_frames):
+            x0 = prefix[:, :, start:start + self.chunk_frames].to(device=context.device, dtype=dtype or context.dtype)
+            self.context_pass(cache, context, x0, start)
+            if held is not None:
+                self._keep_for_switch(held, start, x0, cache)
+        return frames
+
     def _keep_for_switch(self, held: dict, start: int, x0: torch.Tensor, cache) -> None:
         """Hold the clean chunks a later switch_prompt may re-encode: the first one and those still in the window."""
         held[start] = x0
@@ -163,37 +215,54 @@ class StreamingGenerator:
     @torch.no_grad()
     def stream(self, context: torch.Tensor, num_frames: int | None, latent_hw: tuple[int, int], generator=None,
                noise: torch.Tensor | None = None, dtype=None,
-               switch: Callable[[int], torch.Tensor | None] | None = None) -> Iterator[torch.Tensor]:
+               switch: Callable[[int], torch.Tensor | None] | None = None, first_frame: torch.Tensor | None = None,
+               prefix: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yield clean latent chunks [B, C, chunk, h, w] for a video of `num_frames` latent frames.
 
         context: text embeddings [B, L, text_dim]. Noise is drawn chunk by chunk from `generator`
         (or sliced from `noise` [B, C, F, h, w]), so nothing proportional to the length is held.
         switch(start_frame), asked before every chunk, returns new text embeddings to continue under
         (see switch_prompt) or None. num_frames=None streams until the caller stops iterating.
+        first_frame: clean latents [B, C, 1, h, w] that chunk 0 starts from (image-to-video, see denoise_chunk).
+        prefix: clean latents [B, C, P, h, w] the video continues (see replay): the yielded chunks are the new
+        ones, frames P.. of the video (switch and cache positions count from the prefix's first frame; `noise`
+        covers the new frames only).
         """
-        if num_frames is None:
-            if noise is not None:
-                raise ValueError("an endless stream (num_frames=None) draws its noise from `generator`")
-            starts = count(0, self.chunk_frames)
-        else:
+        if first_frame is not None and prefix is not None:
+            raise ValueError("a video starts from a first frame or continues a prefix, not both")
+        if num_frames is not None:
             check_num_frames(num_frames, self.chunk_frames)
-            starts = range(0, num_frames, self.chunk_frames)
+        elif noise is not None:
+            raise ValueError("an endless stream (num_frames=None) draws its noise from `generator`")
         batch = context.shape[0]
         dtype = dtype or context.dtype
         shape = (batch, self.model.in_dim, self.chunk_frames, *latent_hw)
         cache = self.new_cache(batch, static=True)
         held = {}
+        first = 0
+        if prefix is not None:
+            first = self.replay(cache, context, prefix, held if switch is not None else None, dtype)
+        starts = count(first, self.chunk_frames) if num_frames is None else range(first, first + num_frames,
+                                                                                   self.chunk_frames)
         for start in starts:
             new_context = switch(start) if switch is not None else None
             if new_context is not None:
                 context = new_context
                 self.switch_prompt(cache, context, held, start)
             if noise is not None:
-                x = noise[:, :, start:start + self.chunk_frames].to(device=context.device, dtype=dtype)
+                x = noise[:, :, start - first:start - first + self.chunk_frames].to(device=context.device, dtype=dtype)
             else:
                 x = self._noise(shape, context.device, dtype, generator)
-            x0 = self.denoise_chunk(cache, context, x, start, generator)
+            picture = {"first_frame": first_frame} if start == 0 and first_frame is not None else {}
+            x0 = self.denoise_chunk(cache, context, x, start, generator, **picture)  # subclasses may not take one
             self.context_pass(cache, context, x0, start)
             if switch is not None:
                 self._keep_for_switch(held, start, x0, cache)
             yield x0
+
+
+def _hold(x: torch.Tensor, clean: torch.Tensor | None) -> torch.Tensor:
+    """x with its first frames replaced by the clean latents `clean` (None: x as it is)."""
+    if clean is None:
+        return x
+    return torch.cat([clean.to(device=x.device, dtype=x.dtype), x[:, :, clean.shape[2]:]], dim=2)

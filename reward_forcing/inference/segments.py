@@ -1,7 +1,8 @@
 """Multi-prompt videos: a video made of segments, each a prompt held for a number of latent frames.
 
 `inference.py --switch_prompts FILE.jsonl` reads one video per line, a JSON array such as
-`[{"prompt": "a cat on grass", "frames": 21}, {"prompt": "the cat jumps", "frames": 12}]`; the
+`[{"prompt": "a cat on grass", "latent_frames": 21}, {"prompt": "the cat jumps", "latent_frames": 12}]`
+(`frames` is accepted for `latent_frames`, as files written before the key named its unit); the
 streaming generator switches prompt at each segment's first frame (StreamingGenerator.switch_prompt).
 """
 import json
@@ -11,13 +12,14 @@ from pathlib import Path
 
 from reward_forcing.video import PromptFileError
 
-SEGMENT_KEYS = ("prompt", "frames")
+SEGMENT_KEYS = ("prompt", "latent_frames")
+OLD_FRAMES_KEY = "frames"  # the earlier name of latent_frames, in switch files and manifests
 
 
 @dataclass(frozen=True)
 class Segment:
     prompt: str
-    frames: int  # latent frames, a multiple of the chunk
+    latent_frames: int  # a multiple of the chunk
 
 
 def parse_segments(value, chunk_frames: int, where: str) -> tuple[Segment, ...]:
@@ -26,14 +28,15 @@ def parse_segments(value, chunk_frames: int, where: str) -> tuple[Segment, ...]:
         raise PromptFileError(f"{where}: expected a non-empty JSON array of segments")
     segments = []
     for number, item in enumerate(value, start=1):
+        item = _renamed(item) if isinstance(item, dict) else item
         if not isinstance(item, dict) or set(item) != set(SEGMENT_KEYS):
             raise PromptFileError(f"{where}: segment {number} must be an object with exactly the keys "
                                   f"{', '.join(SEGMENT_KEYS)}")
-        prompt, frames = item["prompt"], item["frames"]
+        prompt, frames = item["prompt"], item["latent_frames"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptFileError(f"{where}: segment {number} has an empty prompt")
         if isinstance(frames, bool) or not isinstance(frames, int) or frames <= 0 or frames % chunk_frames:
-            raise PromptFileError(f"{where}: segment {number} has frames={frames!r}; latent frames must be a positive "
+            raise PromptFileError(f"{where}: segment {number} has latent_frames={frames!r}; it must be a positive "
                                   f"multiple of the chunk size num_frame_per_block={chunk_frames}")
         segments.append(Segment(prompt.strip(), frames))
     return tuple(segments)
@@ -62,19 +65,35 @@ def read_switch_prompts(path, chunk_frames: int) -> list[tuple[Segment, ...]]:
     return videos
 
 
+def _renamed(item: dict) -> dict:
+    """A segment written with the older key `frames` spelled as `latent_frames` (other items unchanged)."""
+    if OLD_FRAMES_KEY in item and "latent_frames" not in item:
+        item = {("latent_frames" if key == OLD_FRAMES_KEY else key): value for key, value in item.items()}
+    return item
+
+
 def total_frames(segments) -> int:
-    return sum(segment.frames for segment in segments)
+    """Latent frames of a multi-prompt video."""
+    return sum(segment.latent_frames for segment in segments)
 
 
 def segment_records(segments) -> list[dict]:
     """Each segment with its first latent frame, for the manifest."""
     records, start = [], 0
     for segment in segments:
-        records.append({"prompt": segment.prompt, "frames": segment.frames, "start_frame": start})
-        start += segment.frames
+        records.append({"prompt": segment.prompt, "latent_frames": segment.latent_frames, "start_latent_frame": start})
+        start += segment.latent_frames
     return records
+
+
+def recorded_segments(records: list[dict]) -> list[dict]:
+    """A manifest's segment list in today's keys; manifests written before the keys named their unit said
+    `frames` and `start_frame`."""
+    return [{"prompt": record.get("prompt"), "latent_frames": record.get("latent_frames", record.get("frames")),
+             "start_latent_frame": record.get("start_latent_frame", record.get("start_frame"))}
+            for record in records]
 
 
 def switch_schedule(segments, encode: Callable) -> Callable:
     """The `switch` argument of StreamingGenerator.stream: each later segment's embeddings at its first frame."""
-    return {record["start_frame"]: encode(record["prompt"]) for record in segment_records(segments)[1:]}.get
+    return {record["start_latent_frame"]: encode(record["prompt"]) for record in segment_records(segments)[1:]}.get

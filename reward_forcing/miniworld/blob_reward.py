@@ -37,10 +37,10 @@ class BlobQualityReward(Reward):
         self.shapes = blobs / blobs.flatten(1).norm(dim=1)[:, None, None]
 
     @classmethod
-    def from_config(cls, cfg, info, dtype, decoder=None):
-        if not cfg.reward.world_path:
+    def from_settings(cls, reward, checkpoint_dir=None, fps=None, info=None, dtype=None, decoder=None):
+        if not reward.world_path:
             raise ConfigError("reward 'blob_quality' needs reward.world_path=<world.json of a miniworld dataset>")
-        return cls(World.from_file(cfg.reward.world_path))
+        return cls(World.from_file(reward.world_path))
 
     def frame_scores(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Per-frame quality [B, F] of latents [B, C, F, H, W] (gradient to the latents)."""

@@ -160,8 +160,8 @@ def evaluate_claims(rows: dict, long: dict, updates: list[int]) -> list[Claim]:
     claims = _Claims(rows, long)
     out = [claims.teacher()]
     out += [claims.keeps_teacher(n) for n in updates]
-    out += [claims.faster("C2", "re_dmd", "Re-DMD (the paper's w, reward_weight_norm none)", n) for n in updates]
-    out += [claims.faster("C2b", "re_dmd_bm", "Re-DMD with reward_weight_norm batch_mean", n) for n in updates]
+    out += [claims.faster("C2", "re_dmd", "Re-DMD (the paper's w, reward.weight_norm none)", n) for n in updates]
+    out += [claims.faster("C2b", "re_dmd_bm", "Re-DMD with reward.weight_norm batch_mean", n) for n in updates]
     out += [claims.sink(), claims.last_frame(), claims.cache_grad()]
     return out
 

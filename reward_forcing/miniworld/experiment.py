@@ -8,7 +8,7 @@ under `arms:` in experiment.yaml:
     re_dmd_bm:                          # the row names are <arm>@<updates>: re_dmd_bm@40, re_dmd_bm@160
       stage: distill                    # configs/miniworld/<stage>.yaml, merged over common.yaml
       init: ode_init                    # weights it starts from (WEIGHTS below); default ode_init
-      overrides: [distill_loss=re_dmd, reward_weight_norm=batch_mean]
+      overrides: [distill_loss=re_dmd, reward.weight_norm=batch_mean]
       updates: [40, 160]
       seeds: [1, 2, 3]                  # default: the experiment's seeds
       label: "Re-DMD, batch_mean w"     # legend / table text

@@ -8,7 +8,7 @@
               centroid jumps about, is not paid for it)
     motion_norm  validity x speed standardised by the data's speed distribution (uniform on [0, max_speed]: mean
               max_speed / 2, standard deviation max_speed / sqrt(12)); the counterpart of VideoReward's MQ_norm,
-              which upstream's Re-DMD weights by. A score in standard units gives reward_beta the same meaning as
+              which upstream's Re-DMD weights by. A score in standard units gives reward.beta the same meaning as
               there: at beta 4, two samples one data standard deviation apart differ in weight by e^4. On the raw
               `motion` scale students slower than the data span a few tenths, and beta 4 moved their weights by a
               factor of about 2 (min 1.19, max 2.38 over a batch of 8)
@@ -34,10 +34,10 @@ class LatentMotionReward(Reward):
         self.world = world
 
     @classmethod
-    def from_config(cls, cfg, info, dtype, decoder=None):
-        if not cfg.reward.world_path:
+    def from_settings(cls, reward, checkpoint_dir=None, fps=None, info=None, dtype=None, decoder=None):
+        if not reward.world_path:
             raise ConfigError("reward 'latent_motion' needs reward.world_path=<world.json of a miniworld dataset>")
-        return cls(World.from_file(cfg.reward.world_path))
+        return cls(World.from_file(reward.world_path))
 
     def score(self, videos: torch.Tensor, prompts: list[str]) -> dict:
         stats = video_stats(self.world, videos)

@@ -40,11 +40,11 @@ def parse_args(argv):
 
 
 def check_reward(name: str) -> None:
-    from reward_forcing.rewards.registry import REWARDS, reward_class
+    from reward_forcing.rewards.registry import REWARDS
 
     if name not in REWARDS:
         raise ConfigError(f"--reward must be one of {', '.join(REWARDS)}; got '{name}'")
-    if reward_class(name).input != "latents":
+    if REWARDS[name].input != "latents":
         raise ConfigError(f"reward '{name}' scores decoded pixels; the miniature world has no decoder "
                           "(use a latent reward such as latent_motion)")
 

@@ -68,7 +68,7 @@ def _strip_index(world, prompts: list[str]) -> int:
 def stage_data(run) -> dict:
     from reward_forcing.miniworld.world import World, WorldSpec
     from reward_forcing.models.wan import WanModel
-    from reward_forcing.tiny_assets import write_t5, write_tokenizer, write_wan_folder
+    from reward_forcing.testing.assets import write_t5, write_tokenizer, write_wan_folder
     from reward_forcing.training.ode_data import prepare_output_dir, shard_done, write_shard
 
     settings = run.settings

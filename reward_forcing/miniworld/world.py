@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from reward_forcing.errors import ConfigError
-from reward_forcing.training.rng import keyed_generator
+from reward_forcing.rng import keyed_generator
 
 
 @dataclass(frozen=True)

@@ -2,26 +2,27 @@
 
 Upstream counterpart: wan/modules/causal_model.py of Self-Forcing.
 
-Same parameters and state-dict keys as WanModel, so teacher weights load unchanged. Three self-attention
-patterns share the blocks:
-- no cache: block-causal over all frames (chunks of num_frame_per_block, optional local window);
-- teacher forcing (clean_x given): [clean || noisy] with shared RoPE positions, only the noisy half returned;
-- cache: frames [start_frame, start_frame + F) attend to what reward_forcing.cache returns, with RoPE applied at
-  read time (keys at frames 0..N/L-1, queries from query_start_frame), so positions are window-relative.
-
-A static cache (`new_cache(..., static=True)`) without autograd takes the streaming step (`static_step`): the
-cache's bookkeeping (eviction, EMA, the once-per-chunk RoPE of the attended prefix) runs first in Python, then
-one pure tensor function runs the DiT and writes the chunk's K/V into the cache's buffers in place. Once the
-window is full its shapes never change and it has no host synchronisation or value-dependent branch, so
-`compile_streaming()` can hand it to torch.compile(fullgraph=True) (and CUDA graphs with "reduce-overhead");
-the chunks that fill the window (fewer attended frames) run the same function eagerly.
+Same parameters and state-dict keys as WanModel, so teacher weights load unchanged. Three calls share the blocks:
+- `forward`: a full sequence, block-causal over all frames (chunks of num_frame_per_block, optional local
+  window); teacher forcing when clean_x is given ([clean || noisy] with shared RoPE positions, only the noisy half
+  returned). Training.
+- `stream_step`: one chunk, frames [start_frame, start_frame + F), through a KV cache (reward_forcing.cache), with
+  autograd: each block attends to what its cache layer returns, with RoPE applied at read time (keys at frames
+  0..N/L-1, queries from query_start_frame), so positions are window-relative. Training rollouts.
+- `static_step`: the gradient-free step on a static cache (`new_cache(..., static=True)`): the cache's bookkeeping
+  (eviction, EMA, the once-per-chunk RoPE of the attended prefix) runs first in Python (`static_step_inputs`),
+  then this pure tensor function runs the DiT and writes the chunk's K/V into the cache's buffers in place. Once
+  the window is full its shapes never change and it has no host synchronisation or value-dependent branch, so
+  the StreamingGenerator (reward_forcing/inference/generator.py) can torch.compile it (fullgraph, CUDA graphs).
+Each block computes its own cross-attention K/V (kept in its cache layer once per prompt) and touches no weight
+outside itself, so the model shards block by block (reward_forcing/training/parallel.py).
 """
 from functools import lru_cache, partial
 
 import torch
 
 from reward_forcing.errors import ConfigError
-from reward_forcing.cache import write_live
+from reward_forcing.cache import KVCache, write_live
 from reward_forcing.models.attention import attention
 from reward_forcing.models.rope import apply_rope
 from reward_forcing.models.wan import WanModel
@@ -82,40 +83,24 @@ class CausalWanModel(WanModel):
                               f"{num_frame_per_block}")
         self.num_frame_per_block = num_frame_per_block
         self.local_attn_size = local_attn_size
-        self.compiled_step = None  # set by compile_streaming()
 
     def new_cache(self, batch_size, window_frames=None, sink_frames=0, sink_mode="none", ema_alpha=0.999,
                   static=False):
         """An empty KV cache for one video of this model (batch_size is checked by the cache on first write).
-        static=True: gradient-free calls write in place into fixed buffers (see the module docstring)."""
-        from reward_forcing.cache import KVCache
-
+        static=True: buffers for the gradient-free in-place `static_step` (see the module docstring)."""
         del batch_size  # the cache allocates lazily from the first keys it receives
         return KVCache(len(self.blocks), window_frames=window_frames, sink_frames=sink_frames, sink_mode=sink_mode,
                        ema_alpha=ema_alpha, chunk_frames=self.num_frame_per_block, static=static)
 
-    def compile_streaming(self, mode=None):
-        """torch.compile the steady-state streaming step (fullgraph, static shapes); mode as torch.compile's
-        (None = default, "reduce-overhead" = CUDA graphs on GPU). Returns self."""
-        self.compiled_step = torch.compile(self.static_step, fullgraph=True, dynamic=False, mode=mode)
-        return self
-
-    def forward(self, x, t, context, cache=None, start_frame=0, clean_x=None, aug_t=None):
-        """x [B, C, F, H, W]; t scalar, [B] or per-frame [B, F]; context [B, L <= text_len, text_dim].
-
-        cache=None: block-causal forward over frames 0..F-1 (teacher forcing when clean_x, same shape as x, is
-        given; its timesteps are aug_t, default 0). With a cache: frames [start_frame, start_frame + F)."""
-        if cache is not None and clean_x is not None:
-            raise ValueError("teacher forcing (clean_x) and a KV cache cannot be combined")
-        if (getattr(cache, "static", False) and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled(x.device.type)):
-            return self._static_forward(x, t, context, cache, start_frame)
+    def forward(self, x, t, context, clean_x=None, aug_t=None):
+        """Block-causal forward over frames 0..F-1: x [B, C, F, H, W]; t scalar, [B] or per-frame [B, F]; context
+        [B, L <= text_len, text_dim]. Teacher forcing when clean_x (same shape as x) is given: the noisy frames
+        see the clean ones before them, whose timesteps are aug_t (default 0); only the noisy half is returned."""
         batch, frames = x.shape[0], x.shape[2]
         t = frame_timesteps(t, batch, frames).to(x.device)
         tokens, grid = self.embed_video(x)
         frame_tokens = grid[1] * grid[2]
         ctx = self.embed_text(context)
-
         if clean_x is not None:
             if clean_x.shape != x.shape:
                 raise ValueError(f"clean_x {tuple(clean_x.shape)} must match x {tuple(x.shape)}")
@@ -124,19 +109,29 @@ class CausalWanModel(WanModel):
             t = torch.cat([clean_t, t], dim=1)
         e, e0 = self.embed_time(t)
 
-        if cache is None:
-            plan = attention_plan(frames, frame_tokens, self.num_frame_per_block, self.local_attn_size,
-                                  clean_x is not None)
-            attend = partial(self._masked_attend, grid=grid, plan=plan)
-            for i in range(len(self.blocks)):
-                tokens = self.run_block(i, tokens, e0, ctx, attend)
-        else:  # no activation checkpointing here: recomputation would re-run the cache's side effects
-            for i, block in enumerate(self.blocks):
-                attend = partial(self._cached_attend, layer=cache.layers[i], grid=grid, start_frame=start_frame)
-                tokens = block(tokens, e0, ctx, attend, self._cross_kv(cache, i, ctx))
+        plan = attention_plan(frames, frame_tokens, self.num_frame_per_block, self.local_attn_size,
+                              clean_x is not None)
+        attend = partial(self._masked_attend, grid=grid, plan=plan)
+        for i in range(len(self.blocks)):
+            tokens = self.run_block(i, tokens, e0, ctx, attend)
 
-        if clean_x is not None:  # keep the noisy half only
-            tokens, e = tokens[:, frames * frame_tokens:], e[:, frames:]
+        if clean_x is not None:  # keep the noisy half only (by count: a sequence-parallel rank holds a slice of it)
+            tokens, e = tokens[:, tokens.shape[1] // 2:], e[:, frames:]
+        return self.unpatchify(tokens, e, grid)
+
+    def stream_step(self, x, t, context, cache, start_frame=0):
+        """Chunk x [B, C, F, H, W] as frames [start_frame, start_frame + F) of the video in `cache` (new_cache),
+        with autograd: each block writes its K/V to its cache layer and attends to what the layer returns. t:
+        scalar, [B] or [B, F]; context [B, L <= text_len, text_dim]. No activation checkpointing here:
+        recomputation would re-run the cache's side effects."""
+        batch, frames = x.shape[0], x.shape[2]
+        t = frame_timesteps(t, batch, frames).to(x.device)
+        tokens, grid = self.embed_video(x)
+        ctx = self.embed_text(context)
+        e, e0 = self.embed_time(t)
+        for block, layer in zip(self.blocks, cache.layers):
+            attend = partial(self._cached_attend, layer=layer, grid=grid, start_frame=start_frame)
+            tokens = block(tokens, e0, ctx, attend, layer)
         return self.unpatchify(tokens, e, grid)
 
     def _rope_halves(self, x, grid):
@@ -153,8 +148,11 @@ class CausalWanModel(WanModel):
         key_grid = (keys.shape[1] // frame_tokens, grid[1], grid[2])
         return attention(self.rope(q, grid, query_start), self.rope(keys, key_grid), values)
 
-    # ---- the streaming step on a static cache ----
-    def _static_forward(self, x, t, context, cache, start_frame):
+    # ---- the gradient-free step on a static cache ----
+    def static_step_inputs(self, x, t, context, cache, start_frame=0):
+        """The Python half of a gradient-free streaming call on a static cache (new_cache(static=True)): the cache's
+        bookkeeping (eviction, EMA, the once-per-chunk RoPE of the attended prefix) and RoPE tables. Returns the
+        arguments of `static_step` for chunk x at frames [start_frame, start_frame + F)."""
         batch, frames = x.shape[0], x.shape[2]
         t = frame_timesteps(t, batch, frames)
         if t.device != x.device:
@@ -166,41 +164,25 @@ class CausalWanModel(WanModel):
             return self.rope(keys, (key_frames, grid[1], grid[2]))
 
         dtype, heads = self.patch_embedding.weight.dtype, self.num_heads
-        slots = [layer.prepare(batch, heads, self.dim // heads, dtype, x.device, start_frame, grid[0], frame_tokens,
-                               rope_keys) for layer in cache.layers]
-        if any(kv is None for kv in cache.cross):
-            ctx = self.embed_text(context)
-            cache.cross = [block.cross_attn.key_value(ctx) for block in self.blocks]
+        slots = [layer.static.prepare(batch, heads, self.dim // heads, dtype, x.device, start_frame, grid[0],
+                                      frame_tokens, rope_keys) for layer in cache.layers]
         cos, sin = self.rope_cos_sin(x.device, grid, slots[0].query_start)
-        buffers = [(s.keys, s.values, s.pending_keys) for s in slots]
-        full = slots[0].keys.shape[1] == cache.window_frames * frame_tokens
-        if not full or self.compiled_step is None:
-            return self.static_step(x, t, cos, sin, buffers, cache.cross)
-        for tensor in [buf for layer in buffers for buf in layer] + [kv for pair in cache.cross for kv in pair]:
-            # written in place / reused every call: CUDA graphs may keep their addresses instead of copying them
-            torch._dynamo.mark_static_address(tensor, guard=False)
-        return self.compiled_step(x, t, cos, sin, buffers, cache.cross)
+        buffers = [(s.keys, s.values, s.live_keys) for s in slots]
+        return x, t, context, cos, sin, buffers, cache.layers
 
-    def static_step(self, x, t, cos, sin, buffers, cross_kv):
+    def static_step(self, x, t, context, cos, sin, buffers, layers):
         """One gradient-free DiT call on chunk x [B, C, F, H, W] at per-frame timesteps t [B, F], attending to the
         static cache buffers (keys, values, live pre-RoPE keys) per layer, into which it writes the chunk's K/V;
-        cos/sin: the chunk's RoPE tables; cross_kv: the prompt's cross-attention (k, v) per layer. Pure tensor
-        code: fixed shapes once the window is full, no host sync."""
+        cos/sin: the chunk's RoPE tables; layers: the cache layers, whose cross-attention K/V each block reads
+        (computing them from context [B, L, text_dim] on a prompt's first call). Pure tensor code: fixed shapes
+        once the window is full and the prompt's K/V are held, no host sync."""
         tokens, grid = self.embed_video(x)
         e, e0 = self.embed_time(t)
-        for block, (keys, values, live_keys), kv in zip(self.blocks, buffers, cross_kv):
+        ctx = self.embed_text(context) if any(layer.cross is None for layer in layers) else None
+        for block, (keys, values, live_keys), layer in zip(self.blocks, buffers, layers):
             attend = partial(_write_and_attend, keys=keys, values=values, live_keys=live_keys, cos=cos, sin=sin)
-            tokens = block(tokens, e0, None, attend, kv)
+            tokens = block(tokens, e0, ctx, attend, layer)
         return self.unpatchify(tokens, e, grid)
-
-    def _cross_kv(self, cache, i, ctx):
-        """Cross-attention K/V from the cache, computed once per prompt. Under autograd they are recomputed so
-        that gradients reach the k/v projections (same values)."""
-        if cache.cross[i] is None or torch.is_grad_enabled():
-            k, v = self.blocks[i].cross_attn.key_value(ctx)
-            cache.cross[i] = (k.detach(), v.detach())
-            return k, v
-        return cache.cross[i]
 
 
 def _write_and_attend(q, k, v, keys, values, live_keys, cos, sin):

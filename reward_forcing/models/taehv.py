@@ -164,12 +164,17 @@ class TAEHV(nn.Module):
         return cls.from_state_dict(sd, source=str(path)).to(device=device, dtype=dtype)
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [B,3,T,H,W] in [-1,1] -> latents [B,C,F,h,w]; T end-padded by repeating the last frame."""
+    def encode(self, pixels: torch.Tensor, pad_front: bool = False) -> torch.Tensor:
+        """pixels [B,3,T,H,W] in [-1,1] -> latents [B,C,F,h,w]; T end-padded by repeating the last frame (as
+        upstream's encode_video). pad_front: padded at the start with copies of the first frame instead, the
+        inverse of `decode`'s trim, so a video of 1 + 4k frames gives 1 + k latents aligned as the Wan VAE's:
+        latent 0 is the first frame (repeated), latent j frames 4j-3..4j."""
         x = ((pixels + 1) / 2).transpose(1, 2)
         pad = -x.shape[1] % self.time_compression
         if pad:
-            x = torch.cat([x, x[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
+            edge = x[:, :1] if pad_front else x[:, -1:]
+            padding = edge.expand(-1, pad, -1, -1, -1)
+            x = torch.cat([padding, x] if pad_front else [x, padding], dim=1)
         return _run_parallel(self.encoder, x).transpose(1, 2)
 
     @torch.no_grad()

@@ -35,17 +35,23 @@ _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_BLOCK_RE = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
 
 
-def wan_t5_to_transformers(sd: dict) -> dict:
-    """Wan T5 encoder keys -> UMT5EncoderModel keys; the embedding is emitted for both tied names."""
+def _rename(sd: dict, top: dict, block_re, block: dict, block_prefix: str, layout: str) -> dict:
+    """Rename a T5 encoder state dict: top-level keys by `top`, `<n>.<name>` block keys by `block`."""
     out = {}
     for key, value in sd.items():
-        match = _BLOCK_RE.match(key)
-        if key in _TOP_KEYS:
-            out[_TOP_KEYS[key]] = value
-        elif match and match.group(2) in _BLOCK_KEYS:
-            out[f"encoder.block.{match.group(1)}.{_BLOCK_KEYS[match.group(2)]}"] = value
+        match = block_re.match(key)
+        if key in top:
+            out[top[key]] = value
+        elif match and match.group(2) in block:
+            out[f"{block_prefix}.{match.group(1)}.{block[match.group(2)]}"] = value
         else:
-            raise CheckpointError(f"unexpected key '{key}' in Wan T5 state dict")
+            raise CheckpointError(f"unexpected key '{key}' in {layout} state dict")
+    return out
+
+
+def wan_t5_to_transformers(sd: dict) -> dict:
+    """Wan T5 encoder keys -> UMT5EncoderModel keys; the embedding is emitted for both tied names."""
+    out = _rename(sd, _TOP_KEYS, _BLOCK_RE, _BLOCK_KEYS, "encoder.block", "Wan T5")
     if "shared.weight" in out:
         out["encoder.embed_tokens.weight"] = out["shared.weight"]
     return out
@@ -53,20 +59,10 @@ def wan_t5_to_transformers(sd: dict) -> dict:
 
 def transformers_to_wan_t5(sd: dict) -> dict:
     """UMT5EncoderModel keys -> Wan T5 encoder keys (the tied `encoder.embed_tokens` copy is dropped)."""
+    sd = {key: value for key, value in sd.items() if key != "encoder.embed_tokens.weight"}
     top = {v: k for k, v in _TOP_KEYS.items()}
     block = {v: k for k, v in _BLOCK_KEYS.items()}
-    out = {}
-    for key, value in sd.items():
-        match = _HF_BLOCK_RE.match(key)
-        if key == "encoder.embed_tokens.weight":
-            continue
-        if key in top:
-            out[top[key]] = value
-        elif match and match.group(2) in block:
-            out[f"blocks.{match.group(1)}.{block[match.group(2)]}"] = value
-        else:
-            raise CheckpointError(f"unexpected key '{key}' in UMT5EncoderModel state dict")
-    return out
+    return _rename(sd, top, _HF_BLOCK_RE, block, "blocks", "UMT5EncoderModel")
 
 
 def umt5_config(te_cfg) -> UMT5Config:

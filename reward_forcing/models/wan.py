@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from einops import rearrange
 
 from reward_forcing.errors import ConfigError
 from reward_forcing.models.attention import attention
@@ -119,9 +120,10 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def forward(self, x, e0, context, self_attend, cross_kv=None):
-        """x [B, N, D] residual stream; e0 [B, F, 6, D]; self_attend(q, k, v) -> [B, N, H, D] applies RoPE and
-        the attention pattern; cross_kv: precomputed cross-attention (k, v) or None."""
+    def forward(self, x, e0, context, self_attend, cache=None):
+        """x [B, N, D] residual stream; e0 [B, F, 6, D]; context: the embedded prompt [B, text_len, D];
+        self_attend(q, k, v) -> [B, N, H, D] applies RoPE and the attention pattern; cache: this block's layer of a
+        streaming KV cache (reward_forcing.cache.LayerKVCache), which keeps its cross-attention K/V, or None."""
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (fp32(self.modulation) + fp32(e0)).unbind(2)
 
         h = cast_like(modulate(self.norm1(x), shift_a, scale_a), x)
@@ -130,11 +132,23 @@ class WanBlock(nn.Module):
         x = residual(x, self.self_attn.out(self_attend(q, k, v)), gate_a)
 
         h = self.norm3(x)
-        k, v = cross_kv if cross_kv is not None else self.cross_attn.key_value(context)
+        k, v = self.cross_key_value(context, cache)
         x = cast_like(fp32(x) + fp32(self.cross_attn.out(attention(self.cross_attn.query(h), k, v))), x)
 
         h = cast_like(modulate(self.norm2(x), shift_f, scale_f), x)
         return residual(x, self.ffn(h), gate_f)
+
+    def cross_key_value(self, context, cache=None):
+        """Cross-attention (k, v) of the embedded prompt. With a cache they are computed once per prompt and kept in
+        cache.cross (context may then be None); under autograd they are recomputed, same values, so that
+        gradients reach the k/v projections."""
+        if cache is None:
+            return self.cross_attn.key_value(context)
+        if cache.cross is None or torch.is_grad_enabled():
+            k, v = self.cross_attn.key_value(context)
+            cache.cross = (k.detach(), v.detach())
+            return k, v
+        return cache.cross
 
 
 def residual(x, y, gate):
@@ -226,7 +240,7 @@ class WanModel(nn.Module):
         tokens = self.patch_embedding(cast_like(x, weight))
         grid = tuple(tokens.shape[2:])
         # contiguous once here, or every op of the residual stream inherits the transposed layout
-        return cast_like(tokens.flatten(2).transpose(1, 2), weight).contiguous(), grid
+        return cast_like(rearrange(tokens, "b d f h w -> b (f h w) d"), weight).contiguous(), grid
 
     def embed_time(self, t):
         """t [B, F] -> e [B, F, D] and e0 [B, F, 6, D], fp32 (autocast off)."""
@@ -248,16 +262,15 @@ class WanModel(nn.Module):
         weight = self.head.head.weight
         with torch.autocast(weight.device.type, enabled=False):
             x = self.head(x, e)
-        frames, height, width = grid
-        pt, ph, pw = self.patch_size
-        x = x.view(x.shape[0], frames, height, width, pt, ph, pw, self.out_dim)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], self.out_dim, frames * pt, height * ph, width * pw)
+        (f, h, w), (pt, ph, pw) = grid, self.patch_size
+        return rearrange(x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
 
-    def run_block(self, i, x, e0, context, self_attend, cross_kv=None):
+    def run_block(self, i, x, e0, context, self_attend):
+        """Block i without a cache, activation-checkpointed when gradient_checkpointing is on and grad is needed."""
         block = self.blocks[i]
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, e0, context, self_attend, cross_kv, use_reentrant=False)
-        return block(x, e0, context, self_attend, cross_kv)
+            return torch.utils.checkpoint.checkpoint(block, x, e0, context, self_attend, use_reentrant=False)
+        return block(x, e0, context, self_attend)
 
     def forward(self, x, t, context):
         """x [B, C, F, H, W], t [B], context [B, L <= text_len, text_dim] -> flow [B, out_dim, F, H, W].

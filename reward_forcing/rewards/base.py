@@ -5,7 +5,9 @@ A reward states what it reads (`input`): decoded `pixels` [B, 3, T, H, W] in [-1
 `latents` [B, C, F, h, w]; whether its scores carry gradient back to that input (`differentiable`); and the
 names of the per-sample scores it returns (`keys`). Calling it on latents decodes them first when it reads
 pixels, so a trainer only ever hands over its rollout. reward_forcing.rewards.registry builds one from the
-config's `reward:` section.
+config's `reward:` section through the scorer's classmethod `from_settings(reward, checkpoint_dir, fps, info, dtype,
+decoder)`: the `reward:` settings, the folder its weights live under, the videos' frame rate, the rank's DistInfo,
+the compute dtype and the decoder (pixel rewards).
 """
 import contextlib
 from abc import ABC, abstractmethod
@@ -13,13 +15,6 @@ from abc import ABC, abstractmethod
 import torch
 
 INPUTS = ("pixels", "latents")
-
-
-class IdentityDecoder:
-    """`decoder: none`: the latents are the video (latent worlds without a VAE, e.g. reward_forcing/miniworld)."""
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
 
 
 class Reward(ABC):

@@ -180,9 +180,7 @@ def resize_short_side(images: torch.Tensor, size: int) -> torch.Tensor:
     """[N, C, H, W] -> short side `size`, long side int(size·long/short) (torchvision Resize(int)); antialiased
     bicubic, which follows PIL's bicubic filter (the released transform runs PIL)."""
     h, w = images.shape[-2:]
-    short, long = min(h, w), max(h, w)
-    new_long = int(size * long / short)
-    new_hw = (size, new_long) if h <= w else (new_long, size)
+    new_hw = short_side_size(h, w, size)
     if new_hw == (h, w):
         return images
     return F.interpolate(images, size=new_hw, mode="bicubic", antialias=True, align_corners=False)
@@ -295,13 +293,25 @@ class ImageReward(nn.Module):
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif")
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """An image file -> [1, 3, H, W] float tensor in 0..255."""
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the short side `size` and the long side int(size·long/short) (torchvision Resize(int))."""
+    long = int(size * max(height, width) / min(height, width))
+    return (size, long) if height <= width else (long, size)
+
+
+def read_image(path: Path, size: int | None = None) -> torch.Tensor:
+    """An image file -> [1, 3, H, W] float tensor in 0..255. With `size`, first resized (short side `size`) in
+    its own mode, as the released package does (THUDM/ImageReward ImageReward.py `_transform`: a PIL bicubic
+    Resize before the RGB conversion, so PIL resizes palette images by nearest neighbour and RGBA ones with
+    premultiplied alpha); preprocess() then finds the short side at `size` and only centre-crops."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
+            if size is not None:
+                height, width = short_side_size(image.height, image.width, size)
+                image = image.resize((width, height), Image.BICUBIC)
             array = np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError) as err:
         raise VideoInputError(f"cannot read image {path}: {str(err).splitlines()[0]}") from None
@@ -336,13 +346,13 @@ def main(argv=None) -> int:
     path = Path(args.input)
     if not path.is_file():
         raise VideoInputError(f"input not found: {path}")
+    model = ImageReward.from_checkpoint(args.checkpoint_dir, device=args.device)
     if path.suffix.lower() in VIDEO_SUFFIXES:
         from reward_forcing.rewards.videoalign import read_video
 
         image = pick_frame(read_video(path)[0], args.frame)
     else:
-        image = read_image(path)
-    model = ImageReward.from_checkpoint(args.checkpoint_dir, device=args.device)
+        image = read_image(path, model.image_size)
     with torch.no_grad():
         score = model.score(image, [args.prompt], input_range="[0,255]")
     print(f"ImageReward: {score[0].item():.4f}")

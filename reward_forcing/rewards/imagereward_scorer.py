@@ -1,7 +1,7 @@
 """`reward: {name: imagereward}`: ImageReward (reward_forcing/rewards/imagereward.py) on one frame of each decoded
 video, differentiable in the pixels: the reward of arXiv 2601.16933's reward-feedback fine-tuning.
 
-It scores the last frame of the video it is handed (`reward_frame: all`: every frame, averaged), so a trainer
+It scores the last frame of the video it is handed (`reward.frame: all`: every frame, averaged), so a trainer
 that decodes only the frame it wants scored hands over a one-frame video
 (reward_forcing/training/reward_feedback.py).
 """
@@ -20,11 +20,12 @@ class ImageRewardReward(Reward):
         self.model, self.all_frames = model, all_frames
 
     @classmethod
-    def from_config(cls, cfg, info, dtype, decoder):
+    def from_settings(cls, reward, checkpoint_dir, fps, info, dtype, decoder):
         from reward_forcing.rewards.imagereward import ImageReward
 
-        model = ImageReward.from_checkpoint(asset_path(cfg, cfg.imagereward_dir), device=info.device, dtype=dtype)
-        return cls(model, decoder, all_frames=cfg.reward_frame == "all")
+        model = ImageReward.from_checkpoint(asset_path(checkpoint_dir, reward.imagereward_dir), device=info.device,
+                                            dtype=dtype)
+        return cls(model, decoder, all_frames=reward.frame == "all")
 
     def score(self, videos, prompts) -> dict:
         """videos [B, 3, T, H, W] in [-1, 1] -> {"ImageReward": [B]}."""

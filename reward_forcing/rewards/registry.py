@@ -1,62 +1,38 @@
-"""The config's `reward:` section -> a Reward (reward_forcing/rewards/base.py).
+"""The `reward:` settings (reward_forcing/settings.py RewardSettings) -> a Reward (reward_forcing/rewards/base.py).
 
     reward.name       which scorer: a key of REWARDS
-    reward.score_key  which of its per-sample scores drives the Re-DMD weight w = exp(reward_beta * score)
-Pixel rewards decode through `decoder` (vae: the Wan VAE, as upstream; taehv; none: the latents as they are).
-Scorers are imported only when named, so a run never loads a reward model it does not use.
+    reward.score_key  which of its per-sample scores drives the Re-DMD weight w = exp(reward.beta * score)
+A pixel reward reads what the caller's decoder makes of the latents (reward_forcing/models/decoder.py).
+Importing a scorer loads no model (its from_settings does), so a run still loads only the reward it names.
 """
-import importlib
-
 from reward_forcing.errors import ConfigError
+from reward_forcing.miniworld.blob_reward import BlobQualityReward
+from reward_forcing.miniworld.reward import LatentMotionReward
+from reward_forcing.rewards.imagereward_scorer import ImageRewardReward
+from reward_forcing.rewards.videoalign_scorer import VideoAlignReward
 
 REWARDS = {
-    "videoalign": "reward_forcing.rewards.videoalign_scorer:VideoAlignReward",
-    "latent_motion": "reward_forcing.miniworld.reward:LatentMotionReward",
-    "blob_quality": "reward_forcing.miniworld.blob_reward:BlobQualityReward",
-    "imagereward": "reward_forcing.rewards.imagereward_scorer:ImageRewardReward",
-}
-DECODERS = ("vae", "taehv", "none")
+    "videoalign": VideoAlignReward,
+    "latent_motion": LatentMotionReward,
+    "imagereward": ImageRewardReward,
+    "blob_quality": BlobQualityReward,
+}  # in reward_forcing/settings.py RewardName's order
 
 
-def reward_class(name: str):
-    if name not in REWARDS:
-        raise ConfigError(f"reward.name must be one of {', '.join(REWARDS)}; got '{name}'")
-    module, attribute = REWARDS[name].split(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def reward_decoder(cfg, device, dtype):
-    """What turns latents into the pixels a pixel reward reads."""
-    if cfg.decoder == "none":
-        from reward_forcing.rewards.base import IdentityDecoder
-
-        return IdentityDecoder()
-    from reward_forcing.inference.pipeline import load_decoder
-
-    return load_decoder(cfg, device, dtype)
-
-
-def check_reward_config(cfg):
-    """The configured reward's class, once the section is known to name a scorer, a score it gives and a decoder
-    (checked before any model loads, so a typo costs one line, not a model load)."""
-    cls = reward_class(cfg.reward.name)
-    if cfg.reward.score_key not in cls.keys:
-        raise ConfigError(f"reward.score_key '{cfg.reward.score_key}' is not a score of reward "
-                          f"'{cfg.reward.name}' (it gives: {', '.join(cls.keys)})")
-    if cfg.decoder not in DECODERS:
-        raise ConfigError(f"decoder must be one of {', '.join(DECODERS)}; got '{cfg.decoder}'")
-    from reward_forcing.rewards.videoalign_scorer import REWARD_INPUTS
-
-    if cfg.reward_input not in REWARD_INPUTS:
-        raise ConfigError(f"reward_input must be one of {', '.join(REWARD_INPUTS)}; got '{cfg.reward_input}'")
-    if cfg.reward_input == "upstream" and cfg.reward.name != "videoalign":
-        raise ConfigError(f"reward_input 'upstream' is upstream's VideoAlign input path; reward.name is "
-                          f"'{cfg.reward.name}'")
+def check_reward(reward):
+    """The class of the scorer `reward` names, once its settings are known to fit it (before any model loads, so a
+    typo costs one line, not a model load)."""
+    cls = REWARDS[reward.name]
+    if reward.score_key not in cls.keys:
+        raise ConfigError(f"reward.score_key '{reward.score_key}' is not a score of reward '{reward.name}' "
+                          f"(it gives: {', '.join(cls.keys)})")
+    if reward.input == "upstream" and reward.name != "videoalign":
+        raise ConfigError(f"reward.input 'upstream' is upstream's VideoAlign input path; reward.name is "
+                          f"'{reward.name}'")
     return cls
 
 
-def build_reward(cfg, info, dtype):
-    """The configured reward, on this rank's device. info: the trainer's DistInfo (placement, device)."""
-    cls = check_reward_config(cfg)
-    decoder = reward_decoder(cfg, info.device, dtype) if cls.input == "pixels" else None
-    return cls.from_config(cfg, info, dtype, decoder)
+def build_reward(reward, checkpoint_dir, fps: float, info, dtype, decoder=None):
+    """The scorer of `reward` on this rank's device: its weights under `checkpoint_dir`, videos at `fps`, pixels from
+    `decoder` (pixel rewards only). info: the trainer's DistInfo (placement, device)."""
+    return check_reward(reward).from_settings(reward, checkpoint_dir, fps, info, dtype, decoder)

@@ -1,12 +1,12 @@
 """`reward: {name: videoalign}`: VideoAlign's VideoReward on VAE-decoded pixels, the reward of Reward Forcing
 (arXiv 2512.04678 §3.3; upstream drives Re-DMD with its normalised motion quality, `MQ_norm`).
 
-`reward_placement: rank0` gathers every rank's decoded videos to rank 0, scores them there one rank's
+`reward.placement: rank0` gathers every rank's decoded videos to rank 0, scores them there one rank's
 batch at a time and scatters the scores back, so only one rank holds the 2B reward model;
 `every_rank` scores locally.
 
-`reward_input: native` scores every sample as VideoAlign was trained: [0, 255] pixels sampled at its 2 fps.
-`reward_input: upstream` scores as the run behind the released weights did (model/re_dmd.py with
+`reward.input: native` scores every sample as VideoAlign was trained: [0, 255] pixels sampled at its 2 fps.
+`reward.input: upstream` scores as the run behind the released weights did (model/re_dmd.py with
 videoalign/wan_inference.py `reward_from_frames` in JaydenLyh/Reward-Forcing): `255 * x` of the [-1, 1] pixels,
 read as if in [0, 255] (so in [-255, 255], resized as floats, never clamped), all frames, and sample 0 of each
 rank's batch only, whose scores weight the whole batch.
@@ -15,12 +15,9 @@ import torch
 import torch.distributed as dist
 
 from reward_forcing.checkpoints import asset_path
-from reward_forcing.errors import ConfigError
+from reward_forcing.distributed import on_main
 from reward_forcing.rewards.base import Reward
 from reward_forcing.rewards.videoalign import DIMENSIONS
-
-PLACEMENTS = ("rank0", "every_rank")
-REWARD_INPUTS = ("native", "upstream")
 
 
 class VideoAlignReward(Reward):
@@ -31,27 +28,21 @@ class VideoAlignReward(Reward):
         """model: a VideoReward (None on ranks other than 0 when central); info: the DistInfo when central;
         reward_input: native | upstream (module docstring)."""
         super().__init__(decoder)
-        if reward_input not in REWARD_INPUTS:
-            raise ConfigError(f"reward_input must be one of {', '.join(REWARD_INPUTS)}; got '{reward_input}'")
         self.model, self.fps, self.info, self.central = model, fps, info, central
         self.reward_input = reward_input
 
     @classmethod
-    def from_config(cls, cfg, info, dtype, decoder):
+    def from_settings(cls, reward, checkpoint_dir, fps, info, dtype, decoder):
         from reward_forcing.rewards.videoalign import VideoReward
-        from reward_forcing.training.parallel import on_main
 
-        if cfg.reward_placement not in PLACEMENTS:
-            raise ConfigError(f"reward_placement must be rank0 or every_rank; got '{cfg.reward_placement}'")
-        central = cfg.reward_placement == "rank0" and info.world_size > 1
+        central = reward.placement == "rank0" and info.world_size > 1
 
         def load():
-            return VideoReward.from_checkpoint(asset_path(cfg, cfg.reward_dir), asset_path(cfg, cfg.reward_base_dir),
-                                               device=info.device, dtype=dtype,
-                                               verify_template=bool(cfg.reward_check_template))
+            return VideoReward.from_checkpoint(asset_path(checkpoint_dir, reward.videoalign_dir),
+                                               asset_path(checkpoint_dir, reward.qwen_dir), device=info.device,
+                                               dtype=dtype, verify_template=bool(reward.check_template))
 
-        return cls(on_main(load, info) if central else load(), decoder, float(cfg.fps), info, central,
-                   str(cfg.reward_input))
+        return cls(on_main(load, info) if central else load(), decoder, float(fps), info, central, str(reward.input))
 
     def _score_here(self, videos, prompts) -> torch.Tensor:
         """[B, len(keys)] scores of one rank's batch."""

@@ -1,182 +1,137 @@
-"""Flow-matching training of the bidirectional WanModel on a latent dataset: `train.py` with `trainer: diffusion`.
+"""Flow-matching training on a latent dataset, `train.py` with `trainer: diffusion`: of the bidirectional WanModel, or
+(`causal: true`) of the causal student's architecture as an autoregressive diffusion model with teacher forcing.
 
 Per sample: t = 1000 * shift(u) with u ~ U{0, .., 999} / 1000 (`diffusion_timestep_shift`), x_t = (1 - sigma) x0 +
 sigma * noise, and the model's flow is regressed onto noise - x0 (rectified flow, as Wan is trained; Wan2.1
 report, arXiv 2503.20314 §2.3). A fraction `diffusion_text_dropout` of the samples is conditioned on
 `negative_prompt` instead of its own, so the model also learns the unconditional flow that classifier-free
 guidance needs. Every draw is keyed by (seed, purpose, step, global sample index), so runs resume exactly and
-do not depend on the number of ranks. The loop machinery (FSDP2, DCP checkpoints, EMA, metrics) is the
-distillation trainer's; the data reader and batching are the ODE trainer's (reward_forcing/training/ode.py).
+do not depend on the number of ranks. The data are read and batched as the ODE trainer's pairs
+(reward_forcing/training/data.py).
+
+Causal (Causal Forcing's stage 1, arXiv 2602.02214 §4; upstream's model/diffusion.py with `teacher_forcing: true`
+in thu-ml/Causal-Forcing): the CausalWanModel (`model_name`'s architecture; weights from `generator_ckpt`, else
+that folder's) draws one timestep per chunk of `num_frame_per_block` frames and sees the sequence [clean || noisy]
+in one forward (CausalWanModel.forward with clean_x): each noisy chunk attends to itself and to the clean chunks
+before it, which is what it attends to when it streams. Upstream weights each chunk's loss by its scheduler's
+training_weight (a bell around t = 500); the loss here is unweighted, as for the bidirectional model.
 
 Outputs: `<logdir>/model/` and, with EMA, `<logdir>/model_ema/`: Wan folders (config.json +
-diffusion_pytorch_model.safetensors) that `real_name`, `fake_name`, `ode_teacher_name` and `generator_ckpt` take.
+diffusion_pytorch_model.safetensors) that `real_name`, `fake_name`, `ode_teacher_name` and `generator_ckpt` take
+(a causal run's: `ode_teacher_name` with `ode_teacher_causal: true`, and `generator_ckpt`).
 """
-import json
-import os
-import shutil
-import time
-from functools import partial
-from pathlib import Path
+import math
 
 import torch
 
+from reward_forcing.checkpoints import asset_path, read_wan_config
 from reward_forcing.errors import ConfigError
+from reward_forcing.sampling import FlowMatchSchedule
+from reward_forcing.training.loop import SingleNetworkMethod
+from reward_forcing.training.data import open_pairs
+from reward_forcing.training.losses import score_timesteps
+from reward_forcing.training.networks import frozen_text_encoder, sharded_student, sharded_wan
+from reward_forcing.rng import keyed_generator, keyed_randint
+from reward_forcing.training.rollout import sample_noise
+from reward_forcing.training.state import export_wan_folder, full_state_dict, full_tensors
 
 
 def sample_timesteps(seed: int, step: int, sample_ids, shift: float) -> torch.Tensor:
     """Per-sample training timesteps [B] (float32): 1000 * shift(u), u on the 1000-point grid in [0, 1)."""
-    from reward_forcing.training.losses import score_timesteps
-    from reward_forcing.training.rng import keyed_randint
-
     draws = torch.tensor([keyed_randint(1000, seed, "diffusion", "t", step, i) for i in sample_ids])
     return score_timesteps(draws, shift, 0.0, 1000.0).float()
 
 
+def sample_chunk_timesteps(seed: int, step: int, sample_ids, shift: float, frames: int, chunk: int) -> torch.Tensor:
+    """Per-frame training timesteps [B, frames] (float32), one draw per chunk of `chunk` frames: chunk c of sample i
+    at 1000 * shift(u), u on the 1000-point grid, keyed by (step, i, c)."""
+    chunks = math.ceil(frames / chunk)
+    draws = torch.tensor([[keyed_randint(1000, seed, "diffusion", "t", step, i, c) for c in range(chunks)]
+                          for i in sample_ids])
+    t = score_timesteps(draws, shift, 0.0, 1000.0).float()
+    return t.repeat_interleave(chunk, dim=1)[:, :frames]
+
+
 def dropped_text(seed: int, step: int, sample_ids, rate: float) -> list[bool]:
     """Which samples are trained on the negative prompt (keyed, so a resumed run drops the same ones)."""
-    from reward_forcing.training.rng import keyed_generator
-
     return [float(torch.rand(1, generator=keyed_generator(seed, "diffusion", "text_dropout", step, i))) < rate
             for i in sample_ids]
 
 
 def flow_matching_loss(model, schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                       context: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the model's flow at x_t and the rectified-flow target noise - x0."""
+                       context: torch.Tensor, teacher_forcing: bool = False) -> torch.Tensor:
+    """Mean squared error between the model's flow at x_t and the rectified-flow target noise - x0. t: [B] or per-frame
+    [B, F]; teacher_forcing: the causal model also sees the clean x0, each noisy chunk the clean chunks before it."""
     x_t = schedule.add_noise(x0, noise, t)
-    flow = model(x_t, t, context)
+    flow = model(x_t, t, context, clean_x=x0) if teacher_forcing else model(x_t, t, context)
     return (flow.float() - schedule.training_target(x0.float(), noise.float())).pow(2).mean()
 
 
-def export_wan_folder(folder, config: dict, state_dict: dict) -> None:
-    """Rank 0: a Wan folder (config.json + diffusion_pytorch_model.safetensors), replaced atomically."""
-    from safetensors.torch import save_file
+class FlowMatching(SingleNetworkMethod):
+    """The Wan model of folder `model_name` (bidirectional, or with `causal` the causal student's architecture under
+    teacher forcing), trained by flow matching on the clean latents of `data_path`; exports `<logdir>/model/` and,
+    with an EMA, `<logdir>/model_ema/`."""
+    name = "diffusion"
+    ema_of = "model"
 
-    from reward_forcing.checkpoints import WAN_CONFIG, WAN_WEIGHTS
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.data_path is None:
+            raise ConfigError("trainer 'diffusion' needs data_path=<latent dataset> "
+                              "(reward_forcing/training/ode_data.py)")
+        if not 0 <= cfg.diffusion_text_dropout <= 1:
+            raise ConfigError(f"diffusion_text_dropout must lie in [0, 1], got {cfg.diffusion_text_dropout}")
 
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / WAN_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / WAN_WEIGHTS))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    from reward_forcing.training.metrics import notice
+    def __init__(self, run):
+        super().__init__(run)
+        cfg, info = self.cfg, self.info
+        self.dataset, self.batches = open_pairs(cfg, run)
+        if cfg.causal:
+            self.model = sharded_student(cfg, info, run.dtype)
+            self.wan_config = read_wan_config(asset_path(cfg.checkpoint_dir, cfg.model_name))
+        else:
+            self.model, self.wan_config = sharded_wan(cfg, info, run.dtype, cfg.model_name)
+        channels, frames = self.dataset[0]["ode_latent"].shape[1:3]
+        if channels != self.model.in_dim:
+            raise ConfigError(f"the latent dataset has {channels} channels but {cfg.model_name} takes "
+                              f"{self.model.in_dim}")
+        if cfg.causal and frames % cfg.num_frame_per_block:
+            raise ConfigError(f"the latent dataset has {frames} frames, not a multiple of num_frame_per_block="
+                              f"{cfg.num_frame_per_block}")
+        self.model.gradient_checkpointing = bool(cfg.gradient_checkpointing)
+        self.model.train()
+        self.add_network("model", self.model, cfg.lr_generator)
+        self.text_encoder = frozen_text_encoder(cfg, info, run.dtype)
+        self.schedule = FlowMatchSchedule(cfg.timestep_shift, sigma_lookup=cfg.sigma_lookup)
 
-    notice(f"exported the model to {folder}")
+    def micro_step(self, step: int, micro: int) -> dict:
+        cfg, run, device = self.cfg, self.run, self.info.device
+        prompts, latents = self.batches(step, micro)
+        first = self.batches.first_sample(step, micro)
+        ids = list(range(first, first + cfg.batch_size))
+        drop = dropped_text(run.seed, step, ids, float(cfg.diffusion_text_dropout))
+        context = self.text_encoder.encode([cfg.negative_prompt if d else p for p, d in zip(prompts, drop)])
+        context = context.to(run.dtype)
+        x0 = latents[:, -1].to(device, run.dtype)
+        noise = sample_noise(tuple(x0.shape[1:]), run.seed, "diffusion", "noise", step, sample_ids=ids,
+                             dtype=run.dtype, device=device)
+        shift = float(cfg.diffusion_timestep_shift)
+        if cfg.causal:
+            t = sample_chunk_timesteps(run.seed, step, ids, shift, x0.shape[2], cfg.num_frame_per_block)
+        else:
+            t = sample_timesteps(run.seed, step, ids, shift)
+        loss = flow_matching_loss(self.model, self.schedule, x0, noise, t.to(device), context,
+                                  teacher_forcing=cfg.causal) / cfg.grad_accum
+        loss.backward()
+        return {"loss": loss.detach()}
 
-
-def load_model(cfg, info, dtype):
-    """The bidirectional Wan model of folder `model_name`, sharded per block; only rank 0 reads the weights."""
-    from reward_forcing.checkpoints import asset_path, load_wan_folder, read_wan_config
-    from reward_forcing.models.wan import WanModel
-    from reward_forcing.training.parallel import load_sharded
-
-    folder = asset_path(cfg, cfg.model_name)
-    config = read_wan_config(folder)
-    model = load_sharded(partial(WanModel.from_config, config), lambda: load_wan_folder(folder)[1], info, dtype,
-                         str(folder))
-    return model, config
-
-
-def run(cfg, logdir, args) -> None:
-    from reward_forcing.sampling import FlowMatchSchedule
-    from reward_forcing.training.ema import EMA
-    from reward_forcing.training.metrics import MetricsLogger, learning_rates, reduce_across_ranks
-    from reward_forcing.training.ode import PairBatches, load_text_encoder
-    from reward_forcing.training.ode_data import OdePairDataset
-    from reward_forcing.training.parallel import compute_dtype, init_distributed, resolve_seed, shutdown
-    from reward_forcing.training.rollout import sample_noise
-    from reward_forcing.training.lr_schedule import ScheduledRate
-    from reward_forcing.training.schedule import Updater
-    from reward_forcing.training.state import (
-        ModelState, OptimizerState, full_state_dict, full_tensors, load_checkpoint, read_meta, resume_folder,
-        save_checkpoint)
-
-    if cfg.data_path is None:
-        raise ConfigError("trainer 'diffusion' needs data_path=<latent dataset> (reward_forcing/training/ode_data.py)")
-    if not 0 <= cfg.diffusion_text_dropout <= 1:
-        raise ConfigError(f"diffusion_text_dropout must lie in [0, 1], got {cfg.diffusion_text_dropout}")
-    dataset = OdePairDataset(cfg.data_path)
-    logdir = Path(logdir)
-    info = init_distributed(cfg.fsdp_replicate)
-    try:
-        resumed = resume_folder(logdir, args.resume)
-        meta = read_meta(resumed) if resumed is not None else {}
-        seed = int(meta["seed"]) if meta else resolve_seed(int(cfg.seed))
-        dtype = compute_dtype(cfg.mixed_precision, info.device)
-        model, wan_config = load_model(cfg, info, dtype)
-        channels = dataset[0]["ode_latent"].shape[1]
-        if channels != model.in_dim:
-            raise ConfigError(f"the latent dataset has {channels} channels but {cfg.model_name} takes {model.in_dim}")
-        model.gradient_checkpointing = bool(cfg.gradient_checkpointing)
-        model.train()
-        # foreach: one op per step for all (DTensor) parameters; PyTorch's CPU default updates them one by one,
-        # which costs more than the forward of a small model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.adam_betas),
-                                      weight_decay=cfg.weight_decay, eps=cfg.adam_eps, foreach=True)
-        rate = ScheduledRate(optimizer, cfg)
-        updater = Updater("model", model, optimizer, cfg.grad_clip)
-        ema = EMA(model, cfg.ema_decay) if meta.get("has_ema") else None
-
-        def parts():
-            out = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
-            return dict(out, ema=ema) if ema is not None else out
-
-        start = load_checkpoint(resumed, parts())["step"] if resumed is not None else 0
-        text_encoder = load_text_encoder(cfg, info, dtype)
-        schedule = FlowMatchSchedule(cfg.timestep_shift, sigma_lookup=cfg.sigma_lookup)
-        batches = PairBatches(dataset, seed, cfg.batch_size, cfg.grad_accum, info.rank, info.world_size)
-        logger = MetricsLogger(logdir, info.is_main, "disabled" if args.disable_wandb else cfg.wandb_mode, cfg,
-                               cfg.wandb_project, cfg.wandb_run_name, resume_step=start if resumed else None)
-
-        def micro_step(step, micro):
-            prompts, latents = batches(step, micro)
-            first = ((step * cfg.grad_accum + micro) * info.world_size + info.rank) * cfg.batch_size
-            ids = list(range(first, first + cfg.batch_size))
-            drop = dropped_text(seed, step, ids, float(cfg.diffusion_text_dropout))
-            context = text_encoder.encode([cfg.negative_prompt if d else p for p, d in zip(prompts, drop)]).to(dtype)
-            x0 = latents[:, -1].to(info.device, dtype)
-            noise = sample_noise(tuple(x0.shape[1:]), seed, "diffusion", "noise", step, sample_ids=ids, dtype=dtype,
-                                 device=info.device)
-            t = sample_timesteps(seed, step, ids, float(cfg.diffusion_timestep_shift)).to(info.device)
-            loss = flow_matching_loss(model, schedule, x0, noise, t, context) / cfg.grad_accum
-            loss.backward()
-            return {"loss": loss.detach()}
-
-        def save(done):
-            save_checkpoint(logdir, done, parts(), {"seed": seed, "has_ema": ema is not None},
-                            keep=cfg.keep_checkpoints)
-            weights = full_state_dict(model)
-            averaged = full_tensors(ema.state_dict(), keep=info.is_main) if ema is not None else None
-            if info.is_main:
-                export_wan_folder(logdir / "model", wan_config, weights)
-                if averaged is not None:
-                    export_wan_folder(logdir / "model_ema", wan_config, dict(weights, **averaged))
-
-        from tqdm import tqdm
-
-        for step in tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not info.is_main,
-                         desc="diffusion"):
-            began = time.perf_counter()
-            out = updater.accumulate(cfg.grad_accum, partial(micro_step, step))
-            rate.set(step)
-            grad_norm = updater.step(out["loss"])
-            if cfg.ema_decay is not None and step >= cfg.ema_start:
-                if ema is None:
-                    ema = EMA(model, cfg.ema_decay)
-                else:
-                    ema.update(model)
-            done = step + 1
-            row = reduce_across_ranks(out, info.device)
-            logger.log(done, {**row, "grad_norm": grad_norm, "step_time": time.perf_counter() - began,
-                              **learning_rates(model=optimizer)})
-            if not args.no_save and (done % cfg.save_every == 0 or done == cfg.max_steps):
-                save(done)
-        logger.close()
-    finally:
-        shutdown()
+    def export(self, average) -> list:
+        weights = full_state_dict(self.model)
+        averaged = full_tensors(average.state_dict(), keep=self.info.is_main) if average is not None else None
+        if not self.info.is_main:
+            return []
+        written = [export_wan_folder(self.run.logdir / "model", self.wan_config, weights)]
+        if averaged is not None:
+            written.append(export_wan_folder(self.run.logdir / "model_ema", self.wan_config,
+                                             dict(weights, **averaged)))
+        return written

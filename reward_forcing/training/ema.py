@@ -1,4 +1,5 @@
-"""Exponential moving average of the generator's parameters (fp32 shadow, sharded like the model)."""
+"""Exponential moving average of a network's parameters (fp32 shadow, sharded like the model), and the one policy
+every trainer follows for it (reward_forcing/training/loop.py)."""
 import torch
 
 
@@ -22,12 +23,33 @@ class EMA:
                 self.shadow[name].copy_(value)
 
 
-def ema_after_step(ema, model: torch.nn.Module, decay, start: int, step: int):
-    """The EMA after optimiser step `step`: none while `decay` is None or before step `start`, created from the
-    model at `start`, updated on every later step."""
-    if decay is None or step < start:
-        return ema
-    if ema is None:
-        return EMA(model, decay)
-    ema.update(model)
-    return ema
+class EmaPolicy:
+    """When the EMA of the tracked network exists and moves: none while `decay` is None or before loop step
+    `start`; made from the weights after the network's first optimiser step at a loop step >= `start`; updated
+    after every later one. `average` is the EMA (None until made)."""
+
+    def __init__(self, model: torch.nn.Module | None, decay: float | None, start: int):
+        self.model, self.decay, self.start = model, decay, int(start)
+        self.average = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.model is not None and self.decay is not None
+
+    def make(self) -> None:
+        """Copy the tracked weights now (also before a resumed checkpoint fills the saved EMA in)."""
+        self.average = EMA(self.model, self.decay)
+
+    def update(self) -> None:
+        """Blend the tracked weights in, if the EMA exists."""
+        if self.average is not None:
+            self.average.update(self.model)
+
+    def stepped(self, step: int) -> None:
+        """Call after each optimiser step of the tracked network, at loop step `step`."""
+        if not self.enabled or step < self.start:
+            return
+        if self.average is None:
+            self.make()
+        else:
+            self.update()

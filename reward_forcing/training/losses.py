@@ -16,11 +16,6 @@ def score_timesteps(uniform_steps: torch.Tensor, shift: float, min_t: float, max
     return (num_train_timesteps * shift_sigma(u, shift)).clamp(min_t, max_t)
 
 
-def classifier_free_guidance(x_cond: torch.Tensor, x_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Upstream's form x_c + s * (x_c - x_u), i.e. classic CFG with weight 1 + s."""
-    return x_cond + scale * (x_cond - x_uncond)
-
-
 def dmd_gradient(x: torch.Tensor, x_real: torch.Tensor, x_fake: torch.Tensor) -> torch.Tensor:
     """g = (x_fake - x_real) / mean|x - x_real|, the normaliser taken per sample over C, F, H, W."""
     dims = tuple(range(1, x.dim()))
@@ -28,11 +23,8 @@ def dmd_gradient(x: torch.Tensor, x_real: torch.Tensor, x_fake: torch.Tensor) ->
     return torch.nan_to_num((x_fake - x_real) / normaliser)
 
 
-WEIGHT_NORMS = ("none", "batch_mean")
-
-
 def normalise_weight(weight: torch.Tensor, how: str) -> torch.Tensor:
-    """`reward_weight_norm`: `none` keeps w = exp(beta * score) as the paper defines it; `batch_mean` divides by w's
+    """`reward.weight_norm`: `none` keeps w = exp(beta * score) as the paper defines it; `batch_mean` divides by w's
     mean over the micro-batch of every rank, so only the emphasis among a batch's samples remains. Unnormalised,
     an Adam step's size follows its batch's mean reward (with beta 4 on the miniature world's motion_norm, 10 % of
     the generator steps carried half the total weight)."""

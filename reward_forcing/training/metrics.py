@@ -15,7 +15,6 @@ def notice(message: str) -> None:
 
     tqdm.write(message)
 
-_WANDB_MODES = ("online", "offline", "disabled")
 
 
 class MetricsLogger:
@@ -23,12 +22,7 @@ class MetricsLogger:
                  project: str = "reward-forcing", run_name=None, resume_step=None):
         """resume_step: the step of the checkpoint the run resumes from; rows after it (written by the
         interrupted run past its last checkpoint) are dropped so the file reads as one uninterrupted run.
-        `config` (the merged run config) is saved as `<logdir>/config.yaml`; a resumed run says so, and says
-        when it is already at `config.max_steps`."""
-        from reward_forcing.errors import ConfigError
-
-        if wandb_mode not in _WANDB_MODES:
-            raise ConfigError(f"wandb_mode must be one of {', '.join(_WANDB_MODES)}; got '{wandb_mode}'")
+        `config` (the merged run config) is saved as `<logdir>/config.yaml`; a resumed run says so."""
         self.is_main = is_main
         self.path = Path(logdir) / "metrics.jsonl"
         self.wandb = None
@@ -42,9 +36,6 @@ class MetricsLogger:
             save_config(config, self.path.with_name(SAVED_CONFIG))
         if resume_step is not None:
             notice(f"resumed from step {resume_step} ({Path(logdir)})")
-            max_steps = config.get("max_steps") if config is not None else None
-            if max_steps is not None and resume_step >= max_steps:
-                notice(f"already at max_steps={max_steps}, nothing to do")
         if wandb_mode != "disabled":
             self.wandb = _init_wandb(Path(logdir), wandb_mode, config, project, run_name)
 

@@ -16,6 +16,10 @@ Gradient across chunks (`rollout_cache_grad`):
 - `detached` (the Algorithm 1 of the paper): cached K/V are constants, so no gradient crosses chunks.
 Both give identical forward values, with or without activation checkpointing.
 
+Image-conditioned rollouts (`first_frame_prob`): the samples given a clean first frame keep it as frame 0 of chunk
+0 at timestep 0 in every forward of that chunk, as the StreamingGenerator does with a picture at inference
+(reward_forcing/inference/generator.py); their other frames are rolled out as always.
+
 Cache modes: `full` attends like upstream training (the window slides but the sink stays the clean
 first chunk: sink_mode static), `window` uses the configured sink policy (EMA-Sink fires on
 eviction, as at inference).
@@ -23,28 +27,15 @@ eviction, as at inference).
 import torch
 import torch.utils.checkpoint
 
-from reward_forcing.errors import ConfigError
 from reward_forcing.inference.generator import StreamingGenerator, check_num_frames
-from reward_forcing.training.rng import keyed_randint, keyed_randn
-
-CACHE_MODES = ("full", "window")
-CACHE_GRADS = ("straight_through", "detached")
-
+from reward_forcing.rng import keyed_randint, keyed_randn
 
 def training_sampler(model, cfg) -> StreamingGenerator:
     """The inference sampler configured for training rollouts (`rollout_cache` picks the sink policy)."""
-    if cfg.rollout_cache not in CACHE_MODES:
-        raise ConfigError(f"rollout_cache must be one of {', '.join(CACHE_MODES)}; got '{cfg.rollout_cache}'")
-    check_cache_grad(cfg.rollout_cache_grad)
     sampler = StreamingGenerator.from_config(model, cfg)
     if cfg.rollout_cache == "full":
         sampler.sink_mode = "static" if sampler.sink_frames > 0 else "none"
     return sampler
-
-
-def check_cache_grad(cache_grad: str) -> None:
-    if cache_grad not in CACHE_GRADS:
-        raise ConfigError(f"rollout_cache_grad must be one of {', '.join(CACHE_GRADS)}; got '{cache_grad}'")
 
 
 def exit_steps(cfg, num_steps: int, num_chunks: int, *key) -> list[int]:
@@ -71,6 +62,14 @@ class _ExitLayer:
 
     def __init__(self, layer, live):
         self.layer, self.live, self.saved = layer, live, None
+
+    @property
+    def cross(self):  # the block keeps its cross-attention K/V in the real cache layer
+        return self.layer.cross
+
+    @cross.setter
+    def cross(self, kv):
+        self.layer.cross = kv
 
     def _first_update(self, k, v, start_frame: int, frame_tokens: int):
         n, frames = k.shape[1], k.shape[1] // frame_tokens
@@ -108,25 +107,27 @@ class _ExitCache:
 
     def __init__(self, cache, live):
         self.layers = [_ExitLayer(layer, None if live is None else live[i]) for i, layer in enumerate(cache.layers)]
-        self.cross = cache.cross
 
 
-def _exit_forward(sampler, cache, live, context, x, t, start, checkpoint: bool):
+def _exit_forward(sampler, cache, live, context, x, t, start, checkpoint: bool, first=None):
     if not torch.is_grad_enabled() or (live is None and not checkpoint):
-        return _predict_x0(sampler, cache, context, x, t, start)  # the cache's own K/V are detached
+        return _predict_x0(sampler, cache, context, x, t, start, first)  # the cache's own K/V are detached
     view = _ExitCache(cache, live)
     if not checkpoint:
-        return _predict_x0(sampler, view, context, x, t, start)
-    return torch.utils.checkpoint.checkpoint(_predict_x0, sampler, view, context, x, t, start, use_reentrant=False)
+        return _predict_x0(sampler, view, context, x, t, start, first)
+    return torch.utils.checkpoint.checkpoint(_predict_x0, sampler, view, context, x, t, start, first,
+                                             use_reentrant=False)
 
 
 def rollout(sampler: StreamingGenerator, context: torch.Tensor, num_frames: int, latent_hw, exits: list[int],
             seed: int, key: tuple, sample_ids: list[int], dtype, context_noise: float = 0.0,
-            with_grad: bool = True, checkpoint: bool = False, cache_grad: str = "detached") -> torch.Tensor:
+            with_grad: bool = True, checkpoint: bool = False, cache_grad: str = "detached",
+            first_frame: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Generate [B, C, num_frames, h, w]; with_grad keeps each chunk's exit-step graph. checkpoint: keep only
     the exit step's inputs and recompute its activations during backward (one chunk at a time). cache_grad:
-    `straight_through` or `detached` gradient across chunks (module docstring)."""
-    check_cache_grad(cache_grad)
+    `straight_through` or `detached` gradient across chunks (module docstring; the config's type checks it).
+    first_frame: (latents [B, C, 1, h, w], mask [B] bool): the samples of `mask` start from their clean first
+    frame (module docstring)."""
     chunk = sampler.chunk_frames
     check_num_frames(num_frames, chunk)
     model, schedule, timesteps = sampler.model, sampler.schedule, sampler.timesteps
@@ -140,18 +141,20 @@ def rollout(sampler: StreamingGenerator, context: torch.Tensor, num_frames: int,
             return sample_noise(chunk_shape, seed, *key, index, *step, sample_ids=sample_ids, dtype=dtype,
                                 device=device)
 
-        x = noise("init")
+        first = first_frame if index == 0 else None
+        x = _with_first_frame(noise("init"), first)
         with torch.no_grad():
             for step in range(exits[index]):
-                x0 = _predict_x0(sampler, cache, context, x, timesteps[step], start)
-                x = schedule.add_noise(x0, noise(step), _frame_t(x0, timesteps[step + 1]))
+                x0 = _predict_x0(sampler, cache, context, x, timesteps[step], start, first)
+                x = _with_first_frame(schedule.add_noise(x0, noise(step), _frame_t(x0, timesteps[step + 1])), first)
         with torch.set_grad_enabled(with_grad):
-            x0 = _exit_forward(sampler, cache, live, context, x, timesteps[exits[index]], start, checkpoint)
+            x0 = _exit_forward(sampler, cache, live, context, x, timesteps[exits[index]], start, checkpoint, first)
+            x0 = _with_first_frame(x0, first)
         with torch.no_grad():
             clean = x0.detach()
             if context_noise > 0:
                 t = _frame_t(clean, context_noise)
-                model(schedule.add_noise(clean, noise("context"), t), t, context, cache=cache, start_frame=start)
+                model.stream_step(schedule.add_noise(clean, noise("context"), t), t, context, cache, start)
             else:
                 sampler.context_pass(cache, context, clean, start)
         chunks.append(x0)
@@ -162,7 +165,31 @@ def _frame_t(x: torch.Tensor, t: float) -> torch.Tensor:
     return torch.full((x.shape[0], x.shape[2]), float(t), device=x.device, dtype=torch.float32)
 
 
-def _predict_x0(sampler, cache, context, x, t, start):
+def _predict_x0(sampler, cache, context, x, t, start, first=None):
     t_frames = _frame_t(x, t)
-    flow = sampler.model(x, t_frames, context, cache=cache, start_frame=start)
+    if first is not None:  # the held first frames go in at timestep 0
+        t_frames[:, 0] = t_frames[:, 0].masked_fill(first[1].to(x.device), 0.0)
+    flow = sampler.model.stream_step(x, t_frames, context, cache, start)
     return sampler.schedule.flow_to_x0(flow, x, t_frames)
+
+
+def _with_first_frame(x: torch.Tensor, first) -> torch.Tensor:
+    """x with frame 0 of the samples of first[1] replaced by their clean first frame first[0] (None: x)."""
+    if first is None:
+        return x
+    latents, mask = first
+    frame = torch.where(mask.to(x.device).view(-1, 1, 1, 1, 1), latents.to(x), x[:, :, :1])
+    return torch.cat([frame, x[:, :, 1:]], dim=2)
+
+
+def training_rollout(sampler: StreamingGenerator, cfg, context: torch.Tensor, latent_hw, seed: int, purpose: str,
+                     step: int, micro: int, sample_ids: list[int], dtype, with_grad: bool,
+                     first_frame=None) -> torch.Tensor:
+    """A rollout of `num_training_frames` with the configured exit steps, context noise, checkpointing and gradient
+    across chunks; every draw keyed by (seed, purpose, step, micro-batch, global sample index). first_frame: see
+    rollout."""
+    frames = int(cfg.num_training_frames)
+    exits = exit_steps(cfg, len(sampler.timesteps), frames // sampler.chunk_frames, seed, purpose, step, micro)
+    return rollout(sampler, context, frames, latent_hw, exits, seed, (purpose, step), sample_ids, dtype,
+                   float(cfg.context_noise), with_grad=with_grad, checkpoint=bool(cfg.gradient_checkpointing),
+                   cache_grad=str(cfg.rollout_cache_grad), first_frame=first_frame)

@@ -15,19 +15,11 @@ import math
 
 import torch
 
-from reward_forcing.errors import ConfigError, UserError
+from reward_forcing.errors import UserError
 
 
 class TrainingDiverged(UserError):
     """A loss became NaN / inf; the run stops before touching the last good checkpoint."""
-
-
-SCHEDULES = ("corrected", "upstream")
-
-
-def check_schedule(schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}; got '{schedule}'")
 
 
 def is_generator_step(step: int, gen_every: int) -> bool:
@@ -61,10 +53,14 @@ def _finite_everywhere(loss: float, model) -> bool:
 
 
 class Updater:
-    """One network's optimiser with clipping: accumulate -> clip -> step -> zero_grad."""
+    """One network's optimiser with clipping: accumulate -> clip -> step -> zero_grad. reduce_every_micro_step:
+    FSDP reduce-scatters after every micro-step and accumulates sharded gradients, instead of accumulating the
+    unsharded fp32 gradient (the whole network's numel x 4 bytes on every rank) until the last micro-step."""
 
-    def __init__(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float):
+    def __init__(self, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 reduce_every_micro_step: bool = False):
         self.name, self.model, self.optimizer, self.grad_clip = name, model, optimizer, grad_clip
+        self.reduce_every_micro_step = reduce_every_micro_step
 
     def accumulate(self, grad_accum: int, micro_step) -> dict:
         """Run `micro_step(i)` for i < grad_accum; each returns a dict with a scalar tensor 'loss' (already
@@ -72,7 +68,7 @@ class Updater:
         metrics named `*_min` / `*_max`, and the mean of the others."""
         totals = {}
         for index in range(grad_accum):
-            _set_gradient_sync(self.model, index == grad_accum - 1)
+            _set_gradient_sync(self.model, self.reduce_every_micro_step or index == grad_accum - 1)
             out = micro_step(index)
             for key, value in out.items():
                 value = float(value.detach()) if torch.is_tensor(value) else float(value)

@@ -150,7 +150,7 @@ def full_tensors(state: dict, keep: bool = True) -> dict:
     return out
 
 
-def export_weights(stem, sections: dict) -> None:
+def export_weights(stem, sections: dict) -> list[Path]:
     """Rank 0 only: write `<stem>.pt` ({section: state_dict}, what inference.py and checkpoints.py load) and
     safetensors copies, `<stem>.safetensors` for the first section and `<section>.safetensors` beside it for
     the others (generator.pt -> generator.safetensors, generator_ema.safetensors); atomic renames."""
@@ -173,17 +173,40 @@ def export_weights(stem, sections: dict) -> None:
     from reward_forcing.training.metrics import notice
 
     notice(f"exported the generator to {stem.parent}: {', '.join(written)}")
+    return [stem.parent / name for name in written]
 
 
-def export_generator(stem, generator, ema, is_main: bool) -> None:
+def export_generator(stem, generator, ema, is_main: bool) -> list[Path]:
     """Collective: export `<stem>.pt` with the generator and, when there is an EMA, `generator_ema` (the EMA
-    shadow over the generator's buffers); rank 0 writes."""
+    shadow over the generator's buffers); rank 0 writes and returns the files ([] elsewhere)."""
     sections = {"generator": full_state_dict(generator)}
     if ema is not None:
         shadow = full_tensors(ema.state_dict(), keep=is_main)
         sections["generator_ema"] = dict(sections["generator"], **shadow) if is_main else {}
-    if is_main:
-        export_weights(stem, sections)
+    return export_weights(stem, sections) if is_main else []
+
+
+def export_wan_folder(folder, config: dict, state_dict: dict) -> Path:
+    """Rank 0: a Wan folder (config.json + diffusion_pytorch_model.safetensors, what `real_name`, `fake_name` and
+    `ode_teacher_name` take), replaced atomically."""
+    from safetensors.torch import save_file
+
+    from reward_forcing.checkpoints import WAN_CONFIG, WAN_WEIGHTS
+    from reward_forcing.training.metrics import notice
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / WAN_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / WAN_WEIGHTS))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    notice(f"exported the model to {folder}")
+    return folder
 
 
 def resume_folder(logdir, explicit=None):

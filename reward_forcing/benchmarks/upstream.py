@@ -76,6 +76,8 @@ class UpstreamCache:
     """Upstream's per-layer self-attention cache dicts (k, v, global_end_index, local_end_index; window x tokens per
     frame slots) and cross-attention cache dicts, allocated at the first call once the frame size is known."""
 
+    static = False  # upstream writes its cache in place itself: StreamingGenerator calls stream_step only
+
     def __init__(self, num_layers, window_frames):
         self.num_layers = num_layers
         self.window_frames = window_frames
@@ -93,7 +95,7 @@ class UpstreamCache:
 
 class UpstreamStreamingModel(torch.nn.Module):
     """Upstream's CausalWanModel behind the interface StreamingGenerator drives (in_dim, new_cache, and
-    model(x [B, C, F, H, W], t [B, F], context [B, L, text_dim], cache=, start_frame=) -> flow)."""
+    stream_step(x [B, C, F, H, W], t [B, F], context [B, L, text_dim], cache, start_frame) -> flow)."""
 
     def __init__(self, module, ours, cfg):
         super().__init__()
@@ -126,7 +128,7 @@ class UpstreamStreamingModel(torch.nn.Module):
                               f"{(window_frames, sink_frames, sink_mode, ema_alpha)}")
         return UpstreamCache(len(self.net.blocks), window_frames)
 
-    def forward(self, x, t, context, cache, start_frame=0):
+    def stream_step(self, x, t, context, cache, start_frame=0):
         batch, _, frames, height, width = x.shape
         frame_tokens = (height // self.patch_size[1]) * (width // self.patch_size[2])
         if cache.kv is None:

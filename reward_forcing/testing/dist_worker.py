@@ -1,4 +1,7 @@
-"""Worker for tests/test_training_parallel.py: `[torchrun --nproc_per_node=N] _training_dist_worker.py MODE OUT`.
+"""Worker for tests/test_training_parallel.py, run as a module:
+
+    python -m reward_forcing.testing.dist_worker MODE OUT
+    torchrun --standalone --nproc_per_node=N -m reward_forcing.testing.dist_worker MODE OUT
 
 grads:  one FSDP2 forward/backward of a toy on a global batch of 2 split over the ranks; saves the full grads.
 hsdp:   the same on a 2-D (replicate 2, shard 1) mesh.
@@ -11,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from reward_forcing.rng import keyed_randn
 from reward_forcing.training.ema import EMA
 from reward_forcing.training.parallel import init_distributed, shard_model, shutdown
-from reward_forcing.training.rng import keyed_randn
 from reward_forcing.training.state import (
     ModelState, OptimizerState, export_weights, full_state_dict, full_tensors, latest_checkpoint, load_checkpoint,
     save_checkpoint,

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from reward_forcing.testing.corpus import TOKENIZER_CORPUS
+
 # Sizes: the ViT keeps BLIP's 224 px / 16 px patches / 64-wide heads; everything else is small.
 TINY_VISION = {"width": 128, "depth": 2, "patch": 16, "image_size": 224, "mlp": 256}
 TINY_TEXT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
@@ -28,10 +30,8 @@ BERT_SPECIALS = ("[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 def tokenizer_vocab(extra_text=()) -> list[str]:
     """BERT-style WordPiece vocabulary: specials, letters, `##` letters, and the corpus' lower-cased words."""
-    from reward_forcing.tiny_assets import _TOKENIZER_CORPUS
-
     words = set()
-    for line in (*_TOKENIZER_CORPUS, *extra_text):
+    for line in (*TOKENIZER_CORPUS, *extra_text):
         words.update(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", line.lower()))
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     pieces = letters + [f"##{c}" for c in letters] + [",", ".", "-", "!", "?", "'"]

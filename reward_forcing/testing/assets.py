@@ -7,19 +7,9 @@ from pathlib import Path
 
 import torch
 
-# Enough distinct words for SentencePiece to learn a few hundred pieces in well under a second.
-_TOKENIZER_CORPUS = [
-    "a cat walks slowly across the green grass in warm afternoon sunlight",
-    "the quick brown fox jumps over the lazy dog near a quiet river bank",
-    "waves crash on a rocky beach at sunset while seagulls circle overhead",
-    "a red sports car drives through a neon lit city street at night in the rain",
-    "an astronaut floats inside a space station, looking out at the blue earth",
-    "close-up of a chef chopping fresh vegetables on a wooden kitchen board",
-    "a golden retriever puppy plays with a ball in a snowy backyard",
-    "timelapse of clouds moving over snowy mountain peaks and pine forests",
-    "a woman in a yellow dress dances joyfully under cherry blossom trees",
-    "drone footage of a winding road through autumn hills, vivid colors, 4k",
-]
+from reward_forcing.testing.corpus import TOKENIZER_CORPUS
+from reward_forcing.testing.imagereward import write_tiny_imagereward
+from reward_forcing.testing.videoreward import write_tiny_videoreward
 
 
 def randomise_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
@@ -41,7 +31,7 @@ def write_tokenizer(folder, vocab_size: int) -> Path:
     from reward_forcing.models.text_encoder import TOKENIZER_SUBDIR
 
     proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_TOKENIZER_CORPUS * 4), model_writer=proto,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TOKENIZER_CORPUS * 4), model_writer=proto,
                                    vocab_size=vocab_size, hard_vocab_limit=False, model_type="unigram",
                                    pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
@@ -104,7 +94,7 @@ def write_taehv(path, latent_channels: int, encoder_width: int, decoder_widths, 
 TINY_WAN_CONFIG = {
     "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 64, "eps": 1e-06, "ffn_dim": 128,
     "freq_dim": 32, "in_dim": 16, "model_type": "t2v", "num_heads": 4, "num_layers": 2, "out_dim": 16,
-    "text_dim": 32, "text_len": 32,
+    "text_dim": 32, "text_len": 64,
 }
 # The teacher differs in width and depth, as the 14B does, so that its architecture must come from its own file.
 TINY_TEACHER_CONFIG = {**TINY_WAN_CONFIG, "dim": 96, "ffn_dim": 192, "num_heads": 6, "num_layers": 3}
@@ -114,6 +104,9 @@ RELEASE_FOLDER = "Reward-Forcing-T2V-1.3B"
 RELEASE_FILE = "rewardforcing.pt"
 ODE_INIT_FILE = "ode_init.pt"
 QWEN_FOLDER = "Qwen2-VL-2B-Instruct"  # where download_checkpoints.sh puts the VideoReward base files
+# Causal Forcing's released chunk-wise teacher and causal ODE init (zhuhz22/Causal-Forcing), where
+# download_checkpoints.sh --only causal-forcing puts them.
+CAUSAL_FORCING_FILES = ("chunkwise/ar_diffusion.pt", "chunkwise/causal_ode.pt")
 
 
 def random_wan_state_dict(config: dict, seed: int = 0) -> dict:
@@ -161,9 +154,6 @@ def write_tiny_checkpoint_dir(output_dir, cfg, seed: int = 0) -> dict:
     ODE init, VideoReward + its Qwen2-VL base files, ImageReward, TAEHV. Returns the main paths."""
     import shutil
 
-    from reward_forcing.tiny_imagereward import write_tiny_imagereward
-    from reward_forcing.tiny_reward import write_tiny_videoreward
-
     out = Path(output_dir)
     base = write_wan_folder(out / cfg.model_name, TINY_WAN_CONFIG, random_wan_state_dict(TINY_WAN_CONFIG, seed))
     write_tokenizer(base, cfg.text_encoder.vocab_size)
@@ -189,5 +179,23 @@ def write_tiny_checkpoint_dir(output_dir, cfg, seed: int = 0) -> dict:
     imagereward = write_tiny_imagereward(out, seed=seed)
     taehv = out / cfg.taehv_path
     write_taehv(taehv, TINY_WAN_CONFIG["in_dim"], seed=seed, **TINY_TAEHV_WIDTHS)
+    causal_forcing = write_causal_forcing_release(out, seed + 4)
     return {"base": base, "teacher": teacher, "release": release, "ode_init": ode_init,
-            "videoreward": reward["root"], "qwen_dir": qwen_dir, "imagereward": imagereward, "taehv": taehv}
+            "videoreward": reward["root"], "qwen_dir": qwen_dir, "imagereward": imagereward, "taehv": taehv,
+            "causal_forcing": causal_forcing[0].parent}
+
+
+def write_causal_forcing_release(output_dir, seed: int = 0) -> list[Path]:
+    """Causal Forcing's released files (CAUSAL_FORCING_FILES) in their layout, {"generator": {"model.<Wan key>": ...}}:
+    its trainer/diffusion.py and trainer/ode.py torch.save the FSDP full state dict of the WanDiffusionWrapper
+    (utils/wan_wrapper.py), which holds the causal Wan model as `.model`, under "generator". The global RNG is left
+    as it was."""
+    written = []
+    with torch.random.fork_rng():
+        for offset, name in enumerate(CAUSAL_FORCING_FILES):
+            weights = random_wan_state_dict(TINY_WAN_CONFIG, seed + offset)
+            path = Path(output_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"generator": {f"model.{key}": value for key, value in weights.items()}}, path)
+            written.append(path)
+    return written
