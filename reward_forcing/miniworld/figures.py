@@ -178,6 +178,42 @@ def comparison_figure(plt, run, content, files, name, title, rows_shown):
     plt.close(fig)
 
 
+# ---- Causal Forcing (C6) ----
+
+INITS = (("ode_init", "speed_w1_teacher", "ODE init\nto the bidirectional teacher"),
+         ("cf_ode_init", "speed_w1_ar_teacher", "causal ODE init\nto the AR teacher"))
+CAUSAL_ARMS = ("dmd", "cf_dmd", "cf_re_dmd_b4")
+
+
+def causal_forcing_figure(plt, run, content, files):
+    rows = content["rows"]
+    inits = [(row, key, label) for row, key, label in INITS if row in rows and key in rows[row]["summary"]]
+    arms = [name for name in CAUSAL_ARMS if name in run.arms]
+    if not inits and len(arms) < 2:
+        return
+    fig, (init_ax, speed_ax) = plt.subplots(1, 2, figsize=(7.2, 2.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    for index, (row, key, label) in enumerate(inits):
+        look = style(index)
+        _error_bar(init_ax, index, rows[row]["summary"][key], color=look["color"], marker=look["marker"],
+                   linestyle="none")
+    init_ax.set_xticks(range(len(inits)), [label for _, _, label in inits])
+    init_ax.set_xlim(-0.6, len(inits) - 0.4)
+    init_ax.set(ylabel="speed W1 to its own teacher\n(px / latent frame)", title="(a) does the init keep motion?")
+    for index, name in enumerate(arms):
+        arm, look = run.arms[name], style(index)
+        entries = [rows[arm.row(n)]["summary"]["speed"] for n in arm.updates]
+        speed_ax.plot(arm.updates, [e["mean"] for e in entries], label=arm.label, **look)
+        if all(e["low"] is not None for e in entries):
+            speed_ax.fill_between(arm.updates, [e["low"] for e in entries], [e["high"] for e in entries],
+                                  color=look["color"], alpha=0.15, linewidth=0)
+    speed_ax.set(xlabel="generator updates", ylabel=AXIS["speed"], title="(b) speed of DMD from each init")
+    speed_ax.legend(loc="best", frameon=False)
+    fig.suptitle("Does the causal ODE init keep its teacher's motion, and does DMD from it move faster? (C6)", y=1.02)
+    fig.tight_layout()
+    _save(fig, run, "causal_forcing.png", files)
+    plt.close(fig)
+
+
 def _final_rows(run, *arms):
     return [run.arms[a].row(run.arms[a].updates[-1]) for a in arms if a in run.arms]
 
@@ -238,5 +274,6 @@ def write_figures(run, content) -> list[str]:
     )
     for name, title, shown in comparisons:
         comparison_figure(plt, run, content, files, name, title, shown)
+    causal_forcing_figure(plt, run, content, files)
     strips_figure(plt, run, content, files)
     return files
