@@ -180,8 +180,8 @@ def comparison_figure(plt, run, content, files, name, title, rows_shown):
 
 # ---- Causal Forcing (C6) ----
 
-INITS = (("ode_init", "speed_w1_teacher", "ODE init\nto the bidirectional teacher"),
-         ("cf_ode_init", "speed_w1_ar_teacher", "causal ODE init\nto the AR teacher"))
+INITS = (("ode_init", "speed_w1_teacher", "ODE init\n(to the\nbidirectional\nteacher)"),
+         ("cf_ode_init", "speed_w1_ar_teacher", "causal\nODE init\n(to the AR\nteacher)"))
 CAUSAL_ARMS = ("dmd", "cf_dmd", "cf_re_dmd_b4")
 
 
@@ -191,7 +191,7 @@ def causal_forcing_figure(plt, run, content, files):
     arms = [name for name in CAUSAL_ARMS if name in run.arms]
     if not inits and len(arms) < 2:
         return
-    fig, (init_ax, speed_ax) = plt.subplots(1, 2, figsize=(7.2, 2.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (init_ax, speed_ax) = plt.subplots(1, 2, figsize=(7.6, 2.8), gridspec_kw={"width_ratios": [1, 1.4]})
     for index, (row, key, label) in enumerate(inits):
         look = style(index)
         _error_bar(init_ax, index, rows[row]["summary"][key], color=look["color"], marker=look["marker"],
@@ -202,12 +202,13 @@ def causal_forcing_figure(plt, run, content, files):
     for index, name in enumerate(arms):
         arm, look = run.arms[name], style(index)
         entries = [rows[arm.row(n)]["summary"]["speed"] for n in arm.updates]
-        speed_ax.plot(arm.updates, [e["mean"] for e in entries], label=arm.label, **look)
+        x = [n + (index - 1) * 0.03 * max(arm.updates) for n in arm.updates]  # side by side at a shared point
+        speed_ax.errorbar(x, [e["mean"] for e in entries], yerr=_yerr(entries), capsize=3, label=arm.label, **look)
         if all(e["low"] is not None for e in entries):
-            speed_ax.fill_between(arm.updates, [e["low"] for e in entries], [e["high"] for e in entries],
+            speed_ax.fill_between(x, [e["low"] for e in entries], [e["high"] for e in entries],
                                   color=look["color"], alpha=0.15, linewidth=0)
     speed_ax.set(xlabel="generator updates", ylabel=AXIS["speed"], title="(b) speed of DMD from each init")
-    speed_ax.legend(loc="best", frameon=False)
+    speed_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     fig.suptitle("Does the causal ODE init keep its teacher's motion, and does DMD from it move faster? (C6)", y=1.02)
     fig.tight_layout()
     _save(fig, run, "causal_forcing.png", files)
