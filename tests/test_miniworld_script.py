@@ -51,8 +51,11 @@ def test_quick_run_writes_metrics_report_and_figures(quick):
         assert row.get("trained_once", False) == (name in ("data", "teacher", "ar_teacher", "ode_init",
                                                            "cf_ode_init"))
         assert all(len(videos["speed"]) == (24 if name == "data" else 12) for videos in row["videos"])
-        for entry in row["summary"].values():
-            assert entry["low"] <= entry["mean"] <= entry["high"] or entry["n"] == 1
+        for key, entry in row["summary"].items():
+            assert entry["low"] <= entry["high"] or entry["n"] == 1
+            # a mean lies in its interval; a W1's basic bootstrap interval (a one-seed row's, reward_forcing/miniworld/
+            # stats.py) is reflected about it and may exclude it when the resampled W1s fall below it
+            assert entry["low"] <= entry["mean"] <= entry["high"] or entry["n"] == 1 or key.startswith("speed_w1")
     assert "speed_w1_teacher" not in metrics["rows"]["teacher"]["summary"]  # no row's W1 to itself
     assert "speed_w1_data" not in metrics["rows"]["data"]["summary"]
     assert "speed_w1_ar_teacher" not in metrics["rows"]["ar_teacher"]["summary"]
@@ -77,7 +80,7 @@ def test_quick_run_writes_metrics_report_and_figures(quick):
     assert all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in claims if not c["missing"])
     report = (out / "report.md").read_text()
     assert "`--quick` run: a pipeline check at toy sizes, not a result" in report
-    for text in ("## Claims", "| C2b@2 |", "| re_dmd_bm@2 |", "| C6a |", "| cf_ode_init |", "| dmd | ema_a0.9 |",
+    for text in ("## Claims", "| C2b@2 |", "| re_dmd_bm@1 |", "| C6a |", "| cf_ode_init |", "| dmd | ema_a0.9 |",
                  "## Metrics", "| speed_w1_data |", "| speed_w1_ar_teacher |",
                  "## Wall time per stage", "| arms |", "Student's t over seeds"):
         assert text in report, text
