@@ -9,7 +9,7 @@ from reward_forcing.miniworld import metrics
 from reward_forcing.miniworld.claims import (
     INCONCLUSIVE, NOT_REPRODUCED, NOT_RUN, REPRODUCED, Check, Claim, evaluate_claims)
 from reward_forcing.miniworld.stats import (
-    Estimate, bootstrap, over_seeds, paired_difference, t_quantile, wasserstein1)
+    Estimate, bootstrap, bootstrap_difference, over_seeds, paired_difference, t_quantile, wasserstein1)
 
 
 # ---- intervals ----
@@ -72,6 +72,36 @@ def test_bootstrap_keeps_each_videos_values_together():
     x = np.linspace(0, 1, 50)
     estimate = bootstrap({"x": x, "y": 2 * x}, lambda videos: videos["y"].mean() - 2 * videos["x"].mean())
     assert abs(estimate.low) < 1e-12 and abs(estimate.high) < 1e-12
+
+
+def _mean(videos):
+    return videos["v"].mean()
+
+
+def test_bootstrap_difference_of_constant_rows_is_their_difference():
+    # degenerate distributions: every resample of either row has the same mean, so the interval is the point
+    estimate = bootstrap_difference({"v": [0.7] * 5}, {"v": [0.2] * 9}, _mean, _mean)
+    assert estimate.mean == pytest.approx(0.5) and estimate.n == 5 and estimate.method == "bootstrap over videos"
+    assert estimate.low == pytest.approx(0.5) and estimate.high == pytest.approx(0.5)
+
+
+def test_bootstrap_difference_resamples_the_two_rows_independently():
+    # a = b = {0, 1}: each resampled mean is 0, 1/2, 1 with probability 1/4, 1/2, 1/4, so the difference of two
+    # independent ones is -1 or +1 with probability 1/16 each (> 0.025): q(0.025) = -1, q(0.975) = 1, and the basic
+    # interval about the estimate 0 is [0 - 1, 0 + 1]. Resampling both rows with the same indices would give
+    # a zero-width interval.
+    estimate = bootstrap_difference({"v": [0.0, 1.0]}, {"v": [0.0, 1.0]}, _mean, _mean)
+    assert (estimate.mean, estimate.low, estimate.high) == (0.0, -1.0, 1.0)
+    # rows of different sizes, b a constant 0.25: the estimate 0.5 - 0.25, resampled differences -0.25, 0.25, 0.75
+    # with probability 1/4, 1/2, 1/4, so q(0.025) = -0.25, q(0.975) = 0.75 and the interval [0.5 - 0.75, 0.5 + 0.25]
+    uneven = bootstrap_difference({"v": [0.0, 1.0]}, {"v": [0.25] * 7}, _mean, _mean)
+    assert uneven.mean == pytest.approx(0.25) and uneven.n == 2
+    assert uneven.low == pytest.approx(2 * 0.25 - 0.75) and uneven.high == pytest.approx(2 * 0.25 + 0.25)
+
+
+def test_bootstrap_difference_of_one_video_has_no_interval():
+    estimate = bootstrap_difference({"v": [0.3]}, {"v": [0.1, 0.2]}, _mean, _mean)
+    assert estimate.mean == pytest.approx(0.15) and not estimate.has_interval and estimate.n == 1
 
 
 def test_wasserstein1_closed_forms():
@@ -233,3 +263,57 @@ def test_differences_pair_common_seeds_and_take_a_model_trained_once_as_fixed():
     rows["other@40"] = {"seeds": [5, 6], "videos": _row((0.1, 0.2))["videos"]}
     with pytest.raises(ValueError, match="share no seed"):
         metrics.difference(rows, "other@40", "dmd@40", "speed")
+
+
+# ---- C6: Causal Forcing ----
+
+def _once(speed, spread):
+    return {"seeds": [1], "trained_once": True, "videos": [_videos(speed, spread=spread, n=10 * N)]}
+
+
+def _causal_rows(cf_init_speed, init_speed=0.16, cf_dmd=(0.13, 0.15, 0.15), cf_validity=1.0):
+    """Teachers of the same speeds spread over +-0.16; each init's speeds spread as its teacher's, shifted to
+    `*_speed` (so its W1 to its teacher is the shift, up to the sampling bias)."""
+    rows = _rows(re_dmd=(0.1,) * 3)
+    rows.update({"ar_teacher": _once(0.16, 0.16), "ode_init": _once(init_speed, 0.16),
+                 "cf_ode_init": _once(cf_init_speed, 0.16), "cf_dmd@40": _row(cf_dmd, validity=cf_validity)})
+    return rows
+
+
+def test_c6a_is_reproduced_when_the_causal_init_is_closer_to_its_teacher():
+    # the causal init matches the AR teacher (W1 ~ 0), the bidirectional init is 0.06 slower than its teacher
+    c6a = _claim(evaluate_claims(_causal_rows(cf_init_speed=0.16, init_speed=0.10), {}, [40]), "C6a")
+    assert c6a.checks[0].estimate.mean == pytest.approx(-0.06, abs=0.01)
+    assert c6a.checks[0].estimate.method == "bootstrap over videos" and c6a.verdict == REPRODUCED
+
+
+def test_c6a_is_not_reproduced_when_the_causal_init_drifts_more():
+    c6a = _claim(evaluate_claims(_causal_rows(cf_init_speed=0.08, init_speed=0.16), {}, [40]), "C6a")
+    assert c6a.checks[0].estimate.mean == pytest.approx(0.08, abs=0.01) and c6a.verdict == NOT_REPRODUCED
+
+
+def test_c6a_is_inconclusive_when_both_inits_drift_alike():
+    # both 0.03 from their teachers: the difference is 0 and its interval, from 400 videos a row, spans 0
+    c6a = _claim(evaluate_claims(_causal_rows(cf_init_speed=0.13, init_speed=0.13), {}, [40]), "C6a")
+    estimate = c6a.checks[0].estimate
+    assert estimate.low < 0 < estimate.high and c6a.verdict == INCONCLUSIVE
+
+
+def test_c6a_needs_both_teachers_and_both_inits():
+    rows = _causal_rows(cf_init_speed=0.16)
+    del rows["ar_teacher"]
+    c6a = _claim(evaluate_claims(rows, {}, [40]), "C6a")
+    assert c6a.verdict == NOT_RUN and c6a.missing == ("ar_teacher",)
+
+
+def test_c6b_compares_dmd_from_the_causal_init_with_dmd_at_each_point():
+    rows = _causal_rows(cf_init_speed=0.16)
+    claims = evaluate_claims(rows, {}, [40, 160])
+    assert _claim(claims, "C6b@40").verdict == REPRODUCED   # every seed faster, same fidelity
+    assert _claim(claims, "C6b@160").verdict == NOT_RUN
+    slower = _claim(evaluate_claims(_causal_rows(0.16, cf_dmd=(0.07, 0.09, 0.08)), {}, [40]), "C6b@40")
+    assert slower.verdict == NOT_REPRODUCED
+    broken = _claim(evaluate_claims(_causal_rows(0.16, cf_validity=0.8), {}, [40]), "C6b@40")
+    assert broken.verdict == NOT_REPRODUCED
+    mixed = _claim(evaluate_claims(_causal_rows(0.16, cf_dmd=(0.12, 0.10, 0.12)), {}, [40]), "C6b@40")
+    assert mixed.verdict == INCONCLUSIVE

@@ -38,8 +38,10 @@ def test_bad_arms_are_one_line_errors(entry, message):
 def test_the_committed_experiment_declares_every_claims_arm():
     arms = arms_of(experiment_settings(quick=False))
     assert {"dmd", "re_dmd", "re_dmd_bm", "dmd_detached", "rf_last", "rf_random"} <= set(arms)
-    for name in ("dmd", "re_dmd", "re_dmd_bm"):
+    for name in ("dmd", "re_dmd", "re_dmd_bm", "cf_dmd", "cf_re_dmd_b4"):
         assert arms[name].updates == (40, 160) and len(arms[name].seeds) >= 3
+    assert arms["cf_dmd"].init == arms["cf_re_dmd_b4"].init == "cf_ode_init"
+    assert "reward.beta=4.0" in arms["cf_re_dmd_b4"].overrides
 
 
 def test_update_points_become_max_steps_through_the_generator_update_ratio(tmp_path):
@@ -49,5 +51,8 @@ def test_update_points_become_max_steps_through_the_generator_update_ratio(tmp_p
     assert run.max_steps(run.arms["dmd"], 40) == 200 and run.max_steps(run.arms["dmd"], 160) == 800
     # reward feedback has no critic: every step is a generator update
     assert run.max_steps(run.arms["rf_last"], 60) == 60
-    with pytest.raises(ConfigError, match="unknown init 'cf_ode_init'"):
-        run.weights("cf_ode_init")
+    # the causal ODE init (stage cf_ode_init) is an init the cf_ arms start from
+    assert run.weights("cf_ode_init") == tmp_path / "cf_ode_init" / "ode_init.pt"
+    assert run.arm_command(run.arms["cf_dmd"], 1)[1][-2] == f"generator_ckpt={tmp_path / 'cf_ode_init' / 'ode_init.pt'}"
+    with pytest.raises(ConfigError, match="unknown init 'ar_teacher' \\(ode_init, cf_ode_init\\)"):
+        run.weights("ar_teacher")

@@ -147,6 +147,16 @@ class _Claims:
                           "Algorithm 1)", [straight, detached or "dmd_detached"], lambda: [
                               self.diff(straight, detached, "validity", "above", 0.0)])
 
+    def causal_init(self) -> Claim:
+        """C6a: each ODE init's speed W1 to its own teacher, both trained once (a bootstrap over both rows' videos)."""
+        rows = ["cf_ode_init", "ode_init", "ar_teacher", "teacher"]
+        return self.claim("C6a", "the causal ODE init keeps the autoregressive teacher's motion better than the "
+                          "bidirectional ODE init keeps the bidirectional teacher's (lower speed W1 to its own "
+                          "teacher; Causal Forcing, arXiv 2602.02214 §3)", rows, lambda: [
+                              Check("speed_w1_ar_teacher(cf_ode_init) - speed_w1_teacher(ode_init)",
+                                    metrics.difference(self.rows, "cf_ode_init", "ode_init", "speed_w1_ar_teacher",
+                                                       "speed_w1_teacher"), "below", 0.0)])
+
 
 def _final(rows: dict, arm: str) -> str:
     """The row of `arm` with the most generator updates ('' when the arm has none)."""
@@ -156,12 +166,14 @@ def _final(rows: dict, arm: str) -> str:
 
 def evaluate_claims(rows: dict, long: dict, updates: list[int]) -> list[Claim]:
     """Every claim on a run's rows ({name: {"seeds", "videos"}}) and long-rollout records; `updates`: the two
-    training lengths C1 / C2 are read at."""
+    training lengths C1 / C2 / C6b are read at."""
     claims = _Claims(rows, long)
     out = [claims.teacher()]
     out += [claims.keeps_teacher(n) for n in updates]
     out += [claims.faster("C2", "re_dmd", "Re-DMD (the paper's w, reward.weight_norm none)", n) for n in updates]
     out += [claims.faster("C2b", "re_dmd_bm", "Re-DMD with reward.weight_norm batch_mean", n) for n in updates]
     out += [claims.sink(), claims.last_frame(), claims.cache_grad()]
+    out += [claims.causal_init()]
+    out += [claims.faster("C6b", "cf_dmd", "DMD from the causal ODE init (Causal Forcing)", n) for n in updates]
     return out
 

@@ -7,13 +7,15 @@ under `arms:` in experiment.yaml:
 
     re_dmd_bm:                          # the row names are <arm>@<updates>: re_dmd_bm@40, re_dmd_bm@160
       stage: distill                    # configs/miniworld/<stage>.yaml, merged over common.yaml
-      init: ode_init                    # weights it starts from (WEIGHTS below); default ode_init
+      init: ode_init                    # weights it starts from (Run.weights: ode_init, cf_ode_init); default ode_init
       overrides: [distill_loss=re_dmd, reward.weight_norm=batch_mean]
       updates: [40, 160]
       seeds: [1, 2, 3]                  # default: the experiment's seeds
       label: "Re-DMD, batch_mean w"     # legend / table text
 """
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +75,7 @@ class Run:
         self.out, self.settings, self.reward, self.quick, self.jobs = out, settings, reward, quick, jobs
         self.arms = arms_of(settings)
         self.assets, self.world_path = out / "assets", out / "world.json"
-        self.data, self.pairs = out / "data", out / "ode_pairs"
+        self.data, self.pairs, self.cf_pairs = out / "data", out / "ode_pairs", out / "cf_pairs"
         self.prompts, self.pair_prompts = out / "prompts" / "colours.txt", out / "prompts" / "pairs.txt"
 
     # ---- stage records ----
@@ -101,7 +103,10 @@ class Run:
         merged = OmegaConf.merge(OmegaConf.load(CONFIGS / "common.yaml"), OmegaConf.load(CONFIGS / f"{name}.yaml"))
         path = self.out / "configs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(merged, path)
+        # written whole, then renamed: the arms' threads rewrite it while other arms' train.py read it
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            OmegaConf.save(merged, tmp)
+        os.replace(tmp.name, path)
         return path
 
     def overrides(self, stage: str) -> list[str]:
@@ -129,13 +134,18 @@ class Run:
         return self.trained("teacher")
 
     @property
+    def ar_teacher(self) -> Path:
+        """Causal Forcing's autoregressive teacher (stage ar_teacher): the cf_pairs teacher and cf_ode_init's start."""
+        return self.trained("ar_teacher")
+
+    @property
     def base(self) -> Path:
         """The student architecture's pretrained weights: the ODE init's start and the critic's."""
         return self.trained("base") if self.separate_base else self.teacher
 
     def weights(self, name: str) -> Path:
         """Named weights an arm starts from."""
-        known = {"ode_init": self.out / "ode_init" / "ode_init.pt"}
+        known = {name: self.out / name / "ode_init.pt" for name in ("ode_init", "cf_ode_init")}
         if name not in known:
             raise ConfigError(f"unknown init '{name}' ({', '.join(known)})")
         return known[name]

@@ -178,6 +178,43 @@ def comparison_figure(plt, run, content, files, name, title, rows_shown):
     plt.close(fig)
 
 
+# ---- Causal Forcing (C6) ----
+
+INITS = (("ode_init", "speed_w1_teacher", "ODE init\n(to the\nbidirectional\nteacher)"),
+         ("cf_ode_init", "speed_w1_ar_teacher", "causal\nODE init\n(to the AR\nteacher)"))
+CAUSAL_ARMS = ("dmd", "cf_dmd", "cf_re_dmd_b4")
+
+
+def causal_forcing_figure(plt, run, content, files):
+    rows = content["rows"]
+    inits = [(row, key, label) for row, key, label in INITS if row in rows and key in rows[row]["summary"]]
+    arms = [name for name in CAUSAL_ARMS if name in run.arms]
+    if not inits and len(arms) < 2:
+        return
+    fig, (init_ax, speed_ax) = plt.subplots(1, 2, figsize=(7.6, 2.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    for index, (row, key, label) in enumerate(inits):
+        look = style(index)
+        _error_bar(init_ax, index, rows[row]["summary"][key], color=look["color"], marker=look["marker"],
+                   linestyle="none")
+    init_ax.set_xticks(range(len(inits)), [label for _, _, label in inits])
+    init_ax.set_xlim(-0.6, len(inits) - 0.4)
+    init_ax.set(ylabel="speed W1 to its own teacher\n(px / latent frame)", title="(a) does the init keep motion?")
+    for index, name in enumerate(arms):
+        arm, look = run.arms[name], style(index)
+        entries = [rows[arm.row(n)]["summary"]["speed"] for n in arm.updates]
+        x = [n + (index - 1) * 0.03 * max(arm.updates) for n in arm.updates]  # side by side at a shared point
+        speed_ax.errorbar(x, [e["mean"] for e in entries], yerr=_yerr(entries), capsize=3, label=arm.label, **look)
+        if all(e["low"] is not None for e in entries):
+            speed_ax.fill_between(x, [e["low"] for e in entries], [e["high"] for e in entries],
+                                  color=look["color"], alpha=0.15, linewidth=0)
+    speed_ax.set(xlabel="generator updates", ylabel=AXIS["speed"], title="(b) speed of DMD from each init")
+    speed_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
+    fig.suptitle("Does the causal ODE init keep its teacher's motion, and does DMD from it move faster? (C6)", y=1.02)
+    fig.tight_layout()
+    _save(fig, run, "causal_forcing.png", files)
+    plt.close(fig)
+
+
 def _final_rows(run, *arms):
     return [run.arms[a].row(run.arms[a].updates[-1]) for a in arms if a in run.arms]
 
@@ -238,5 +275,6 @@ def write_figures(run, content) -> list[str]:
     )
     for name, title, shown in comparisons:
         comparison_figure(plt, run, content, files, name, title, shown)
+    causal_forcing_figure(plt, run, content, files)
     strips_figure(plt, run, content, files)
     return files

@@ -42,6 +42,9 @@ METRICS = (
            "(0: the same distribution; biased up by sampling, about 0.01 for 200 videos)"),
     Metric("speed_w1_teacher", "speed", "teacher",
            "Wasserstein-1 distance between the row's speed distribution and the teacher's", "px / latent frame, >= 0"),
+    Metric("speed_w1_ar_teacher", "speed", "ar_teacher",
+           "Wasserstein-1 distance between the row's speed distribution and the autoregressive teacher's (Causal "
+           "Forcing, arXiv 2602.02214)", "px / latent frame, >= 0"),
     Metric("path_speed", "path_speed", None,
            "mean length of the frame-to-frame steps of the track (jitter counts as motion)", "px / latent frame"),
     Metric("straightness", "straightness", None,
@@ -90,11 +93,19 @@ def estimate(rows: dict, name: str, metric_name: str) -> stats.Estimate:
     return stats.bootstrap(row["videos"][0], lambda videos: chosen.of(videos, refs))
 
 
-def difference(rows: dict, a: str, b: str, metric_name: str) -> stats.Estimate:
-    """metric(a) - metric(b) over seeds. Against a model trained once (b has `trained_once`: the data, the teacher,
-    the ODE init), each of a's seeds minus b's value; otherwise paired by seed, over the seeds both rows have."""
+def difference(rows: dict, a: str, b: str, metric_name: str, metric_b: str | None = None) -> stats.Estimate:
+    """metric(a) - metric_b(b) (metric_b: metric_name unless given) over seeds. Against a model trained once (b has
+    `trained_once`: the data, the teacher, an ODE init), each of a's seeds minus b's value; both trained once, a
+    bootstrap over both rows' videos resampled independently; otherwise paired by seed, over the seeds both rows
+    have."""
+    metric_b = metric_b or metric_name
+    if rows[a].get("trained_once") and rows[b].get("trained_once"):
+        refs = references(rows)
+        first, second = metric(metric_name), metric(metric_b)
+        return stats.bootstrap_difference(rows[a]["videos"][0], rows[b]["videos"][0],
+                                          lambda videos: first.of(videos, refs), lambda videos: second.of(videos, refs))
     left = dict(zip(rows[a]["seeds"], seed_values(rows, a, metric_name)))
-    right = dict(zip(rows[b]["seeds"], seed_values(rows, b, metric_name)))
+    right = dict(zip(rows[b]["seeds"], seed_values(rows, b, metric_b)))
     if rows[b].get("trained_once"):
         (value,) = right.values()
         return stats.over_seeds([x - value for x in left.values()])

@@ -9,7 +9,7 @@ from reward_forcing.miniworld.claims import evaluate_claims
 from reward_forcing.miniworld.evaluation import COPY_SIMILARITY
 from reward_forcing.miniworld.stats import over_seeds
 
-TABLE_METRICS = ("color_accuracy", "validity", "speed", "speed_w1_data", "speed_w1_teacher")
+TABLE_METRICS = ("color_accuracy", "validity", "speed", "speed_w1_data", "speed_w1_teacher", "speed_w1_ar_teacher")
 EXTRA_METRICS = ("path_speed", "straightness", "reward", "quality")
 LONG_CURVES = ("validity", "color_drift", "first_chunk_similarity", "copies")
 QUICK_BANNER = ("> **`--quick` run: a pipeline check at toy sizes, not a result.** Every model is trained for a few "
@@ -41,14 +41,15 @@ def row_info(run, name: str) -> dict:
         arm = run.arms[arm_name]
         return {"arm": arm_name, "updates": int(updates), "label": f"{arm.label}, {updates} updates"}
     labels = {"data": "the world's data (held out)", "teacher": "teacher (bidirectional, 24-step Euler)",
-              "ode_init": "ODE init (causal student, 4 steps)"}
+              "ode_init": "ODE init (causal student, 4 steps)",
+              "ar_teacher": "autoregressive teacher (causal, teacher forcing)", "cf_ode_init": "causal ODE init"}
     return {"arm": name, "updates": None, "label": labels.get(name, name)}
 
 
 def collect(run) -> dict:
     """metrics.json's content from the stage records."""
     rows = {**run.record("data")["results"], **run.record("ode_pairs")["results"],
-            **run.record("evaluate")["results"]}
+            **run.record("cf_pairs")["results"], **run.record("evaluate")["results"]}
     out_rows = {}
     for name, row in rows.items():
         summary = {m.name: metrics.estimate(rows, name, m.name).as_dict() for m in metrics.METRICS
@@ -56,7 +57,8 @@ def collect(run) -> dict:
         out_rows[name] = {**row_info(run, name), **row, "summary": summary}
     long = long_summary(run.record("long")["results"]) if run.done("long") else {}
     stage_seconds = {stage: run.record(stage)["seconds"] for stage in
-                     ("data", "teacher", "ode_pairs", "ode_init", "arms", "evaluate", "long") if run.done(stage)}
+                     ("data", "teacher", "ode_pairs", "ode_init", "ar_teacher", "cf_pairs", "cf_ode_init", "arms",
+                      "evaluate", "long") if run.done(stage)}
     return {"quick": run.quick, "reward": run.reward, "settings": OmegaConf.to_container(run.settings),
             "rows": out_rows, "long": long, "stages": stage_seconds}
 
@@ -134,6 +136,10 @@ def settings_lines(run, data: dict) -> list[str]:
            "a base model of their own size trained on the data" if run.separate_base else
            "; the student and critic start from the teacher's weights") + ".",
         f"- Stage overrides: `{OmegaConf.to_container(s.stage_overrides)}`.",
+        f"- Causal Forcing (arXiv 2602.02214): the autoregressive teacher is the student's architecture fine-tuned "
+        f"from its base weights for {s.causal_forcing.ar_teacher_steps} steps with teacher forcing (teacher.yaml, "
+        "causal: true); its chunk-by-chunk ODE pairs (the ar_teacher row) train the causal ODE init from its "
+        "weights, the init of the cf_ arms (whose real score is still the bidirectional teacher).",
         f"- Arms (seeds {list(s.seeds)}; Re-DMD reward `{run.reward}`): {arms}.",
         f"- Evaluation: {s.eval_per_colour} videos per colour per row and seed; the data row holds "
         f"{s.data_reference_per_colour} per colour, the teacher row its {s.pairs_per_colour} ODE pairs per colour. "
@@ -142,8 +148,9 @@ def settings_lines(run, data: dict) -> list[str]:
         "- Intervals (95 %): rows with several seeds, Student's t over seeds (each seed one number: the mean over its "
         "videos, or its W1); differences paired by seed (the same seed draws the same prompts and noise in training "
         "and evaluation); against a model trained once (the teacher), each seed minus its value. One-seed rows (data, "
-        "teacher, ODE init): a basic bootstrap over their videos (2000 resamples; for W1 it removes the upward bias "
-        "of finite samples). A difference on one seed has no interval.",
+        "teachers, ODE inits): a basic bootstrap over their videos (2000 resamples; for W1 it removes the upward bias "
+        "of finite samples); a difference of two of them (C6a), the same bootstrap resampling both rows' videos "
+        "independently. A difference on one seed has no interval.",
     ]
 
 

@@ -7,8 +7,12 @@ separate processes; sampling through the streaming generator of reward_forcing/i
             wider than the student (`teacher_dit`), of the student architecture's base model beside it
   ode_pairs the teacher's trajectories with CFG (configs/miniworld/ode.yaml): also the teacher row
   ode_init  ODE regression of the causal student, from the base weights (the teacher's, or the base model's)
+  ar_teacher  Causal Forcing's autoregressive teacher: the student's architecture fine-tuned from the base weights
+            with teacher forcing (causal: true)
+  cf_pairs  the AR teacher's chunk-by-chunk ODE pairs (ode_teacher_causal): also the ar_teacher row
+  cf_ode_init  the causal ODE init: ODE regression on cf_pairs from the AR teacher's weights
   arms      every arm of experiment.yaml, each seed, exported after each of its `updates`
-  evaluate  samples of the ODE init and of every arm at every point, scored by the world's detector
+  evaluate  samples of the ODE inits and of every arm at every point, scored by the world's detector
   long      long rollouts of the `long.arms` students with each sink
   report    metrics.json, the claims, report.md and the figures
 """
@@ -29,6 +33,7 @@ from reward_forcing.miniworld.experiment import CONFIGS, REPO
 
 DATA_SHARD = 256
 TEACHER_INIT = "teacher_init"  # the asset folder of the teacher's architecture when it is not the student's
+TRAINED_ONCE_INITS = ("ode_init", "cf_ode_init")  # the student inits the evaluate stage scores once each
 STRIP_COLOUR = 0  # every strip shows the world's first colour, so the rows compare
 
 
@@ -129,32 +134,69 @@ def stage_teacher(run) -> dict:
 
 
 def stage_ode_pairs(run) -> dict:
+    return ode_pairs(run, run.teacher, run.pairs, "teacher")
+
+
+def ode_pairs(run, teacher, output, row: str, extra: tuple = ()) -> dict:
+    """generate_ode_pairs.py (configs/miniworld/ode.yaml) from `teacher` into `output`, on `jobs` ranks; its final
+    latents are the row `row` (a model trained once), scored."""
     from reward_forcing.training.ode_data import OdePairDataset
 
     command = [str(REPO / "scripts" / "generate_ode_pairs.py"), "--config_path", str(run.stage_config("ode")),
-               "--data_path", str(run.pair_prompts), "--output_dir", str(run.pairs), f"ode_teacher_name={run.teacher}",
-               *run.overrides("ode")]
+               "--data_path", str(run.pair_prompts), "--output_dir", str(output), f"ode_teacher_name={teacher}",
+               *extra, *run.overrides("ode")]
     # `jobs` ranks without a process group: the generator deals its shards by RANK / WORLD_SIZE alone
     with ThreadPoolExecutor(max_workers=run.jobs) as pool:
-        futures = [pool.submit(run_logged, command, run.out / f"ode_pairs_rank{rank}.log", 1,
+        futures = [pool.submit(run_logged, command, run.out / f"{output.name}_rank{rank}.log", 1,
                                {"RANK": str(rank), "WORLD_SIZE": str(run.jobs)}) for rank in range(run.jobs)]
     for future in futures:
         future.result()
-    pairs = OdePairDataset(run.pairs)
+    pairs = OdePairDataset(output)
     rows = [pairs[i] for i in range(len(pairs))]
     latents = torch.stack([row["ode_latent"][-1] for row in rows]).float()
     prompts = [row["prompts"] for row in rows]
     world = run.world()
     strip = _strip_index(world, prompts)
-    save_strip(run, "teacher", latents[strip], prompts[strip])
-    return {"teacher": {"seeds": [int(run.settings.world.seed)], "trained_once": True,
-                        "videos": [score_videos(world, latents, prompts)]}}
+    save_strip(run, row, latents[strip], prompts[strip])
+    return {row: {"seeds": [int(run.settings.world.seed)], "trained_once": True,
+                  "videos": [score_videos(world, latents, prompts)]}}
 
 
 def stage_ode_init(run) -> dict:
-    train(run, run.stage_config("ode"), run.out / "ode_init",
-          [f"data_path={run.pairs}", f"generator_ckpt={run.base}", *run.overrides("ode")], threads=run.jobs)
-    return {"weights": str(run.weights("ode_init"))}
+    return ode_init(run, "ode_init", run.pairs, run.base)
+
+
+def ode_init(run, name: str, pairs, start) -> dict:
+    """ODE regression of the causal student (configs/miniworld/ode.yaml) on `pairs` from the weights `start`, into
+    <out>/<name>/ode_init.pt."""
+    train(run, run.stage_config("ode"), run.out / name,
+          [f"data_path={pairs}", f"generator_ckpt={start}", *run.overrides("ode")], threads=run.jobs)
+    return {"weights": str(run.weights(name))}
+
+
+# ---- Causal Forcing (arXiv 2602.02214 §4): the autoregressive teacher, its ODE pairs, the causal ODE init ----
+
+def stage_ar_teacher(run) -> dict:
+    """The autoregressive teacher: the student's architecture fine-tuned from its base weights as a diffusion model
+    with teacher forcing (configs/miniworld/teacher.yaml with causal: true; configs/causal_forcing_teacher.yaml),
+    for `causal_forcing.ar_teacher_steps` steps."""
+    steps = int(run.settings.causal_forcing.ar_teacher_steps)
+    train(run, run.stage_config("teacher"), run.out / "ar_teacher",
+          [f"data_path={run.data}", *run.overrides("teacher"), "causal=true", f"generator_ckpt={run.base}",
+           f"max_steps={steps}", *run.settings.stage_overrides.get("ar_teacher", [])], threads=run.jobs)
+    return {"ar_teacher": str(run.ar_teacher)}
+
+
+def stage_cf_pairs(run) -> dict:
+    """Each chunk's ODE trajectory from the autoregressive teacher, conditioned on the clean chunks it generated
+    before (ode_teacher_causal; configs/causal_forcing_ode.yaml): also the row `ar_teacher`."""
+    return ode_pairs(run, run.ar_teacher, run.cf_pairs, "ar_teacher", ("ode_teacher_causal=true",))
+
+
+def stage_cf_ode_init(run) -> dict:
+    """The causal ODE init: regression on the autoregressive teacher's pairs from its own weights (upstream's
+    generator_ckpt of stage 2 is the stage-1 teacher)."""
+    return ode_init(run, "cf_ode_init", run.cf_pairs, run.ar_teacher)
 
 
 # ---- arms ----------------------------------------------------------------------------------------
@@ -230,10 +272,10 @@ def _student_config(run) -> tuple[str, list[str]]:
 
 
 def stage_evaluate(run) -> dict:
-    """Every student row: the ODE init (once) and each arm at each point, one video set per seed."""
+    """Every student row: the ODE inits (once each) and each arm at each point, one video set per seed."""
     config, overrides = _student_config(run)
     per_colour = int(run.settings.eval_per_colour)
-    jobs = {("ode_init", run.settings.seeds[0]): run.weights("ode_init")}
+    jobs = {(name, run.settings.seeds[0]): run.weights(name) for name in TRAINED_ONCE_INITS}
     for arm in run.arms.values():
         jobs.update({(arm.row(n), s): run.arm_weights(arm, s, n) for n in arm.updates for s in arm.seeds})
     with _pool(run) as pool:
@@ -242,7 +284,8 @@ def stage_evaluate(run) -> dict:
         results = {key: future.result() for key, future in futures.items()}
     rows = {}
     for (row, seed), (videos, strip, prompt) in results.items():
-        entry = rows.setdefault(row, {"seeds": [], "videos": []} | ({"trained_once": True} if row == "ode_init" else {}))
+        once = {"trained_once": True} if row in TRAINED_ONCE_INITS else {}
+        entry = rows.setdefault(row, {"seeds": [], "videos": []} | once)
         if not entry["seeds"]:
             save_strip(run, row, strip, prompt)
         entry["seeds"].append(seed)

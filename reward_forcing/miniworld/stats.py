@@ -11,6 +11,9 @@ Two kinds of estimate, each a mean with a 95 % interval:
                  for the statistic x and the quantiles q of its resampled values. It covers statistics that are not
                  means (W1), and for W1, which finite samples bias upwards, it subtracts the bias the resampling
                  shows instead of adding it again (a percentile interval would lie wholly above a small W1).
+  two models     a difference between two models trained once each (the causal ODE init against the bidirectional
+  trained once   one): the same basic bootstrap, each draw resampling both rows' videos, independently (the two
+                 models' videos share nothing to pair on).
 One seed gives no interval (low = high = None): a claim on it is inconclusive.
 """
 import math
@@ -88,14 +91,43 @@ def paired_difference(a, b) -> Estimate:
 def bootstrap(videos: dict, statistic, draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> Estimate:
     """statistic(videos) and its basic bootstrap interval, resampling the videos (rows of every array in `videos`,
     resampled together so a video keeps its own values)."""
-    arrays = {key: np.asarray(value, dtype=np.float64) for key, value in videos.items()}
-    n = len(next(iter(arrays.values())))
+    arrays, n = _arrays(videos)
     mean = float(statistic(arrays))
     if n < 2:
         return Estimate(mean, None, None, n, "bootstrap over videos")
     rng = np.random.default_rng(seed)
-    values = [statistic({key: array[rows] for key, array in arrays.items()})
-              for rows in rng.integers(0, n, size=(draws, n))]
+    values = [statistic(_resampled(arrays, rows)) for rows in rng.integers(0, n, size=(draws, n))]
+    return _basic(mean, values, n)
+
+
+def bootstrap_difference(videos_a: dict, videos_b: dict, statistic_a, statistic_b, draws: int = BOOTSTRAP_DRAWS,
+                         seed: int = BOOTSTRAP_SEED) -> Estimate:
+    """statistic_a(videos_a) - statistic_b(videos_b) and its basic bootstrap interval, each draw resampling a's videos
+    and b's independently (each row's arrays together, as bootstrap does); n: the smaller row's videos."""
+    (a, n_a), (b, n_b) = _arrays(videos_a), _arrays(videos_b)
+    mean = float(statistic_a(a)) - float(statistic_b(b))
+    if min(n_a, n_b) < 2:
+        return Estimate(mean, None, None, min(n_a, n_b), "bootstrap over videos")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        rows_a, rows_b = rng.integers(0, n_a, n_a), rng.integers(0, n_b, n_b)
+        values.append(statistic_a(_resampled(a, rows_a)) - statistic_b(_resampled(b, rows_b)))
+    return _basic(mean, values, min(n_a, n_b))
+
+
+def _arrays(videos: dict) -> tuple[dict, int]:
+    """The per-video values as float64 arrays, and the number of videos."""
+    arrays = {key: np.asarray(value, dtype=np.float64) for key, value in videos.items()}
+    return arrays, len(next(iter(arrays.values())))
+
+
+def _resampled(arrays: dict, rows) -> dict:
+    return {key: array[rows] for key, array in arrays.items()}
+
+
+def _basic(mean: float, values, n: int) -> Estimate:
+    """The basic (reverse percentile) interval of `mean` from its resampled values."""
     low, high = np.quantile(values, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
     return Estimate(mean, float(2 * mean - high), float(2 * mean - low), n, "bootstrap over videos")
 
