@@ -71,7 +71,7 @@ def test_quick_run_writes_metrics_report_and_figures(quick):
     assert all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in claims if not c["missing"])
     report = (out / "report.md").read_text()
     assert "`--quick` run: a pipeline check at toy sizes, not a result" in report
-    for text in ("## Claims", "| C2b@2 |", "| re_dmd_bm@2 |", "| dmd | ema_a0.9 |", "## Metrics", "| speed_w1_data |",
+    for text in ("## Claims", "| C2b@2 |", "| re_dmd_bm@1 |", "| dmd | ema_a0.9 |", "## Metrics", "| speed_w1_data |",
                  "## Wall time per stage", "| arms |", "Student's t over seeds", "## Image-to-video",
                  "| image:dmd_ff@1 | 2 |", "| C7 |"):
         assert text in report, text
