@@ -317,3 +317,45 @@ def test_c6b_compares_dmd_from_the_causal_init_with_dmd_at_each_point():
     assert broken.verdict == NOT_REPRODUCED
     mixed = _claim(evaluate_claims(_causal_rows(0.16, cf_dmd=(0.12, 0.10, 0.12)), {}, [40]), "C6b@40")
     assert mixed.verdict == INCONCLUSIVE
+# ---- C7: image-to-video ----
+
+def _image_row(jumps, speed=0.15, colour=1.0):
+    """An image-to-video row: per seed, every video jumps jumps[seed] px from the given frame and moves at `speed`."""
+    return {"seeds": list(range(1, len(jumps) + 1)),
+            "videos": [_videos(speed, colour=colour, seed=i) | {"position_jump": [jump] * N,
+                                                                 "position_kept": [float(jump <= 0.7)] * N}
+                       for i, jump in enumerate(jumps)]}
+
+
+def _c7(trained, zero_shot=(2.0, 2.5, 2.2), updates=160, **kwargs):
+    rows = _rows(re_dmd=(0.1,) * 3) | {f"image:dmd_ff@{updates}": _image_row(trained, **kwargs),
+                                       "image:dmd@160": _image_row(zero_shot)}
+    return _claim(evaluate_claims(rows, {}, [40]), "C7")
+
+
+def test_c7_is_reproduced_when_the_given_frame_is_kept_at_equal_colour_and_speed():
+    claim = _c7((0.3, 0.4, 0.35))
+    assert claim.verdict == REPRODUCED
+    assert claim.checks[0].estimate.mean == pytest.approx((-1.7 - 2.1 - 1.85) / 3)  # paired by seed
+    # 0.02 px / latent frame slower is within IMAGE_SPEED_MARGIN (0.03): still moving
+    assert _c7((0.3, 0.4, 0.35), speed=0.13).verdict == REPRODUCED
+
+
+def test_c7_is_not_reproduced_at_an_equal_jump_another_colour_or_a_stalled_blob():
+    assert _c7((2.0, 2.5, 2.2)).verdict == NOT_REPRODUCED  # difference exactly 0: not below 0
+    assert _c7((0.3, 0.4, 0.35), colour=0.9).verdict == NOT_REPRODUCED  # colour accuracy 0.1 lower
+    stalled = _c7((0.3, 0.4, 0.35), speed=0.05)  # 0.1 slower: the given blob kept by not moving it
+    assert [c.verdict for c in stalled.checks] == [REPRODUCED, REPRODUCED, NOT_REPRODUCED]
+    assert stalled.verdict == NOT_REPRODUCED
+
+
+def test_c7_is_inconclusive_when_the_jump_difference_crosses_zero_or_on_one_seed():
+    crossing = _c7((1.5, 2.8, 1.8))  # differences -0.5, +0.3, -0.4
+    low, high = crossing.checks[0].estimate.low, crossing.checks[0].estimate.high
+    assert low < 0 < high and crossing.verdict == INCONCLUSIVE
+    assert _c7((0.3,), zero_shot=(2.0,)).verdict == INCONCLUSIVE
+
+
+def test_c7_needs_both_students_at_the_same_update_point():
+    assert _c7((0.3, 0.4, 0.35), updates=40).missing == ("image:dmd@40",)
+    assert _claim(evaluate_claims(_rows(re_dmd=(0.1,) * 3), {}, [40]), "C7").verdict == NOT_RUN

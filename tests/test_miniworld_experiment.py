@@ -56,3 +56,14 @@ def test_update_points_become_max_steps_through_the_generator_update_ratio(tmp_p
     assert run.arm_command(run.arms["cf_dmd"], 1)[1][-2] == f"generator_ckpt={tmp_path / 'cf_ode_init' / 'ode_init.pt'}"
     with pytest.raises(ConfigError, match="unknown init 'ar_teacher' \\(ode_init, cf_ode_init\\)"):
         run.weights("ar_teacher")
+
+
+def test_distill_arms_read_first_frames_from_the_teachers_ode_pairs(tmp_path):
+    settings = experiment_settings(quick=False)
+    run = Run(tmp_path, settings, "latent_motion", quick=False)
+    assert run.arms["dmd_ff"].overrides == ("distill_loss=dmd", "first_frame_prob=0.5")
+    assert set(settings.image.arms) <= set(run.arms) and "dmd_ff" in settings.image.arms
+    for name in ("dmd", "dmd_ff"):
+        assert f"data_path={tmp_path / 'ode_pairs'}" in run.arm_command(run.arms[name], seed=1)[1]
+    # reward feedback samples from prompts alone: no ODE pairs
+    assert not any(o.startswith("data_path=") for o in run.arm_command(run.arms["rf_last"], seed=1)[1])

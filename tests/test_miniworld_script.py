@@ -15,9 +15,9 @@ from reward_forcing.rewards.registry import REWARDS
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "miniworld.py"
 STAGES = ["data", "teacher", "ode_pairs", "ode_init", "ar_teacher", "cf_pairs", "cf_ode_init", "arms", "evaluate",
-          "long", "report"]
+          "image", "long", "report"]
 FIGURES = ["fidelity.png", "re_dmd.png", "long_rollouts.png", "reward_feedback.png", "cache_grad.png",
-           "causal_forcing.png", "strips.png"]
+           "causal_forcing.png", "image_to_video.png", "strips.png"]
 
 
 def _run(*args, cwd=ROOT):
@@ -40,17 +40,20 @@ def test_quick_run_writes_metrics_report_and_figures(quick):
         f"stage {s}" for s in STAGES]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"quick", "reward", "settings", "rows", "long", "stages"} and metrics["quick"] is True
-    # configs/miniworld/quick.yaml: dmd at updates 1 and 2, re_dmd and cf_dmd at 1, on seeds 1 and 2; the others
-    # seed 1; the teachers' rows from their ODE pairs, the two ODE inits evaluated once
+    # configs/miniworld/quick.yaml: dmd at updates 1 and 2, re_dmd, cf_dmd and dmd_ff at 1, on seeds 1 and 2; the
+    # others seed 1; the teachers' rows from their ODE pairs, the two ODE inits evaluated once; image-to-video: dmd
+    # and dmd_ff at 1, the last update point they share
+    two_seeds = ("dmd@1", "dmd@2", "re_dmd@1", "cf_dmd@1", "dmd_ff@1", "image:dmd@1", "image:dmd_ff@1")
     assert list(metrics["rows"]) == ["data", "teacher", "ar_teacher", "ode_init", "cf_ode_init", "dmd@1", "dmd@2",
                                      "re_dmd@1", "re_dmd_bm@1", "dmd_detached@1", "rf_last@1", "rf_random@1",
-                                     "cf_dmd@1", "cf_re_dmd_b4@1"]
+                                     "cf_dmd@1", "cf_re_dmd_b4@1", "dmd_ff@1", "image:dmd@1", "image:dmd_ff@1"]
     for name, row in metrics["rows"].items():
-        assert len(row["seeds"]) == len(row["videos"]) == (
-            2 if name in ("dmd@1", "dmd@2", "re_dmd@1", "cf_dmd@1") else 1)
+        assert len(row["seeds"]) == len(row["videos"]) == (2 if name in two_seeds else 1)
         assert row.get("trained_once", False) == (name in ("data", "teacher", "ar_teacher", "ode_init",
                                                            "cf_ode_init"))
-        assert all(len(videos["speed"]) == (24 if name == "data" else 12) for videos in row["videos"])
+        videos_per_seed = {"data": 24, "image:dmd@1": 6, "image:dmd_ff@1": 6}.get(name, 12)
+        assert all(len(videos["speed"]) == videos_per_seed for videos in row["videos"])
+        assert ("position_jump" in row["summary"]) == name.startswith("image:")
         for key, entry in row["summary"].items():
             assert entry["low"] <= entry["high"] or entry["n"] == 1
             # a mean lies in its interval; a W1's basic bootstrap interval (a one-seed row's, reward_forcing/miniworld/
@@ -69,7 +72,7 @@ def test_quick_run_writes_metrics_report_and_figures(quick):
     assert set(metrics["stages"]) == set(STAGES[:-1]) and all(s > 0 for s in metrics["stages"].values())
     claims = json.loads((out / "claims.json").read_text())
     assert [c["key"] for c in claims] == ["C0", "C1@1", "C1@2", "C2@1", "C2@2", "C2b@1", "C2b@2", "C3", "C4", "C5",
-                                          "C6a", "C6b@1", "C6b@2"]
+                                          "C6a", "C6b@1", "C6b@2", "C7"]
     # quick.yaml trains re_dmd, re_dmd_bm and cf_dmd for one update only: their claims at 2 updates name the
     # missing rows
     assert {c["key"]: c["missing"] for c in claims if c["verdict"] == "not run"} == {
@@ -81,8 +84,8 @@ def test_quick_run_writes_metrics_report_and_figures(quick):
     report = (out / "report.md").read_text()
     assert "`--quick` run: a pipeline check at toy sizes, not a result" in report
     for text in ("## Claims", "| C2b@2 |", "| re_dmd_bm@1 |", "| C6a |", "| cf_ode_init |", "| dmd | ema_a0.9 |",
-                 "## Metrics", "| speed_w1_data |", "| speed_w1_ar_teacher |",
-                 "## Wall time per stage", "| arms |", "Student's t over seeds"):
+                 "## Metrics", "| speed_w1_data |", "| speed_w1_ar_teacher |", "## Wall time per stage", "| arms |",
+                 "Student's t over seeds", "## Image-to-video", "| image:dmd_ff@1 | 2 |", "| C7 |"):
         assert text in report, text
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"![{name}]({name})" in report

@@ -21,6 +21,9 @@ FIDELITY_MARGIN = 0.05  # colour accuracy / validity: "keeps" or "equal" fidelit
 SPEED_W1_MAX = 0.03     # px / latent frame: "the same speed distribution" (W1) for the teacher and the students
 TEACHER_FLOOR = 0.95    # the teacher's colour accuracy and validity
 LONG_ARM = "dmd"        # the student whose long rollouts C3 reads
+# C7: "keeps moving" = the image-to-video student's speed at most this much below the zero-shot one's: the tolerance
+# C1 accepts on the speed distribution (a mean difference is at most the W1 distance), under 10 % of max_speed
+IMAGE_SPEED_MARGIN = SPEED_W1_MAX
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,17 @@ class _Claims:
         return self.claim("C4", "reward-only fine-tuning on the last frame keeps motion better than on a random frame "
                           "(higher speed)", [a, b], lambda: [self.diff(a, b, "speed", "above", 0.0)])
 
+    def image_to_video(self) -> Claim:
+        trained = _final(self.rows, "image:dmd_ff")
+        zero_shot = "image:dmd@" + trained.partition("@")[2] if trained else "image:dmd"
+        return self.claim("C7", "the DMD student trained from a clean first frame half the time (first_frame_prob "
+                          "0.5) continues a given first frame better than the zero-shot DMD student: a smaller "
+                          f"position jump at equal colour accuracy (within {FIDELITY_MARGIN}), still moving (speed "
+                          f"at most {IMAGE_SPEED_MARGIN} lower)", [trained or "image:dmd_ff", zero_shot], lambda: [
+                              self.diff(trained, zero_shot, "position_jump", "below", 0.0),
+                              self.diff(trained, zero_shot, "color_accuracy", "within", FIDELITY_MARGIN),
+                              self.diff(trained, zero_shot, "speed", "above", -IMAGE_SPEED_MARGIN)])
+
     def cache_grad(self) -> Claim:
         detached = _final(self.rows, "dmd_detached")
         straight = "dmd@" + detached.partition("@")[2]
@@ -175,5 +189,6 @@ def evaluate_claims(rows: dict, long: dict, updates: list[int]) -> list[Claim]:
     out += [claims.sink(), claims.last_frame(), claims.cache_grad()]
     out += [claims.causal_init()]
     out += [claims.faster("C6b", "cf_dmd", "DMD from the causal ODE init (Causal Forcing)", n) for n in updates]
+    out += [claims.image_to_video()]
     return out
 

@@ -6,7 +6,11 @@ from reward_forcing.errors import ConfigError
 
 EVAL_BATCH = 64
 SINKS = {"none": ["sink_size=0", "sink_mode=none"], "static": ["sink_mode=static"], "ema": ["sink_mode=ema"]}
-COPY_SIMILARITY = 0.95  # a frame whose foreground has cosine >= this to the first chunk's is a copy of it
+COPY_SIMILARITY = 0.95
+# a continuation keeps the given first frame's blob when it moves at most this many times the world's max_speed
+# from frame 0 to frame 1: the world's own step is at most 1 x max_speed, and the detector's position error on a
+# generated frame takes about another step (world.py, detector.py); a bigger jump is a blob placed anew
+JUMP_SPEEDS = 2.0  # a frame whose foreground has cosine >= this to the first chunk's is a copy of it
 
 
 def sink_overrides(sink: str) -> list[str]:
@@ -37,9 +41,10 @@ def score_videos(world, latents: torch.Tensor, prompts: list[str]) -> dict:
 
 
 def sample_student(config, overrides: list[str], checkpoint, prompts: list[str], frames: int, seed: int,
-                   sink: str | None = None) -> torch.Tensor:
+                   sink: str | None = None, first_frame: torch.Tensor | None = None) -> torch.Tensor:
     """Latents [N, C, frames, h, w] of the streaming sampler (reward_forcing/inference) with the stage config's
-    cache, optionally with another sink."""
+    cache, optionally with another sink; with first_frame (clean latents [N, C, 1, h, w]) each video starts from
+    its own (image-to-video: chunk 0 keeps it as frame 0, reward_forcing/inference/generator.py)."""
     from reward_forcing.config import load_config
     from reward_forcing.inference.generator import StreamingGenerator, latent_size
     from reward_forcing.inference.pipeline import load_student, load_text_encoder
@@ -55,8 +60,23 @@ def sample_student(config, overrides: list[str], checkpoint, prompts: list[str],
     with torch.no_grad():
         for first in range(0, len(prompts), EVAL_BATCH):
             context = encoder.encode(prompts[first:first + EVAL_BATCH])
-            videos.append(torch.cat(list(sampler.stream(context, frames, hw, generator=generator)), dim=2))
+            picture = {} if first_frame is None else {"first_frame": first_frame[first:first + EVAL_BATCH]}
+            videos.append(torch.cat(list(sampler.stream(context, frames, hw, generator=generator, **picture)), dim=2))
     return torch.cat(videos)
+
+
+def score_continuations(world, given: torch.Tensor, latents: torch.Tensor, prompts: list[str]) -> dict:
+    """Image-to-video videos latents [N, C, F, h, w] started from the frames given [N, C, 1, h, w]: score_videos of
+    the generated frames 1.. and, per video, position_jump (torus distance in pixels between the blob detected in
+    the given frame and in generated frame 1) and position_kept (1.0 when position_jump <= JUMP_SPEEDS x the
+    world's max_speed)."""
+    from reward_forcing.miniworld.detector import detect_frames, torus_steps
+
+    position = detect_frames(world, torch.cat([given, latents[:, :, 1:2]], dim=2))["position"]
+    jump = torus_steps(world, position)[:, 0].norm(dim=-1)
+    kept = (jump <= JUMP_SPEEDS * world.spec.max_speed).float()
+    return score_videos(world, latents[:, :, 1:], prompts) | {"position_jump": jump.tolist(),
+                                                                "position_kept": kept.tolist()}
 
 
 def long_curves(world, latents: torch.Tensor, prompts: list[str], chunk: int) -> dict:

@@ -158,7 +158,10 @@ class Run:
 
     def arm_command(self, arm: Arm, seed: int) -> tuple[Path, list[str]]:
         """The stage config and train.py overrides of one (arm, seed), without max_steps."""
-        specific = ([f"reward.name={self.reward}", f"real_name={self.teacher}", f"fake_name={self.base}"]
+        # data_path: the ODE pairs the distill trainer takes clean first frames from; read only when
+        # first_frame_prob > 0 (reward_forcing/training/distill.py), so the other distill arms train as without it
+        specific = ([f"reward.name={self.reward}", f"real_name={self.teacher}", f"fake_name={self.base}",
+                     f"data_path={self.pairs}"]
                     if arm.stage == "distill" else [])  # reward feedback's reward is its own config's
         return self.stage_config(arm.stage), [
             *arm.overrides, *specific, f"seed={seed}", f"reward.world_path={self.world_path}",

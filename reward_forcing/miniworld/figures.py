@@ -235,28 +235,73 @@ def detector_image(world, latent):
     return torch.cat([torch.cat([frame, g], dim=1) for frame, g in zip(image, gap)], dim=1).numpy()
 
 
-def strips_figure(plt, run, content, files):
+def strip_axis(ax, world, path, name: str, frames: int, numbered: bool) -> None:
+    """One saved sample (save_strip's file at path) as a row of detector images, labelled with its name and prompt;
+    frame numbers under it when `numbered`."""
     import torch
 
+    sample = torch.load(path, weights_only=True)
+    image = detector_image(world, sample["latent"][:, :frames])
+    width = image.shape[1] / frames
+    ax.imshow(image, interpolation="nearest")
+    ax.set_yticks([])
+    ax.set_ylabel(f"{name}\n\"{sample['prompt']}\"", rotation=0, ha="right", va="center", fontsize=7)
+    ax.set_xticks([width * (f + 0.5) for f in range(frames)], [str(f) if numbered else "" for f in range(frames)])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def strips_figure(plt, run, content, files):
     world = run.world()
     names = [name for name in content["rows"] if (run.out / "samples" / f"{name}.pt").is_file()]
     frames = int(run.settings.strip_frames)
     fig, axes = plt.subplots(len(names), 1, figsize=(0.55 * frames + 1.6, 0.62 * len(names) + 0.4), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
-        sample = torch.load(run.out / "samples" / f"{name}.pt", weights_only=True)
-        image = detector_image(world, sample["latent"][:, :frames])
-        width = image.shape[1] / frames
-        ax.imshow(image, interpolation="nearest")
-        ax.set_yticks([])
-        ax.set_ylabel(f"{name}\n\"{sample['prompt']}\"", rotation=0, ha="right", va="center", fontsize=7)
-        ax.set_xticks([width * (f + 0.5) for f in range(frames)], [str(f) if ax is axes[-1, 0] else "" for f in
-                                                                    range(frames)])
-        for spine in ax.spines.values():
-            spine.set_visible(False)
+        strip_axis(ax, world, run.out / "samples" / f"{name}.pt", name, frames, ax is axes[-1, 0])
     axes[-1, 0].set_xlabel("latent frame")
     fig.suptitle("Samples read by the detector (hue: detected colour, brightness: response)", y=1.0)
     fig.tight_layout(h_pad=0.2)
     _save(fig, run, "strips.png", files)
+    plt.close(fig)
+
+
+# ---- image-to-video (C7) ----
+
+def image_to_video_figure(plt, run, content, files):
+    """(a) position jump per image-to-video row with its interval and the position_kept threshold; (b) the world's
+    own video from the given frame and each arm's continuation of it."""
+    from reward_forcing.miniworld.evaluation import JUMP_SPEEDS
+    from reward_forcing.miniworld.stages import IMAGE_ROW
+
+    rows = [name for name in content["rows"] if name.startswith(IMAGE_ROW)]
+    if not rows:
+        return
+    world, folder = run.world(), run.out / "samples" / "image"
+    strips = [("world", folder / "world.pt")] + [(name, folder / f"{name}.pt") for name in rows]
+    frames = int(run.settings.strip_frames)
+    fig = plt.figure(figsize=(0.55 * frames + 4.4, 0.7 * len(strips) + 0.9))
+    grid = fig.add_gridspec(len(strips), 2, width_ratios=[1.1, 0.22 * frames])
+    jump = fig.add_subplot(grid[:, 0])
+    for index, name in enumerate(rows):
+        look = style(index)
+        _error_bar(jump, index, content["rows"][name]["summary"]["position_jump"], color=look["color"],
+                   marker=look["marker"], linestyle="none")
+    threshold = JUMP_SPEEDS * world.spec.max_speed
+    jump.axhline(threshold, color=COLOURS[7], linestyle="--", linewidth=1)
+    jump.annotate(f"kept: <= {JUMP_SPEEDS:g} x max_speed", (0, threshold), xycoords=("axes fraction", "data"),
+                  fontsize=6, color=COLOURS[7], va="bottom")
+    jump.set_xticks(range(len(rows)), [name[len(IMAGE_ROW):] for name in rows], rotation=20, ha="right")
+    jump.set_xlim(-0.5, len(rows) - 0.5)
+    jump.set(ylabel="position jump, given frame to frame 1 (px)", title="(a) position jump")
+    for row, (name, path) in enumerate(strips):
+        ax = fig.add_subplot(grid[row, 1])
+        strip_axis(ax, world, path, name.removeprefix(IMAGE_ROW), frames, row == len(strips) - 1)
+        if row == 0:
+            ax.set_title("(b) the given frame (0) and what follows")
+    ax.set_xlabel("latent frame (0: the given frame)")
+    fig.suptitle("Does the student trained from a clean first frame continue a given frame? (C7)", y=1.0)
+    fig.tight_layout(h_pad=0.2)
+    _save(fig, run, "image_to_video.png", files)
     plt.close(fig)
 
 
@@ -276,5 +321,6 @@ def write_figures(run, content) -> list[str]:
     for name, title, shown in comparisons:
         comparison_figure(plt, run, content, files, name, title, shown)
     causal_forcing_figure(plt, run, content, files)
+    image_to_video_figure(plt, run, content, files)
     strips_figure(plt, run, content, files)
     return files

@@ -55,6 +55,13 @@ METRICS = (
     Metric("quality", "quality", None,
            "blob_quality: cosine of each frame to the best blob template of the prompt's colour, mean over frames "
            "(reward feedback's reward)", "-1 to 1, data about 1"),
+    # image-to-video rows only (stage image; reward_forcing/miniworld/evaluation.py score_continuations)
+    Metric("position_jump", "position_jump", None,
+           "image-to-video: torus distance between the blob detected in the given first frame and in the generated "
+           "frame 1 (the world's own videos move at most max_speed)", "px, 0 to half the frame's diagonal"),
+    Metric("position_kept", "position_kept", None,
+           "image-to-video: fraction of videos whose position_jump is at most evaluation.JUMP_SPEEDS x the world's "
+           "max_speed (the given blob continued, not placed anew)", "0 to 1"),
 )
 BY_NAME = {metric.name: metric for metric in METRICS}
 

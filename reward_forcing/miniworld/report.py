@@ -6,11 +6,13 @@ from omegaconf import OmegaConf
 
 from reward_forcing.miniworld import metrics
 from reward_forcing.miniworld.claims import evaluate_claims
-from reward_forcing.miniworld.evaluation import COPY_SIMILARITY
+from reward_forcing.miniworld.evaluation import COPY_SIMILARITY, JUMP_SPEEDS
+from reward_forcing.miniworld.stages import IMAGE_ROW
 from reward_forcing.miniworld.stats import over_seeds
 
 TABLE_METRICS = ("color_accuracy", "validity", "speed", "speed_w1_data", "speed_w1_teacher", "speed_w1_ar_teacher")
 EXTRA_METRICS = ("path_speed", "straightness", "reward", "quality")
+IMAGE_METRICS = ("position_jump", "position_kept", "color_accuracy", "validity", "speed")
 LONG_CURVES = ("validity", "color_drift", "first_chunk_similarity", "copies")
 QUICK_BANNER = ("> **`--quick` run: a pipeline check at toy sizes, not a result.** Every model is trained for a few "
                 "steps on a tiny network, so the numbers below (a teacher with validity near 0, claims inconclusive "
@@ -36,6 +38,9 @@ def long_summary(long: dict) -> dict:
 
 def row_info(run, name: str) -> dict:
     """The arm a row belongs to, its generator updates and its label."""
+    if name.startswith(IMAGE_ROW):
+        info = row_info(run, name[len(IMAGE_ROW):])
+        return info | {"label": f"image-to-video: {info['label']}"}
     arm_name, _, updates = name.partition("@")
     if arm_name in run.arms:
         arm = run.arms[arm_name]
@@ -49,16 +54,17 @@ def row_info(run, name: str) -> dict:
 def collect(run) -> dict:
     """metrics.json's content from the stage records."""
     rows = {**run.record("data")["results"], **run.record("ode_pairs")["results"],
-            **run.record("cf_pairs")["results"], **run.record("evaluate")["results"]}
+            **run.record("cf_pairs")["results"], **run.record("evaluate")["results"],
+            **(run.record("image")["results"] if run.done("image") else {})}
     out_rows = {}
     for name, row in rows.items():
         summary = {m.name: metrics.estimate(rows, name, m.name).as_dict() for m in metrics.METRICS
-                   if m.reference != name}  # not a row's W1 to itself
+                   if m.reference != name and m.video_key in row["videos"][0]}  # not a row's W1 to itself
         out_rows[name] = {**row_info(run, name), **row, "summary": summary}
     long = long_summary(run.record("long")["results"]) if run.done("long") else {}
     stage_seconds = {stage: run.record(stage)["seconds"] for stage in
                      ("data", "teacher", "ode_pairs", "ode_init", "ar_teacher", "cf_pairs", "cf_ode_init", "arms",
-                      "evaluate", "long") if run.done(stage)}
+                      "evaluate", "image", "long") if run.done(stage)}
     return {"quick": run.quick, "reward": run.reward, "settings": OmegaConf.to_container(run.settings),
             "rows": out_rows, "long": long, "stages": stage_seconds}
 
@@ -166,18 +172,33 @@ def metric_lines() -> list[str]:
     return lines
 
 
+def image_lines(run) -> list[str]:
+    image, world = run.settings.image, run.settings.world
+    return [f"## Image-to-video (frame {image.frame} of {image.per_colour} held-out world videos per colour given, "
+            "mean [95 % interval over seeds])", "",
+            f"Each `image.arms` student ({', '.join(image.arms)}) at the last update point they share continues the "
+            "given frame under its video's prompt (chunk 0 keeps it as frame 0, "
+            "reward_forcing/inference/generator.py). position_jump: how far the blob moves from the given frame to "
+            f"generated frame 1; position_kept: at most {JUMP_SPEEDS:g} x max_speed = "
+            f"{JUMP_SPEEDS * world.max_speed:g} px. Colour accuracy, validity and speed are of frames 1 on."]
+
+
 def write_report(run, content: dict, claims, figures: list[str]) -> None:
     rows, long = content["rows"], content["long"]
+    text_rows = {name: row for name, row in rows.items() if not name.startswith(IMAGE_ROW)}
     lines = ["# Miniature world: Reward Forcing measured end to end", ""]
     if content["quick"]:
         lines += [QUICK_BANNER, ""]
     lines += ["## Settings", "", *settings_lines(run, content), "",
               "## Claims", "", *claims_table(claims), "",
-              "## Rows (mean [95 % interval])", "", *rows_table(rows, TABLE_METRICS), "",
-              *rows_table(rows, EXTRA_METRICS), ""]
+              "## Rows (mean [95 % interval])", "", *rows_table(text_rows, TABLE_METRICS), "",
+              *rows_table(text_rows, EXTRA_METRICS), ""]
     if long:
         lines += [f"## Long rollouts ({run.settings.long.frames} latent frames; mean over the last third of the "
                   "frames, [95 % interval over seeds])", "", *long_table(long), "", *periodic_copies(long), ""]
+    images = {name: row for name, row in rows.items() if name.startswith(IMAGE_ROW)}
+    if images:
+        lines += [*image_lines(run), "", *rows_table(images, IMAGE_METRICS), ""]
     lines += ["## Metrics", "", *metric_lines(), "",
               "## Wall time per stage", "", "| stage | seconds |", "|---|---|",
               *[f"| {stage} | {seconds:.1f} |" for stage, seconds in content["stages"].items()],

@@ -25,7 +25,8 @@ from reward_forcing.miniworld.experiment import Run, experiment_settings
 STAGES = {"data": stages.stage_data, "teacher": stages.stage_teacher, "ode_pairs": stages.stage_ode_pairs,
           "ode_init": stages.stage_ode_init, "ar_teacher": stages.stage_ar_teacher, "cf_pairs": stages.stage_cf_pairs,
           "cf_ode_init": stages.stage_cf_ode_init, "arms": stages.stage_arms, "evaluate": stages.stage_evaluate,
-          "long": stages.stage_long, "report": None}  # report: reward_forcing/miniworld/report.py (imported lazily)
+          "image": stages.stage_image, "long": stages.stage_long,
+          "report": None}  # report: reward_forcing/miniworld/report.py (imported lazily)
 
 
 def parse_args(argv):

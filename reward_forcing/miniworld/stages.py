@@ -13,6 +13,7 @@ separate processes; sampling through the streaming generator of reward_forcing/i
   cf_ode_init  the causal ODE init: ODE regression on cf_pairs from the AR teacher's weights
   arms      every arm of experiment.yaml, each seed, exported after each of its `updates`
   evaluate  samples of the ODE inits and of every arm at every point, scored by the world's detector
+  image     image-to-video: the `image.arms` students continue the first frames of held-out world videos
   long      long rollouts of the `long.arms` students with each sink
   report    metrics.json, the claims, report.md and the figures
 """
@@ -28,13 +29,15 @@ import torch
 from omegaconf import OmegaConf
 
 from reward_forcing.errors import UserError
-from reward_forcing.miniworld.evaluation import balanced_prompts, long_curves, sample_student, score_videos
+from reward_forcing.miniworld.evaluation import (balanced_prompts, long_curves, sample_student, score_continuations,
+                                                 score_videos)
 from reward_forcing.miniworld.experiment import CONFIGS, REPO
 
 DATA_SHARD = 256
 TEACHER_INIT = "teacher_init"  # the asset folder of the teacher's architecture when it is not the student's
 TRAINED_ONCE_INITS = ("ode_init", "cf_ode_init")  # the student inits the evaluate stage scores once each
 STRIP_COLOUR = 0  # every strip shows the world's first colour, so the rows compare
+IMAGE_ROW = "image:"  # prefix of the image-to-video rows: image:<arm>@<updates>
 
 
 class StageFailed(UserError):
@@ -288,6 +291,74 @@ def stage_evaluate(run) -> dict:
         entry = rows.setdefault(row, {"seeds": [], "videos": []} | once)
         if not entry["seeds"]:
             save_strip(run, row, strip, prompt)
+        entry["seeds"].append(seed)
+        entry["videos"].append(videos)
+    return rows
+
+
+def given_videos(world, start: int, per_colour: int) -> list[int]:
+    """Indices of held-out world videos from `start` on, the first per_colour of each colour, in index order."""
+    chosen, counts, index = [], [0] * len(world.spec.colours), start
+    while len(chosen) < per_colour * len(counts):
+        colour = world.sample(index)["colour"]
+        if counts[colour] < per_colour:
+            counts[colour] += 1
+            chosen.append(index)
+        index += 1
+    return chosen
+
+
+def _image_one(out: str, config: str, overrides: list, checkpoint: str, indices: list, frame: int,
+               seed: int) -> tuple:
+    """Worker: one checkpoint's continuations of the given frames, scored, and the first video of the strip's
+    colour."""
+    from reward_forcing.miniworld.world import World
+
+    torch.set_num_threads(1)
+    world = World.from_file(f"{out}/world.json")
+    videos = [world.sample(i) for i in indices]
+    given = torch.stack([v["latent"][:, frame:frame + 1] for v in videos])
+    prompts = [v["prompt"] for v in videos]
+    latents = sample_student(config, overrides, checkpoint, prompts, world.spec.frames, seed=seed, first_frame=given)
+    strip = _strip_index(world, prompts)
+    return score_continuations(world, given, latents, prompts), latents[strip]
+
+
+def stage_image(run) -> dict:
+    """Image-to-video: each `image.arms` student at the last update point they all share, every seed, continues the
+    first frames of held-out world videos (indices past the training set, the data row's and the long rollouts'
+    truth) under their colour's prompts. Rows image:<arm>@<updates>; the strip holds the world's own video and each
+    arm's continuation of its first video of the strip's colour."""
+    settings, world = run.settings.image, run.world()
+    unknown = [name for name in settings.arms if name not in run.arms]
+    if unknown:
+        raise UserError(f"image.arms names '{unknown[0]}', which is not an arm ({', '.join(run.arms)})")
+    arms = [run.arms[name] for name in settings.arms]
+    shared = set.intersection(*(set(arm.updates) for arm in arms))
+    if not shared:
+        raise UserError(f"image.arms {list(settings.arms)} share no update point; give them a common one")
+    updates, frame = max(shared), int(settings.frame)
+    if not 0 <= frame < world.spec.frames:
+        raise UserError(f"image.frame must be a frame of the world's videos (0 to {world.spec.frames - 1}), got {frame}")
+    start = int(run.settings.data_samples) + int(run.settings.data_reference_per_colour) * len(world.spec.colours)
+    indices = given_videos(world, start, int(settings.per_colour))
+    config, overrides = _student_config(run)
+    jobs = {(IMAGE_ROW + arm.row(updates), seed): run.arm_weights(arm, seed, updates) for arm in arms
+            for seed in arm.seeds}
+    with _pool(run) as pool:
+        futures = {key: pool.submit(_image_one, str(run.out), config, overrides, str(path), indices, frame,
+                                    3000 + key[1]) for key, path in jobs.items()}
+        results = {key: future.result() for key, future in futures.items()}
+    strips = run.out / "samples" / "image"
+    strips.mkdir(parents=True, exist_ok=True)
+    truth = world.sample(indices[_strip_index(world, [world.sample(i)["prompt"] for i in indices])])
+    torch.save({"latent": truth["latent"][:, frame:], "prompt": truth["prompt"], "frame": frame},
+               strips / "world.pt")
+    rows = {}
+    for (row, seed), (videos, strip) in results.items():
+        entry = rows.setdefault(row, {"seeds": [], "videos": []})
+        if not entry["seeds"]:
+            torch.save({"latent": strip.float().cpu(), "prompt": truth["prompt"]}, strips / f"{row}.pt")
         entry["seeds"].append(seed)
         entry["videos"].append(videos)
     return rows
