@@ -124,3 +124,33 @@ def test_speed_is_the_tracks_fitted_velocity_so_jitter_in_place_is_not_motion(wo
     assert stats["path_speed"].item() == pytest.approx(1.0, abs=0.02)
     assert stats["speed"].item() == pytest.approx(3 / 143, abs=0.01)
     assert LatentMotionReward(world).score(jitter, [world.prompt(0)])["motion"].item() < 0.1
+
+
+def _drawn(world, colour: int, track: list) -> torch.Tensor:
+    return world.render(colour, torch.tensor(track, dtype=torch.float32))
+
+
+def test_position_jump_is_the_torus_distance_from_the_given_frame_to_frame_1(world):
+    from reward_forcing.miniworld.evaluation import JUMP_SPEEDS, score_continuations
+
+    # a short move in the middle (0.3, 0.4): 0.5 px; one across both edges, (0.5, 7.5) -> (7.7, 0.3): each
+    # coordinate -0.8 / +0.8 the short way round, sqrt(1.28) = 1.131 px (not 7.2 straight across the frame)
+    given = torch.stack([_drawn(world, 1, [[4.0, 4.0]]), _drawn(world, 2, [[0.5, 7.5]])])
+    latents = torch.stack([_drawn(world, 1, [[4.0, 4.0]] + [[4.3 + 0.1 * f, 4.4] for f in range(11)]),
+                           _drawn(world, 2, [[0.5, 7.5]] + [[7.7, 0.3 + 0.1 * f] for f in range(11)])])
+    prompts = [world.prompt(1), world.prompt(2)]
+    scores = score_continuations(world, given, latents, prompts)
+    assert scores["position_jump"] == pytest.approx([0.5, math.sqrt(1.28)], abs=0.1)
+    # kept at most JUMP_SPEEDS x max_speed = 1.0 px for this world: the first, not the second
+    assert JUMP_SPEEDS * SPEC.max_speed == 1.0 and scores["position_kept"] == [1.0, 0.0]
+    # the rest is of the generated frames 1..: both move 0.1 px a frame, in their prompt's colour
+    assert scores["speed"] == pytest.approx([0.1, 0.1], abs=0.01) and scores["color_correct"] == [1.0, 1.0]
+
+
+def test_given_videos_are_held_out_and_balanced_over_colours(world):
+    from reward_forcing.miniworld.stages import given_videos
+
+    indices = given_videos(world, 100, 3)
+    colours = [world.sample(i)["colour"] for i in indices]
+    assert min(indices) >= 100 and indices == sorted(set(indices))
+    assert all(colours.count(k) == 3 for k in range(len(SPEC.colours)))

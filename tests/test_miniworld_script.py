@@ -1,6 +1,7 @@
 """scripts/miniworld.py end to end at toy sizes (--quick): every stage runs through train.py, the ODE pair
-generator and the streaming sampler, metrics.json has the documented schema, report.md and the plots are
-written, a rerun skips finished stages, and bad input is one line."""
+generator and the streaming sampler, metrics.json holds every row's per-seed videos and summaries, the claims are
+computed from it, report.md explains itself (with the --quick banner) and the figures are written, a rerun skips
+finished stages, and bad input is one line."""
 import json
 import os
 import subprocess
@@ -13,7 +14,10 @@ from reward_forcing.rewards.registry import REWARDS
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "miniworld.py"
-STAGES = ["data", "teacher", "ode_pairs", "ode_init", "distill", "evaluate", "long", "report"]
+STAGES = ["data", "teacher", "ode_pairs", "ode_init", "ar_teacher", "cf_pairs", "cf_ode_init", "arms", "evaluate",
+          "image", "long", "report"]
+FIGURES = ["fidelity.png", "re_dmd.png", "long_rollouts.png", "reward_feedback.png", "cache_grad.png",
+           "causal_forcing.png", "image_to_video.png", "strips.png"]
 
 
 def _run(*args, cwd=ROOT):
@@ -30,32 +34,61 @@ def quick(tmp_path_factory):
     return out, result.stdout
 
 
-def test_quick_run_writes_metrics_report_and_plots(quick):
+def test_quick_run_writes_metrics_report_and_figures(quick):
     out, stdout = quick
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("stage ")] == [
         f"stage {s}" for s in STAGES]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"arms", "long", "stages"}
-    # configs/miniworld/quick.yaml: one seed, beta 4 only, both reward-feedback frames; data / teacher / ode_init
-    # have one sample set each
-    assert list(metrics["arms"]) == ["data", "teacher", "ode_init", "dmd", "re_dmd_b4", "rf_last", "rf_random"]
-    for arm, entry in metrics["arms"].items():
-        assert {"color_accuracy", "validity", "speed", "speed_w1_teacher", "reward", "quality"} <= set(entry)
-        for value in entry.values():
-            assert len(value["seeds"]) == 1 and value["mean"] == pytest.approx(value["seeds"][0])
-    assert metrics["arms"]["teacher"]["speed_w1_teacher"]["mean"] == 0
-    assert metrics["arms"]["data"]["color_accuracy"]["mean"] == 1 and metrics["arms"]["data"]["validity"]["mean"] == 1
-    assert list(metrics["long"]["data"]) == ["world"] and metrics["long"]["data"]["world"]["validity"] == [1.0] * 12
-    for arm in ("dmd", "re_dmd_b4"):
-        assert set(metrics["long"][arm]) == {"none", "static", "ema", "ema_a0.99", "ema_a0.9"}
-        for curves in metrics["long"][arm].values():
-            assert set(curves) == {"validity", "color_drift", "first_chunk_similarity"}
-            assert all(len(curve) == 12 for curve in curves.values())  # long_frames 12 in quick.yaml
-    assert set(metrics["stages"]) == set(STAGES[:-1]) and all(s["seconds"] > 0 for s in metrics["stages"].values())
+    assert set(metrics) == {"quick", "reward", "settings", "rows", "long", "stages"} and metrics["quick"] is True
+    # configs/miniworld/quick.yaml: dmd at updates 1 and 2, re_dmd, cf_dmd and dmd_ff at 1, on seeds 1 and 2; the
+    # others seed 1; the teachers' rows from their ODE pairs, the two ODE inits evaluated once; image-to-video: dmd
+    # and dmd_ff at 1, the last update point they share
+    two_seeds = ("dmd@1", "dmd@2", "re_dmd@1", "cf_dmd@1", "dmd_ff@1", "image:dmd@1", "image:dmd_ff@1")
+    assert list(metrics["rows"]) == ["data", "teacher", "ar_teacher", "ode_init", "cf_ode_init", "dmd@1", "dmd@2",
+                                     "re_dmd@1", "re_dmd_bm@1", "dmd_detached@1", "rf_last@1", "rf_random@1",
+                                     "cf_dmd@1", "cf_re_dmd_b4@1", "dmd_ff@1", "image:dmd@1", "image:dmd_ff@1"]
+    for name, row in metrics["rows"].items():
+        assert len(row["seeds"]) == len(row["videos"]) == (2 if name in two_seeds else 1)
+        assert row.get("trained_once", False) == (name in ("data", "teacher", "ar_teacher", "ode_init",
+                                                           "cf_ode_init"))
+        videos_per_seed = {"data": 24, "image:dmd@1": 6, "image:dmd_ff@1": 6}.get(name, 12)
+        assert all(len(videos["speed"]) == videos_per_seed for videos in row["videos"])
+        assert ("position_jump" in row["summary"]) == name.startswith("image:")
+        for key, entry in row["summary"].items():
+            assert entry["low"] <= entry["high"] or entry["n"] == 1
+            # a mean lies in its interval; a W1's basic bootstrap interval (a one-seed row's, reward_forcing/miniworld/
+            # stats.py) is reflected about it and may exclude it when the resampled W1s fall below it
+            assert entry["low"] <= entry["mean"] <= entry["high"] or entry["n"] == 1 or key.startswith("speed_w1")
+    assert "speed_w1_teacher" not in metrics["rows"]["teacher"]["summary"]  # no row's W1 to itself
+    assert "speed_w1_data" not in metrics["rows"]["data"]["summary"]
+    assert "speed_w1_ar_teacher" not in metrics["rows"]["ar_teacher"]["summary"]
+    assert metrics["rows"]["data"]["summary"]["validity"]["mean"] == 1
+    assert set(metrics["long"]) == {"data", "dmd"}
+    assert set(metrics["long"]["dmd"]) == {"none", "static", "ema", "ema_a0.9"}
+    for record in metrics["long"]["dmd"].values():
+        assert record["seeds"] == [1, 2] and set(record["curves"]) == {"validity", "color_drift",
+                                                                       "first_chunk_similarity", "copies"}
+        assert all(len(curve) == 12 for curves in record["curves"].values() for curve in curves)
+    assert set(metrics["stages"]) == set(STAGES[:-1]) and all(s > 0 for s in metrics["stages"].values())
+    claims = json.loads((out / "claims.json").read_text())
+    assert [c["key"] for c in claims] == ["C0", "C1@1", "C1@2", "C2@1", "C2@2", "C2b@1", "C2b@2", "C3", "C4", "C5",
+                                          "C6a", "C6b@1", "C6b@2", "C7"]
+    # quick.yaml trains re_dmd, re_dmd_bm and cf_dmd for one update only: their claims at 2 updates name the
+    # missing rows
+    assert {c["key"]: c["missing"] for c in claims if c["verdict"] == "not run"} == {
+        "C2@2": ["re_dmd@2"], "C2b@2": ["re_dmd_bm@2"], "C6b@2": ["cf_dmd@2"]}
+    # C6a: two models trained once, a bootstrap over both rows' videos gives its interval
+    (c6a,) = [c for c in claims if c["key"] == "C6a"]
+    assert c6a["checks"][0]["method"] == "bootstrap over videos" and c6a["checks"][0]["low"] is not None
+    assert all(c["verdict"] in ("reproduced", "not reproduced", "inconclusive") for c in claims if not c["missing"])
     report = (out / "report.md").read_text()
-    assert "| re_dmd_b4 |" in report and "| rf_random |" in report and "| dmd | ema_a0.9 |" in report
-    for name in ("dose_response.png", "long_rollouts.png", "strips.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "`--quick` run: a pipeline check at toy sizes, not a result" in report
+    for text in ("## Claims", "| C2b@2 |", "| re_dmd_bm@1 |", "| C6a |", "| cf_ode_init |", "| dmd | ema_a0.9 |",
+                 "## Metrics", "| speed_w1_data |", "| speed_w1_ar_teacher |", "## Wall time per stage", "| arms |",
+                 "Student's t over seeds", "## Image-to-video", "| image:dmd_ff@1 | 2 |", "| C7 |"):
+        assert text in report, text
+    for name in FIGURES:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"![{name}]({name})" in report
 
 
 def test_rerun_skips_finished_stages(quick):

@@ -68,6 +68,11 @@ def track_velocity(steps: torch.Tensor) -> torch.Tensor:
     return (track * time[None, :, None]).sum(dim=1) / time.pow(2).sum()
 
 
+def torus_steps(world: World, position: torch.Tensor) -> torch.Tensor:
+    """Frame-to-frame steps [B, F-1, 2] (shortest on the torus, pixels) of tracks [B, F, 2]."""
+    return world.wrap(position[:, 1:] - position[:, :-1])
+
+
 def video_stats(world: World, latents: torch.Tensor, target_colours=None) -> dict:
     """Per-video statistics [B]: colour (majority over frames), validity (fraction of valid frames), speed (norm of
     the track's least-squares velocity, pixels per frame), path_speed (mean step length), straightness (net / total
@@ -75,7 +80,7 @@ def video_stats(world: World, latents: torch.Tensor, target_colours=None) -> dic
     the target)."""
     frames = detect_frames(world, latents)
     colour = frames["colour"].mode(dim=1).values
-    steps = world.wrap(frames["position"][:, 1:] - frames["position"][:, :-1])  # [B, F-1, 2]
+    steps = torus_steps(world, frames["position"])
     lengths = steps.norm(dim=-1)
     path = lengths.sum(dim=1)
     net = steps.sum(dim=1).norm(dim=-1)
