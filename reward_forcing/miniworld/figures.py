@@ -99,6 +99,7 @@ def re_dmd_figure(plt, run, content, files):
             axes[0].annotate(name, (axes[0].get_xlim()[0], rows[name]["summary"]["speed"]["mean"]),
                              fontsize=7, color=COLOURS[7], va="bottom")
     axes[2].axhline(0, color=COLOURS[7], linewidth=1)
+    _update_ticks(axes, run, arms)
     axes[0].set(xlabel="generator updates", ylabel=AXIS["speed"], title="(a) speed")
     axes[1].set(xlabel="generator updates", ylabel=AXIS["validity"], title="(b) validity")
     axes[2].set(xlabel="generator updates", ylabel="speed - DMD's, same seed\n(px / latent frame)",
@@ -107,6 +108,13 @@ def re_dmd_figure(plt, run, content, files):
     fig.tight_layout()
     _save(fig, run, "re_dmd.png", files)
     plt.close(fig)
+
+
+def _update_ticks(axes, run, arms) -> None:
+    """x ticks at the arms' update points only (the points are drawn side by side around them)."""
+    points = sorted({n for name in arms for n in run.arms[name].updates})
+    for ax in axes:
+        ax.set_xticks(points)
 
 
 def _yerr(entries):
@@ -207,6 +215,7 @@ def causal_forcing_figure(plt, run, content, files):
         if all(e["low"] is not None for e in entries):
             speed_ax.fill_between(x, [e["low"] for e in entries], [e["high"] for e in entries],
                                   color=look["color"], alpha=0.15, linewidth=0)
+    _update_ticks([speed_ax], run, arms)
     speed_ax.set(xlabel="generator updates", ylabel=AXIS["speed"], title="(b) speed of DMD from each init")
     speed_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     fig.suptitle("Does the causal ODE init keep its teacher's motion, and does DMD from it move faster? (C6)", y=1.02)
